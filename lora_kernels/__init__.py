@@ -1,0 +1,33 @@
+"""lora_kernels: fused Triton and CUDA kernels for LoRA linear layers.
+
+Layers, from the bottom up: kernels (``triton_ops``, ``csrc/``) → registered ops
+(``ops``) → ``LoRALinearFunction`` and ``lora_linear`` (``functional``) →
+``LoRALinear`` and ``apply_lora`` (``module``). ``reference`` is the
+specification every backend is tested against.
+"""
+
+from . import ops  # noqa: F401  (registers the lora_kernels::* ops)
+from .backends import BackendUnavailableError, available_backends
+from .functional import (
+    LoRALinearFunction,
+    lora_linear,
+    lora_scaling,
+    merge_lora_,
+    unmerge_lora_,
+)
+from .module import LoRALinear, apply_lora, lora_state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "LoRALinear",
+    "LoRALinearFunction",
+    "apply_lora",
+    "available_backends",
+    "lora_linear",
+    "lora_scaling",
+    "lora_state_dict",
+    "merge_lora_",
+    "unmerge_lora_",
+]

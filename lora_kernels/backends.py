@@ -1,0 +1,113 @@
+"""Backend registry and dispatch.
+
+A backend is a set of three launchers with the signatures of the functions in
+:mod:`lora_kernels.reference` (``lora_forward``, ``lora_backward``,
+``lora_merge_``), all on 2-D inputs of one dtype. The registered ops in
+:mod:`lora_kernels.ops` take the backend's name and call its launchers; this
+module decides which names exist, which are usable for a tensor, and what
+``"auto"`` means.
+
+- ``reference``: plain PyTorch (:mod:`lora_kernels.reference`); any device.
+- ``triton``: the Triton kernels (:mod:`lora_kernels.triton_ops`); CUDA tensors,
+  or CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton was imported.
+- ``cuda``: the hand-written CUDA kernels of the compiled extension
+  ``lora_kernels._C``; CUDA tensors.
+
+``auto`` picks, for CUDA tensors, the first usable backend of
+``AUTO_ORDER_CUDA``, and for every other device the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run on this machine or device."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+    merge_: Callable
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str) -> tuple[Optional[Backend], str]:
+    """Import a backend's launchers once; returns ``(backend, "")`` or ``(None, why not)``."""
+    if name == "reference":
+        module = importlib.import_module("lora_kernels.reference")
+    elif name == "triton":
+        try:
+            module = importlib.import_module("lora_kernels.triton_ops")
+        except ImportError as exc:  # triton missing or broken
+            return None, f"Triton could not be imported ({exc})"
+    elif name == "cuda":
+        try:
+            module = importlib.import_module("lora_kernels.cuda_ops")
+        except ImportError as exc:
+            return None, (
+                f"the CUDA extension lora_kernels._C is not built ({exc}); reinstall from source "
+                "with a CUDA toolkit present (see README, LORA_KERNELS_FORCE_CUDA=1)"
+            )
+    else:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return Backend(name, module.lora_forward, module.lora_backward, module.lora_merge_), ""
+
+
+def unavailable_reason(name: str, device: torch.device) -> str:
+    """Empty string if backend ``name`` can run on ``device``, else why it cannot."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    if name == "reference":
+        return ""
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+        return (
+            f"the Triton backend needs CUDA tensors (got {device.type}); "
+            "CPU tensors run under Triton's interpreter only with TRITON_INTERPRET=1 set before import"
+        )
+    if name == "cuda" and device.type != "cuda":
+        return f"the CUDA backend needs CUDA tensors (got {device.type})"
+    return _load(name)[1]
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run on ``device``."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if not unavailable_reason(name, device)]
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into a concrete backend for ``device``; check that the chosen one can run."""
+    if name == "auto":
+        if device.type != "cuda":
+            return "reference"
+        return next(n for n in AUTO_ORDER_CUDA if not unavailable_reason(n, device))
+    why = unavailable_reason(name, device)
+    if why:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {why}")
+    return name
+
+
+def get(name: str) -> Backend:
+    """The launchers of a concrete backend (raises if it cannot be loaded)."""
+    backend, why = _load(name)
+    if backend is None:
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {why}")
+    return backend

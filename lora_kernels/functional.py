@@ -1,0 +1,165 @@
+"""Functional API: input checks, the autograd Function, ``lora_linear`` and merge/unmerge.
+
+Every public entry point validates its inputs here, before any kernel runs or
+any tensor is written, so a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, ops
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def check_dropout(p: float) -> None:
+    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+        raise ValueError(f"dropout probability must be in [0, 1), got {p!r}")
+
+
+def _check_factors(weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """Shapes, dtypes and devices of ``W0 (N, K)``, ``A (r, K)``, ``B (N, r)``."""
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.device != weight.device:
+            raise ValueError(f"{name} is on {t.device} but weight is on {weight.device}")
+    out_features, in_features = weight.shape
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("LoRA rank must be positive: lora_A has 0 rows")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(
+            f"lora_A must have shape (r, in_features={in_features}), got {tuple(lora_A.shape)}"
+        )
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(
+            f"lora_B must have shape (out_features={out_features}, r={r}), got {tuple(lora_B.shape)}"
+        )
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+
+
+def check_inputs(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> None:
+    """Raise a clear error for anything the kernels cannot compute correctly."""
+    _check_factors(weight, lora_A, lora_B)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must have shape (..., in_features={weight.shape[1]}), got {tuple(x.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but weight has dtype {weight.dtype}; they must match")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise TypeError(
+                f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})"
+            )
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    check_dropout(dropout_p)
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """A dropout seed from PyTorch's CPU generator, so ``torch.manual_seed`` reproduces masks."""
+    return int(torch.randint(0, 2**62, (), generator=generator).item())
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """``(y, xa) = lora_forward(x, W0, b, A, B, ...)`` with the backward of :mod:`lora_kernels.ops`.
+
+    A thin Function over the registered ops: forward is one ``lora_forward`` call,
+    backward one ``lora_backward`` call (plus ``dW0 = dyᵀ x`` and ``db = Σ dy``
+    when the frozen weights ask for them). Inputs are 2-D and of one dtype; use
+    :func:`lora_linear` for the checked, shape-general entry point.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        return ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ops.setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+
+    backward = staticmethod(ops.backward)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    seed: Optional[int] = None,
+) -> Tensor:
+    """``y = x W0ᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ`` for ``x`` of shape ``(..., in_features)``.
+
+    ``weight``/``bias`` are the frozen base layer's (``(out, in)``, ``(out,)``),
+    ``lora_A`` is ``(r, in)`` and ``lora_B`` ``(out, r)``, as PEFT stores them.
+    ``lora_A``/``lora_B`` may be held in another float dtype (fp32 masters for a
+    bf16 model, say): they are cast to ``x.dtype`` for the kernels and their
+    gradients flow back in their own dtype. ``seed`` fixes the dropout mask; by
+    default it is drawn from PyTorch's generator. ``backend`` is ``"auto"``,
+    ``"triton"``, ``"cuda"`` or ``"reference"``.
+    """
+    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    name = backends.resolve(backend, x.device)
+    if dropout_p > 0.0 and seed is None:
+        seed = draw_seed()
+    seed = 0 if dropout_p == 0.0 else int(seed)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _ = LoRALinearFunction.apply(
+        x2, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
+        float(scaling), float(dropout_p), seed, name,
+    )
+    return y.view(*lead, weight.shape[0])
+
+
+def _merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, backend: str) -> None:
+    _check_factors(weight, lora_A, lora_B)
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    name = backends.resolve(backend, weight.device)
+    with torch.no_grad():
+        ops.lora_merge_(weight, lora_A, lora_B, float(scaling), name)
+
+
+def merge_lora_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, backend: str = "auto") -> None:
+    """``weight += scaling · lora_B @ lora_A`` in place (fp32 accumulation, one rounding)."""
+    _merge(weight, lora_A, lora_B, scaling, backend)
+
+
+def unmerge_lora_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, backend: str = "auto") -> None:
+    """``weight -= scaling · lora_B @ lora_A`` in place; undoes :func:`merge_lora_` to within one rounding."""
+    _merge(weight, lora_A, lora_B, -scaling, backend)

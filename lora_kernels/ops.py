@@ -1,0 +1,113 @@
+"""The registered ops (namespace ``lora_kernels``), their fake kernels and autograd.
+
+All schemas, ``register_fake`` and ``register_autograd`` calls live in this one
+file. Each op takes the name of a concrete backend (see
+:mod:`lora_kernels.backends`) and calls that backend's launcher, so one op
+serves every device and torch.compile sees a single opaque node per call.
+
+- ``lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend) -> (y, xa)``
+- ``lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x, backend)
+  -> (grad_x, grad_A, grad_B)``; ``grad_x`` has zero elements unless ``need_grad_x``.
+- ``lora_merge_(weight, lora_A, lora_B, scaling, backend) -> ()``: ``W0 += scaling·B A`` in place
+  (unmerge is the same op with ``-scaling``).
+
+Inputs are 2-D and share one dtype; :mod:`lora_kernels.functional` flattens,
+casts and validates before calling.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+
+@torch.library.custom_op("lora_kernels::lora_forward", mutates_args=())
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    return backends.get(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+@lora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lora_kernels::lora_backward", mutates_args=())
+def lora_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    need_grad_x: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return backends.get(backend).backward(
+        grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x
+    )
+
+
+@lora_backward.register_fake
+def _(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x, backend):
+    grad_x = torch.empty_like(x) if need_grad_x else x.new_empty(0)
+    return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+@torch.library.custom_op("lora_kernels::lora_merge_", mutates_args=("weight",))
+def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, backend: str) -> None:
+    backends.get(backend).merge_(weight, lora_A, lora_B, scaling)
+
+
+@lora_merge_.register_fake
+def _(weight, lora_A, lora_B, scaling, backend):
+    return None
+
+
+def setup_context(ctx, inputs, output):
+    """Save ``x`` and ``xa`` (no mask, no dropped copy of ``x``) plus the weights, which are parameters."""
+    x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, xa = output
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+    ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+    ctx.has_bias = bias is not None
+
+
+def backward(ctx, grad_out, grad_xa):
+    """``dx, dW0, db, dA, dB`` from the derivation in :mod:`lora_kernels.reference`.
+
+    ``grad_xa`` is ignored: ``xa`` is an internal output saved for backward only.
+    """
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    grad_x = grad_w = grad_b = grad_A = grad_B = None
+    if need_x or need_a or need_bb:
+        grad_x, grad_A, grad_B = lora_backward(
+            grad_out.contiguous(), x, weight, lora_A, lora_B, xa,
+            ctx.scaling, ctx.dropout_p, ctx.seed, bool(need_x), ctx.backend,
+        )
+        grad_x = grad_x if need_x else None
+    if need_w:
+        grad_w = grad_out.t() @ x
+    if need_b and ctx.has_bias:
+        grad_b = grad_out.sum(0)
+    return grad_x, grad_w, grad_b, grad_A, grad_B, None, None, None, None
+
+
+torch.library.register_autograd("lora_kernels::lora_forward", backward, setup_context=setup_context)
