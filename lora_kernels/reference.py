@@ -21,10 +21,14 @@ Backward, given ``dy = ∂L/∂y`` (see docs/design.md for the derivation)::
     db  = Σ_i dy[i]          dW0 = dyᵀ x # only when the frozen weights want grads
 
 The dropout mask is counter based, so it is regenerated in backward rather than
-stored: ``keep[i, j] = (philox(seed, i·K + j) >> 8) >= round(p · 2**24)``, where
-``philox`` is the first 32-bit word of Philox-4x32-10 with key
-``(seed mod 2**32, seed >> 32)`` and counter ``(c mod 2**32, c >> 32, 0, 0)``:
-the same generator as Triton's ``tl.randint``.
+stored. One Philox-4x32-10 call yields four 32-bit words, which serve four
+neighbouring columns of a row::
+
+    words = philox(seed, i·⌈K/4⌉ + ⌊j/4⌋)        # 4 words
+    keep[i, j] = (words[j mod 4] >> 8) >= round(p · 2**24)
+
+with key ``(seed mod 2**32, seed >> 32)`` and counter ``(c mod 2**32, c >> 32, 0, 0)``:
+the same generator as Triton's ``tl.randint4x``.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ def _mulhilo32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
-def philox_uint32(seed: int, counter: Tensor) -> Tensor:
-    """First word of Philox-4x32-10 for each int64 ``counter``; uint32 values in an int64 tensor."""
+def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four words of Philox-4x32-10 for each int64 ``counter``; uint32 values in int64 tensors."""
     c0 = counter & _M32
     c1 = (counter >> 32) & _M32
     c2 = torch.zeros_like(counter)
@@ -71,15 +75,17 @@ def philox_uint32(seed: int, counter: Tensor) -> Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
-    return c0
+    return c0, c1, c2, c3
 
 
 def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device=None) -> Tensor:
-    """Boolean keep-mask of shape ``(rows, cols)``; element ``(i, j)`` uses counter ``i·cols + j``."""
-    counter = torch.arange(rows * cols, device=device, dtype=torch.int64).view(rows, cols)
+    """Boolean keep-mask of shape ``(rows, cols)``, as defined in the module docstring."""
     if p == 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
-    return (philox_uint32(seed, counter) >> 8) >= dropout_threshold(p)
+    groups = (cols + 3) // 4
+    counter = torch.arange(rows * groups, device=device, dtype=torch.int64).view(rows, groups)
+    words = torch.stack(philox4x32(seed, counter), dim=-1).view(rows, 4 * groups)[:, :cols]
+    return (words >> 8) >= dropout_threshold(p)
 
 
 def dropout_scale(x2d: Tensor, p: float, seed: int) -> Tensor:

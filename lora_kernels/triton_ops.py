@@ -1,0 +1,412 @@
+"""Triton kernels for the LoRA linear layer, and their launchers.
+
+Four kernels cover the forward, the backward and merge (see
+:mod:`lora_kernels.reference` for the math and docs/design.md for the layout):
+
+``_lora_down_kernel``     out = c · (P ⊙ D) Qᵀ           skinny (M, R) product:  xa = x·Aᵀ,  g = s·dy·B
+``_gemm_lora_up_kernel``  C = X Wᵀ + b + c · (L Uᵀ ⊙ D)  the base GEMM with the low-rank term added to
+                                                          each tile before its one store:  y, dx
+``_lora_grad_kernel``     out = c · (P ⊙ D)ᵀ Q           reduction over the rows, split in two stages:  dB, dAᵀ
+``_merge_kernel``         W += c · U V                   in place, fp32 accumulation, one rounding
+
+``D`` is the dropout keep-mask scaled by ``1/(1-p)``, regenerated from
+``(seed, row, column)`` wherever it is needed and never stored. Every operand
+is addressed through explicit strides, so transposed views (``W0ᵀ``, ``Aᵀ``,
+``Bᵀ``) and non-contiguous inputs need no copies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .backends import triton_interpreted
+from .reference import dropout_threshold
+
+INTERPRET = triton_interpreted()
+
+
+# --------------------------------------------------------------------------- #
+# Device helpers
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _keep_mask(seed, threshold, offs_m, col0, groups_per_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-mask (BLOCK_M, BLOCK_N) for rows ``offs_m`` and columns ``col0 + [0, BLOCK_N)``.
+
+    ``col0`` is a multiple of 4: each Philox call yields the four words of four
+    neighbouring columns (reference.dropout_keep_mask).
+    """
+    offs_g = col0 // 4 + tl.arange(0, BLOCK_N // 4)
+    counter = offs_m.to(tl.int64)[:, None] * groups_per_row + offs_g[None, :]
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
+    return (words >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # NOTE: UPCAST is set under the interpreter for bf16, whose tl.dot it gets wrong.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _low_rank_tile(
+    l_ptr, u_ptr, offs_m, offs_n, M, N, R,
+    stride_lm, stride_lr, stride_un, stride_ur,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Σ_r L[m, r] U[n, r] for one (BLOCK_M, BLOCK_N) tile, accumulated in ACC_DTYPE."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        l = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                    mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
+        acc = _dot(l, u, acc, UPCAST, IEEE)
+    return acc
+
+
+# --------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _lora_down_kernel(
+    p_ptr,  # P (M, K): x or dy
+    q_ptr,  # Q (R, K): A, or Bᵀ as a strided view
+    out_ptr,  # out (M, R) = scale · (P ⊙ keep) Qᵀ
+    M, K, R,
+    stride_pm, stride_pk, stride_qr, stride_qk, stride_om, stride_or,
+    scale,  # s, or 1/(1-p) with dropout
+    seed, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
+    DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = offs_m.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if DROPOUT:
+            keep = _keep_mask(seed, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K)
+            p = tl.where(keep, p, 0.0)
+        q = tl.load(q_ptr + offs_r[None, :] * stride_qr + offs_k[:, None] * stride_qk,
+                    mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
+        acc = _dot(p, q, acc, UPCAST, IEEE)
+    acc = acc * scale
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _gemm_lora_up_kernel(
+    x_ptr,  # X (M, K): x, or dy
+    w_ptr,  # W (N, K): W0, or W0ᵀ as a strided view
+    bias_ptr,  # b (N,) (HAS_BIAS only)
+    l_ptr,  # L (M, R): xa, or g
+    u_ptr,  # U (N, R): B, or Aᵀ as a strided view
+    c_ptr,  # C (M, N) = X Wᵀ + b + scale · (L Uᵀ ⊙ keep)
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_lm, stride_lr, stride_un, stride_ur,
+    stride_cm, stride_cn,
+    scale,  # s in forward; 1/(1-p) in backward (g already holds s)
+    seed, threshold, groups_per_row,  # dropout mask of C's elements (DROPOUT only)
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row-blocks share each column block of W while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+        acc = _dot(x, w, acc, UPCAST, IEEE)
+
+    up = _low_rank_tile(l_ptr, u_ptr, rows, cols, M, N, R, stride_lm, stride_lr, stride_un, stride_ur,
+                        ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
+    if DROPOUT:
+        keep = _keep_mask(seed, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
+        up = tl.where(keep, up, 0.0)
+    acc += up * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _lora_grad_kernel(
+    p_ptr,  # P (M, N): dy, or x
+    q_ptr,  # Q (M, R): xa, or g
+    out_ptr,  # out[split] (N, R) = scale · Σ_{m in split} (P ⊙ keep)[m, n] Q[m, r]
+    M, N, R, rows_per_split,
+    stride_pm, stride_pn, stride_qm, stride_qr, stride_os, stride_on, stride_or,
+    scale,
+    seed, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
+    DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(M, m_start + rows_per_split)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn,
+                    mask=(offs_m[:, None] < m_end) & (offs_n[None, :] < N), other=0.0)
+        if DROPOUT:
+            keep = _keep_mask(seed, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
+        q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_r[None, :] * stride_qr,
+                    mask=(offs_m[:, None] < m_end) & (offs_r[None, :] < R), other=0.0)
+        acc = _dot(tl.trans(p), q, acc, UPCAST, IEEE)
+    acc = acc * scale
+    tl.store(out_ptr + pid_s * stride_os + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or,
+             acc.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def _merge_kernel(
+    w_ptr,  # W (N, K), updated in place: W += scale · U V
+    u_ptr,  # U (N, R): B
+    v_ptr,  # V (R, K): A
+    N, K, R,
+    stride_wn, stride_wk, stride_un, stride_ur, stride_vr, stride_vk,
+    scale,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    # U V = Σ_r U[n, r] (Vᵀ)[k, r]: the same low-rank tile as the GEMM epilogue.
+    delta = _low_rank_tile(u_ptr, v_ptr, offs_n, offs_k, N, K, R, stride_un, stride_ur, stride_vk, stride_vr,
+                           ACC_DTYPE, UPCAST, IEEE, BLOCK_N, BLOCK_K, BLOCK_R)
+    ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(ptrs, (w + delta * scale).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- #
+# Launch configuration
+# --------------------------------------------------------------------------- #
+
+
+def _gemm_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in [
+            (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 4),
+            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2),
+        ]
+    ]
+
+
+def _skinny_configs(block_name: str):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, block_name: 32})]
+    return [
+        triton.Config({"BLOCK_M": bm, block_name: bk}, num_stages=s, num_warps=w)
+        for bm, bk, s, w in [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 3, 8), (64, 64, 4, 4), (32, 128, 4, 4)]
+    ]
+
+
+_gemm_lora_up = triton.autotune(_gemm_configs(), key=["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"])(
+    _gemm_lora_up_kernel
+)
+_lora_down = triton.autotune(_skinny_configs("BLOCK_K"), key=["M", "K", "R", "DROPOUT"])(_lora_down_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    if INTERPRET:
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _block_r(R: int) -> int:
+    # tl.dot needs every dimension ≥ 16; wider ranks loop over chunks of 64.
+    return min(64, max(16, triton.next_power_of_2(R)))
+
+
+def _dtype_flags(dtype: torch.dtype) -> dict:
+    """Accumulator dtype and dot precision for an operand dtype (compile-time switches)."""
+    upcast = INTERPRET and dtype == torch.bfloat16
+    return dict(
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        UPCAST=upcast,
+        IEEE=dtype in (torch.float32, torch.float64) or upcast,
+    )
+
+
+def _dropout_args(dropout_p: float, seed: int, cols: int) -> dict:
+    return dict(seed=seed, threshold=dropout_threshold(dropout_p), groups_per_row=triton.cdiv(cols, 4),
+                DROPOUT=dropout_p > 0.0)
+
+
+# --------------------------------------------------------------------------- #
+# Launchers: the three building blocks, then the backend's entry points
+# --------------------------------------------------------------------------- #
+
+
+def lora_down(p, q_t, scale, dropout_p=0.0, seed=0, out_dtype=None):
+    """``scale · (P ⊙ keep) Q`` with ``P`` (M, K) and ``q_t`` (K, R) (any strides): an (M, R) tensor."""
+    M, K = p.shape
+    R = q_t.shape[1]
+    out = torch.empty(M, R, device=p.device, dtype=out_dtype or p.dtype)
+    if M == 0:
+        return out
+    block_r = _block_r(R)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
+    _lora_down[grid](
+        p, q_t, out, M, K, R,
+        p.stride(0), p.stride(1), q_t.stride(1), q_t.stride(0), out.stride(0), out.stride(1),
+        scale, BLOCK_R=block_r, **_dropout_args(dropout_p, seed, K), **_dtype_flags(p.dtype),
+    )
+    return out
+
+
+def gemm_lora_up(x, w, bias, l, u, scale, dropout_p=0.0, seed=0):
+    """``X Wᵀ + b + scale · (L Uᵀ ⊙ keep)`` for X (M, K), W (N, K), L (M, R), U (N, R); any strides."""
+    M, K = x.shape
+    N, R = w.shape[0], l.shape[1]
+    c = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return c
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_lora_up[grid](
+        x, w, bias if bias is not None else c, l, u, c, M, N, K, R,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1),
+        u.stride(0), u.stride(1), c.stride(0), c.stride(1),
+        scale, HAS_BIAS=bias is not None, BLOCK_R=_block_r(R),
+        **_dropout_args(dropout_p, seed, N), **_dtype_flags(x.dtype),
+    )
+    return c
+
+
+def lora_grad(p, q, scale, out, dropout_p=0.0, seed=0):
+    """``out = scale · (P ⊙ keep)ᵀ Q`` for P (M, N), Q (M, R) and ``out`` (N, R) (any strides).
+
+    The reduction over M is split across programs when the (N, R) tiles alone
+    cannot fill the GPU; the fp32 partials are then summed in a second stage.
+    """
+    M, N = p.shape
+    R = q.shape[1]
+    if M == 0:
+        out.zero_()
+        return out
+    block_m, block_n, block_r = (32, 32, _block_r(R)) if INTERPRET else (64, 128, _block_r(R))
+    tiles = triton.cdiv(N, block_n) * triton.cdiv(R, block_r)
+    m_blocks = triton.cdiv(M, block_m)
+    splits = max(1, min(m_blocks, triton.cdiv(2 * _num_sms(p.device.index or 0), tiles)))
+    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    if splits == 1:
+        target = out.unsqueeze(0)
+    else:
+        target = torch.empty(splits, N, R, device=p.device,
+                             dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+    _lora_grad_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, block_r), splits)](
+        p, q, target, M, N, R, rows_per_split,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        target.stride(0), target.stride(1), target.stride(2),
+        scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        **_dropout_args(dropout_p, seed, N), **_dtype_flags(p.dtype),
+        **({} if INTERPRET else dict(num_warps=4, num_stages=3)),
+    )
+    if splits > 1:
+        out.copy_(target.sum(0))
+    return out
+
+
+def _inv_keep(dropout_p: float) -> float:
+    return 1.0 / (1.0 - dropout_p)
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """``(y, xa)``: xa = (x ⊙ D) Aᵀ, then the base GEMM with s·xa Bᵀ added in its epilogue."""
+    xa = lora_down(x, lora_A.t(), _inv_keep(dropout_p), dropout_p, seed)
+    y = gemm_lora_up(x, weight, bias, xa, lora_B, scaling)
+    return y, xa
+
+
+def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
+    """``(dx, dA, dB)`` as in reference.lora_backward; dx's GEMM carries (g A) ⊙ D in its epilogue."""
+    dy = grad_out
+    g = lora_down(dy, lora_B, scaling)  # s · dy B
+    grad_B = lora_grad(dy, xa, scaling, torch.empty_like(lora_B))  # s · dyᵀ xa
+    grad_A = torch.empty_like(lora_A)
+    lora_grad(x, g, _inv_keep(dropout_p), grad_A.t(), dropout_p, seed)  # dAᵀ = (x ⊙ D)ᵀ g
+    if need_grad_x:
+        grad_x = gemm_lora_up(dy, weight.t(), None, g, lora_A.t(), _inv_keep(dropout_p), dropout_p, seed)
+    else:
+        grad_x = x.new_empty(0)
+    return grad_x, grad_A, grad_B
+
+
+def lora_merge_(weight, lora_A, lora_B, scaling):
+    """``W0 += s·B A`` in place; the factors may be held in another float dtype than W0."""
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    if N == 0 or K == 0:
+        return
+    block_n, block_k = (32, 32) if INTERPRET else (64, 128)
+    _merge_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        weight, lora_B, lora_A, N, K, R,
+        weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
+        lora_A.stride(0), lora_A.stride(1),
+        scaling, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(R),
+        **_merge_flags(weight.dtype, lora_A.dtype),
+        **({} if INTERPRET else dict(num_warps=4, num_stages=2)),
+    )
+
+
+def _merge_flags(weight_dtype: torch.dtype, factor_dtype: torch.dtype) -> dict:
+    flags = _dtype_flags(factor_dtype)
+    if weight_dtype == torch.float64:
+        flags["ACC_DTYPE"] = tl.float64
+    return flags
