@@ -27,6 +27,9 @@ from .backends import triton_interpreted
 from .reference import dropout_threshold
 
 INTERPRET = triton_interpreted()
+# NOTE: the interpreter truncates fp32 -> bf16 conversions (GPUs round to nearest even);
+# _round_to emulates the rounding there so results and merge/unmerge round trips match.
+_EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
 
 
 # --------------------------------------------------------------------------- #
@@ -46,6 +49,16 @@ def _keep_mask(seed, threshold, offs_m, col0, groups_per_row, BLOCK_M: tl.conste
     w0, w1, w2, w3 = tl.randint4x(seed, counter)
     words = tl.interleave(tl.interleave(w0, w2), tl.interleave(w1, w3))
     return (words >> 8).to(tl.int32) >= threshold
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """``x`` rounded to nearest (even) in ``dtype``."""
+    if _EMULATE_BF16_ROUNDING and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -113,7 +126,7 @@ def _lora_down_kernel(
         acc = _dot(p, q, acc, UPCAST, IEEE)
     acc = acc * scale
     tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
-             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+             _round_to(acc, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
 @triton.jit
@@ -166,7 +179,7 @@ def _gemm_lora_up_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
     tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+             _round_to(acc, c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 @triton.jit
@@ -202,7 +215,7 @@ def _lora_grad_kernel(
         acc = _dot(tl.trans(p), q, acc, UPCAST, IEEE)
     acc = acc * scale
     tl.store(out_ptr + pid_s * stride_os + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or,
-             acc.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_r[None, :] < R))
+             _round_to(acc, out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_r[None, :] < R))
 
 
 @triton.jit
@@ -226,7 +239,7 @@ def _merge_kernel(
     ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
-    tl.store(ptrs, (w + delta * scale).to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(ptrs, _round_to(w + delta * scale, w_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- #

@@ -1,0 +1,244 @@
+"""Every backend against the float64 reference: forward, every gradient, merge/unmerge, dropout."""
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import reference
+from conftest import ALL_BACKENDS, DEVICE, ON_GPU, TOLERANCE, relative_error
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (tokens, in_features, out_features, r): awkward on purpose.
+SHAPES = [(1, 7, 9, 1), (7, 65, 33, 4), (65, 40, 70, 16), (1000, 24, 17, 8), (33, 130, 65, 5)]
+if ON_GPU:
+    SHAPES += [(1000, 1000, 1000, 64), (4096, 1024, 4096, 16), (257, 4100, 1030, 128)]
+
+
+def make_layer(M, K, N, r, dtype, bias=True, device=DEVICE):
+    """Random inputs (never zeros; B is not zero, so the LoRA path really contributes)."""
+    x = torch.randn(M, K, dtype=dtype, device=device)
+    weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    A = (torch.randn(r, K, device=device) / K**0.5).to(dtype)
+    B = torch.randn(N, r, dtype=dtype, device=device)
+    return x, weight, b, A, B
+
+
+def run(x, weight, bias, A, B, scaling, p, seed, backend, grad_out):
+    """Forward and backward through lora_linear; returns (y, dx, dA, dB[, db])."""
+    x = x.detach().requires_grad_(True)
+    A = A.detach().requires_grad_(True)
+    B = B.detach().requires_grad_(True)
+    y = lk.lora_linear(x, weight, bias, A, B, scaling, dropout_p=p, backend=backend, seed=seed)
+    y.backward(grad_out)
+    return y, x.grad, A.grad, B.grad
+
+
+def reference_fp64(x, weight, bias, A, B, scaling, p, seed, grad_out):
+    to64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    x64, A64, B64 = (to64(t).requires_grad_(True) for t in (x, A, B))
+    y = reference.lora_linear_reference(x64, to64(weight), to64(bias), A64, B64, scaling, p, seed)
+    y.backward(grad_out.double())
+    return y, x64.grad, A64.grad, B64.grad
+
+
+def assert_close(name, out, ref, dtype):
+    assert out.dtype == dtype, f"{name} has dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref.shape, f"{name} has shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    err = relative_error(out, ref)
+    assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_forward_and_gradients_match_fp64_reference(backend, dtype, shape, p):
+    M, K, N, r = shape
+    x, weight, bias, A, B = make_layer(M, K, N, r, dtype, bias=(M % 2 == 1))
+    grad_out = torch.randn(M, N, dtype=dtype, device=DEVICE)
+    got = run(x, weight, bias, A, B, 0.75, p, 42, backend, grad_out)
+    ref = reference_fp64(x, weight, bias, A, B, 0.75, p, 42, grad_out)
+    for name, out, expected in zip(("y", "dx", "dA", "dB"), got, ref):
+        assert_close(name, out, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_3d_and_non_contiguous_inputs(backend):
+    dtype = torch.float32
+    _, weight, bias, A, B = make_layer(1, 40, 24, 4, dtype)
+    base = torch.randn(3, 40, 11, dtype=dtype, device=DEVICE)
+    inputs = {
+        "3-D": torch.randn(2, 5, 40, dtype=dtype, device=DEVICE),
+        "transposed": base.transpose(1, 2),  # (3, 11, 40), last dim strided
+        "sliced": torch.randn(6, 80, dtype=dtype, device=DEVICE)[::2, 20:60],
+    }
+    for what, x in inputs.items():
+        grad_out = torch.randn(*x.shape[:-1], 24, dtype=dtype, device=DEVICE)
+        got = run(x, weight, bias, A, B, 2.0, 0.1, 7, backend, grad_out)
+        ref = reference_fp64(x, weight, bias, A, B, 2.0, 0.1, 7, grad_out)
+        for name, out, expected in zip(("y", "dx", "dA", "dB"), got, ref):
+            assert_close(f"{what} {name}", out, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_frozen_weight_and_bias_gradients_when_requested(backend):
+    dtype = torch.float32
+    x, weight, bias, A, B = make_layer(9, 20, 12, 3, dtype)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = lk.lora_linear(x, weight, bias, A, B, 0.5, backend=backend)
+    y.square().sum().backward()
+    w64, b64 = weight.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
+    y64 = reference.lora_linear_reference(x.double(), w64, b64, A.double(), B.double(), 0.5)
+    y64.square().sum().backward()
+    assert_close("dW0", weight.grad, w64.grad, dtype)
+    assert_close("db", bias.grad, b64.grad, dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_fp64(backend, p):
+    if backend == "cuda":
+        pytest.importorskip("lora_kernels.cuda_ops")
+    x, weight, bias, A, B = make_layer(5, 9, 6, 3, torch.float64)
+    inputs = [t.requires_grad_(True) for t in (x, A, B)]
+    # bias and weight too: their gradients are computed outside the kernels but must be right.
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    fn = lambda x, w, b, A, B: lk.lora_linear(x, w, b, A, B, 1.5, dropout_p=p, backend=backend, seed=3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (inputs[0], weight, bias, inputs[1], inputs[2]))
+
+
+def test_gradcheck_reference_fp64():
+    x, weight, bias, A, B = make_layer(4, 6, 5, 2, torch.float64)
+    args = [t.requires_grad_(True) for t in (x, weight, bias, A, B)]
+    fn = lambda *a: reference.lora_linear_reference(*a, 0.5, 0.25, 11)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+# --------------------------------------------------------------------------- #
+# Merge / unmerge
+# --------------------------------------------------------------------------- #
+
+
+def ulp_bound(weight, merged64):
+    """One unit in the last place of max(|W0|, |W0 + sBA|), element-wise, in W0's dtype."""
+    big = torch.maximum(weight.double().abs(), merged64.abs()).to(weight.dtype)
+    return torch.nextafter(big, torch.full_like(big, float("inf"))).double() - big.double()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_matches_reference_and_unmerge_restores(backend, dtype):
+    N, K, r, s = 33, 65, 4, 0.37
+    _, weight, _, A, B = make_layer(1, K, N, r, dtype, bias=False)
+    original = weight.clone()
+    exact = weight.double() + s * (B.double() @ A.double())
+    lk.merge_lora_(weight, A, B, s, backend=backend)
+    assert_close("merged W", weight, exact, dtype)
+    lk.unmerge_lora_(weight, A, B, s, backend=backend)
+    drift = (weight.double() - original.double()).abs()
+    assert (drift <= ulp_bound(original, exact)).all(), f"unmerge is off by {drift.max().item():.3e}"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_unmerge_cycles_do_not_drift(backend, dtype):
+    # NOTE: the interpreter runs ~25 ms per launch, so it does 100 cycles; compiled paths do 1000.
+    cycles = 100 if (backend == "triton" and not ON_GPU) else 1000
+    N, K, r, s = 16, 24, 4, 1.7
+    _, weight, _, A, B = make_layer(1, K, N, r, dtype, bias=False)
+    original = weight.clone()
+    bound = ulp_bound(original, weight.double() + s * (B.double() @ A.double()))
+    for _ in range(cycles):
+        lk.merge_lora_(weight, A, B, s, backend=backend)
+        lk.unmerge_lora_(weight, A, B, s, backend=backend)
+    drift = (weight.double() - original.double()).abs()
+    assert (drift <= bound).all(), f"drift after {cycles} cycles: {(drift / bound).max().item():.1f} ulp"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_merge_with_fp32_factors_into_half_weight(backend):
+    _, weight, _, A, B = make_layer(1, 40, 24, 8, torch.bfloat16, bias=False)
+    A32, B32 = A.float() * 1.001, B.float()
+    exact = weight.double() + 0.5 * (B32.double() @ A32.double())
+    lk.merge_lora_(weight, A32, B32, 0.5, backend=backend)
+    assert_close("merged W", weight, exact, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merged_module_forward_equals_unmerged(backend, dtype):
+    layer = lk.LoRALinear(48, 20, r=8, alpha=16, backend=backend, device=DEVICE, dtype=dtype).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 48, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+        exact = torch.nn.functional.linear(
+            x.double(), layer.weight.double(), layer.bias.double()
+        )
+    assert torch.equal(merged, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert_close("merged forward", merged, exact, dtype)
+    assert relative_error(merged, unmerged) <= 2 * TOLERANCE[dtype]
+
+
+# --------------------------------------------------------------------------- #
+# Dropout
+# --------------------------------------------------------------------------- #
+
+
+def kernel_keep_mask(backend, M, K, p, seed, dtype=torch.float32):
+    """The mask a backend applied, read off dx: with W0 = 0, dx = (g A) ⊙ D."""
+    x, _, _, A, B = make_layer(M, K, 8, 2, dtype, bias=False)
+    weight = torch.zeros(8, K, dtype=dtype, device=DEVICE)
+    A = A.abs() + 0.1  # g A has no zeros, so dx = 0 exactly where the mask drops
+    B = B.abs() + 0.1
+    x.requires_grad_(True)
+    y = lk.lora_linear(x, weight, None, A, B, 1.0, dropout_p=p, backend=backend, seed=seed)
+    y.backward(torch.ones_like(y))
+    return x.grad != 0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_dropout_mask_is_the_specified_one(backend):
+    for M, K in [(7, 13), (64, 100), (3, 4)]:
+        mask = kernel_keep_mask(backend, M, K, 0.3, seed=2**40 + 17)
+        expected = reference.dropout_keep_mask(M, K, 0.3, 2**40 + 17, device=DEVICE)
+        assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate(backend, p):
+    M, K = (64, 512)
+    keep = kernel_keep_mask(backend, M, K, p, seed=5).double().mean().item()
+    sigma = (p * (1 - p) / (M * K)) ** 0.5
+    assert abs(keep - (1 - p)) < 5 * sigma, f"keep rate {keep:.4f}, expected {1 - p}"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_same_seed_same_output_and_gradients(backend):
+    layer = lk.LoRALinear(32, 16, r=4, dropout=0.25, backend=backend, device=DEVICE)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 32, device=DEVICE, requires_grad=True)
+
+    def step():
+        for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+            t.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        return [t.detach().clone() for t in (y, x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)]
+
+    torch.manual_seed(10)
+    first = step()
+    torch.manual_seed(10)
+    again = step()
+    other = step()  # the generator has moved on: a new mask
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    layer.eval()  # no dropout in eval mode: deterministic without reseeding
+    assert torch.equal(layer(x), layer(x))

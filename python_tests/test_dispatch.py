@@ -1,0 +1,42 @@
+"""Backend selection: auto, forcing a backend, and clear errors when one cannot run."""
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import backends
+from conftest import DEVICE, REQUIRED
+
+
+@pytest.mark.parametrize("name", REQUIRED or ["reference"])
+def test_required_backends_are_available(name):
+    """CI names what must run (LORA_KERNELS_REQUIRE), so nothing it needs is silently skipped."""
+    if name == "extension":  # the compiled CUDA extension must have been built and must load
+        import lora_kernels._C  # noqa: F401
+        return
+    why = backends.unavailable_reason(name, DEVICE)
+    assert not why, f"backend {name!r} is required here but unavailable: {why}"
+
+
+def test_auto_picks_reference_on_cpu_and_a_kernel_backend_on_cuda():
+    assert backends.resolve("auto", torch.device("cpu")) == "reference"
+    if DEVICE.type == "cuda":
+        assert backends.resolve("auto", DEVICE) in ("triton", "cuda")
+
+
+def test_forcing_an_unavailable_backend_is_a_clear_error():
+    x = torch.randn(2, 4)
+    w, A, B = torch.randn(3, 4), torch.randn(2, 4), torch.randn(3, 2)
+    with pytest.raises(lk.BackendUnavailableError, match="'cuda' is unavailable"):
+        lk.lora_linear(x, w, None, A, B, 1.0, backend="cuda")
+
+
+def test_unknown_backend_is_refused():
+    x, w, A, B = torch.randn(2, 4), torch.randn(3, 4), torch.randn(2, 4), torch.randn(3, 2)
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        lk.lora_linear(x, w, None, A, B, 1.0, backend="fast")
+
+
+def test_available_backends_lists_reference_everywhere():
+    assert "reference" in lk.available_backends("cpu")
+    assert "cuda" not in lk.available_backends("cpu")
