@@ -32,7 +32,7 @@ product plus ``O(d_out d_in min(d_out, d_in))`` for a dense SVD.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -165,25 +165,39 @@ FACTORS = {
 }
 
 
-def adapter_basis(lora_A: Tensor, lora_B: Optional[Tensor], factor: str, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The ordered orthonormal basis that :data:`FACTORS` names for ``factor``, as columns.
+def adapter_bases(
+    lora_A: Optional[Tensor], lora_B: Optional[Tensor], factors: Sequence[str], dtype: torch.dtype = torch.float64
+) -> dict[str, Tensor]:
+    """The ordered orthonormal bases that :data:`FACTORS` names, as columns, one per requested factor.
 
-    ``"A"`` needs only ``lora_A`` and ``"B"`` only ``lora_B``; the ``dW_*``
-    factors use :func:`lora_svd` (the scaling does not change the directions).
+    ``"A"`` needs only ``lora_A`` and ``"B"`` only ``lora_B``; ``"dW_in"`` and
+    ``"dW_out"`` share one :func:`lora_svd` (the scaling does not change the
+    directions).
     """
-    if factor == "A":
-        return top_singular_vectors(lora_A, "right", dtype=dtype)
-    if factor == "B":
-        return top_singular_vectors(lora_B, "left", dtype=dtype)
-    if factor in ("dW_in", "dW_out"):
+    unknown = [f for f in factors if f not in FACTORS]
+    if unknown:
+        raise ValueError(f"factors must be among {list(FACTORS)}, got {unknown}")
+    bases = {}
+    if "A" in factors:
+        bases["A"] = top_singular_vectors(lora_A, "right", dtype=dtype)
+    if "B" in factors:
+        bases["B"] = top_singular_vectors(lora_B, "left", dtype=dtype)
+    if "dW_in" in factors or "dW_out" in factors:
         svd = lora_svd(lora_A, lora_B, 1.0, dtype)
-        return svd.Vh.mT if factor == "dW_in" else svd.U
-    raise ValueError(f"factor must be one of {sorted(FACTORS)}, got {factor!r}")
+        bases["dW_in"], bases["dW_out"] = svd.Vh.mT, svd.U
+    return {f: bases[f] for f in factors}
+
+
+def adapter_basis(
+    lora_A: Optional[Tensor], lora_B: Optional[Tensor], factor: str, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """The basis of one ``factor`` (see :func:`adapter_bases`)."""
+    return adapter_bases(lora_A, lora_B, [factor], dtype)[factor]
 
 
 def adapter_similarity(
-    adapter1: tuple[Tensor, Optional[Tensor]],
-    adapter2: tuple[Tensor, Optional[Tensor]],
+    adapter1: tuple[Optional[Tensor], Optional[Tensor]],
+    adapter2: tuple[Optional[Tensor], Optional[Tensor]],
     factor: str = "A",
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
@@ -191,11 +205,22 @@ def adapter_similarity(
 
     One SVD (or QR + small SVD) per adapter, then :func:`subspace_similarity`.
     Rows index ``i`` (first adapter), columns ``j`` (second). ``factor="A"`` is
-    the paper's Figures 3–4.
+    the paper's Figures 3–4; ``"A"`` needs no ``lora_B`` and ``"B"`` no ``lora_A``
+    (pass None).
     """
-    U1 = adapter_basis(adapter1[0], adapter1[1], factor, dtype)
-    U2 = adapter_basis(adapter2[0], adapter2[1], factor, dtype)
-    return subspace_similarity(U1, U2.to(U1.device))
+    return adapter_similarities(adapter1, adapter2, [factor], dtype)[factor]
+
+
+def adapter_similarities(
+    adapter1: tuple[Optional[Tensor], Optional[Tensor]],
+    adapter2: tuple[Optional[Tensor], Optional[Tensor]],
+    factors: Sequence[str] = tuple(FACTORS),
+    dtype: torch.dtype = torch.float64,
+) -> dict[str, Tensor]:
+    """:func:`adapter_similarity` for several factors, sharing the decompositions."""
+    bases1 = adapter_bases(*adapter1, factors, dtype)
+    bases2 = adapter_bases(*adapter2, factors, dtype)
+    return {f: subspace_similarity(bases1[f], bases2[f].to(bases1[f].device)) for f in factors}
 
 
 def random_orthonormal(

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .adapters import Adapter, BaseWeights
-from .core import FACTORS, adapter_similarity, amplification, random_subspace_similarity
+from .core import FACTORS, adapter_similarities, amplification, random_subspace_similarity
 
 # Stacked factors of one batch stay under this many elements (per tensor).
 _BATCH_ELEMENTS = 1 << 26
@@ -69,7 +69,7 @@ def similarity_table(
             ab2 = (stack(layers2, "lora_A"), stack(layers2, "lora_B"))
             zero1 = (ab1[1].flatten(1) == 0).all(1).tolist()
             zero2 = (ab2[1].flatten(1) == 0).all(1).tolist()
-            grids = {f: adapter_similarity(ab1, ab2, f, dtype).cpu() for f in factors}
+            grids = {f: g.cpu() for f, g in adapter_similarities(ab1, ab2, factors, dtype).items()}
             for b, n in enumerate(idx):
                 l1, l2 = layers1[b], layers2[b]
                 d_out, d_in = l1.lora_B.shape[0], l1.lora_A.shape[1]
@@ -181,7 +181,7 @@ def plot_similarity(record: dict, file: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     factors = list(record["factors"])
-    fig = Figure(figsize=(3.6 * len(factors) + 0.8, 3.6))
+    fig = Figure(figsize=(3.4 * len(factors) + 1.0, 3.8), layout="constrained")
     axes = fig.subplots(1, len(factors), squeeze=False)
     for ax, f in zip(axes[0], factors):
         phi = record["factors"][f]["phi"]
@@ -193,7 +193,7 @@ def plot_similarity(record: dict, file: str) -> None:
         ax.set_ylabel("i (adapter 1)")
         for axis, k in ((ax.xaxis, k2), (ax.yaxis, k1)):
             axis.set_major_locator(MaxNLocator(nbins=8, integer=True, min_n_ticks=1))
-    fig.colorbar(im, ax=axes[0].tolist(), label="φ(i, j)", shrink=0.9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="φ(i, j)", shrink=0.85)
     fig.suptitle(_layer_label(record["layer"]), fontsize=10)
     fig.savefig(file, dpi=100)
 
