@@ -1,13 +1,13 @@
 """Triton kernels for the LoRA linear layer, and their launchers.
 
-Four kernels cover the forward, the backward and merge (see
+Three kernels cover the forward, the backward and merge (see
 :mod:`lora_kernels.reference` for the math and docs/design.md for the layout):
 
-``_lora_down_kernel``     out = c · (P ⊙ D) Qᵀ           skinny (M, R) product:  xa = x·Aᵀ,  g = s·dy·B
-``_gemm_lora_up_kernel``  C = X Wᵀ + b + c · (L Uᵀ ⊙ D)  the base GEMM with the low-rank term added to
-                                                          each tile before its one store:  y, dx
-``_lora_grad_kernel``     out = c · (P ⊙ D)ᵀ Q           reduction over the rows, split in two stages:  dB, dAᵀ
-``_merge_kernel``         W += c · U V                   in place, fp32 accumulation, one rounding
+``_gemm_lora_up_kernel``  C = X Wᵀ + b + c · (L Uᵀ ⊙ D)   the base GEMM with the low-rank term added to
+                                                           each tile before its one store:  y, dx
+``_lora_skinny_kernel``   c · (P ⊙ D) Q  or  c · (P ⊙ D)ᵀ Q  thin products reducing over a long axis,
+                                                           split in two stages:  xa, g;  dB, dAᵀ
+``_merge_kernel``         W += c · U V                    in place, fp32 accumulation, one rounding
 
 ``D`` is the dropout keep-mask scaled by ``1/(1-p)``, regenerated from
 ``(seed, row, column)`` wherever it is needed and never stored. Every operand
@@ -97,39 +97,6 @@ def _low_rank_tile(
 
 
 @triton.jit
-def _lora_down_kernel(
-    p_ptr,  # P (M, K): x or dy
-    q_ptr,  # Q (R, K): A, or Bᵀ as a strided view
-    out_ptr,  # out (M, R) = scale · (P ⊙ keep) Qᵀ
-    M, K, R,
-    stride_pm, stride_pk, stride_qr, stride_qk, stride_om, stride_or,
-    scale,  # s, or 1/(1-p) with dropout
-    seed, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
-    DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rows = offs_m.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_k[None, :] * stride_pk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        if DROPOUT:
-            keep = _keep_mask(seed, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K)
-            p = tl.where(keep, p, 0.0)
-        q = tl.load(q_ptr + offs_r[None, :] * stride_qr + offs_k[:, None] * stride_qk,
-                    mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
-        acc = _dot(p, q, acc, UPCAST, IEEE)
-    acc = acc * scale
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
-             _round_to(acc, out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-
-
-@triton.jit
 def _gemm_lora_up_kernel(
     x_ptr,  # X (M, K): x, or dy
     w_ptr,  # W (N, K): W0, or W0ᵀ as a strided view
@@ -183,39 +150,49 @@ def _gemm_lora_up_kernel(
 
 
 @triton.jit
-def _lora_grad_kernel(
-    p_ptr,  # P (M, N): dy, or x
-    q_ptr,  # Q (M, R): xa, or g
-    out_ptr,  # out[split] (N, R) = scale · Σ_{m in split} (P ⊙ keep)[m, n] Q[m, r]
-    M, N, R, rows_per_split,
-    stride_pm, stride_pn, stride_qm, stride_qr, stride_os, stride_on, stride_or,
+def _lora_skinny_kernel(
+    p_ptr,  # P (M, N): x or dy
+    q_ptr,  # Q (T, R), T the reduced axis: N (Aᵀ, B) or M (xa, g)
+    out_ptr,  # out[split] (rows of the kept axis, R) = scale · Σ_{t in split} (P ⊙ keep) Q
+    M, N, R, span,  # span: length of the reduced axis that each split covers
+    stride_pm, stride_pn, stride_qt, stride_qr, stride_os, stride_oa, stride_or,
     scale,
     seed, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
+    REDUCE_ROWS: tl.constexpr,  # False: out = (P ⊙ keep) Q, (M, R); True: out = (P ⊙ keep)ᵀ Q, (N, R)
     DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_a = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_start = pid_s * rows_per_split
-    m_end = tl.minimum(M, m_start + rows_per_split)
-    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE)
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        rows = offs_m.to(tl.int64)
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-                    mask=(offs_m[:, None] < m_end) & (offs_n[None, :] < N), other=0.0)
-        if DROPOUT:
-            keep = _keep_mask(seed, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p, 0.0)
-        q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_r[None, :] * stride_qr,
-                    mask=(offs_m[:, None] < m_end) & (offs_r[None, :] < R), other=0.0)
-        acc = _dot(tl.trans(p), q, acc, UPCAST, IEEE)
+    A_LEN = N if REDUCE_ROWS else M
+    T_LEN = M if REDUCE_ROWS else N
+    t_start = pid_s * span
+    t_end = tl.minimum(T_LEN, t_start + span)
+    acc = tl.zeros((BLOCK_A, BLOCK_R), dtype=ACC_DTYPE)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        q = tl.load(q_ptr + offs_t.to(tl.int64)[:, None] * stride_qt + offs_r[None, :] * stride_qr,
+                    mask=(offs_t[:, None] < t_end) & (offs_r[None, :] < R), other=0.0)
+        if REDUCE_ROWS:  # P tile (BLOCK_T, BLOCK_A): rows t, columns a
+            p = tl.load(p_ptr + offs_t.to(tl.int64)[:, None] * stride_pm + offs_a[None, :] * stride_pn,
+                        mask=(offs_t[:, None] < t_end) & (offs_a[None, :] < A_LEN), other=0.0)
+            if DROPOUT:
+                keep = _keep_mask(seed, threshold, offs_t, pid_a * BLOCK_A, groups_per_row, BLOCK_T, BLOCK_A)
+                p = tl.where(keep, p, 0.0)
+            acc = _dot(tl.trans(p), q, acc, UPCAST, IEEE)
+        else:  # P tile (BLOCK_A, BLOCK_T): rows a, columns t
+            p = tl.load(p_ptr + offs_a.to(tl.int64)[:, None] * stride_pm + offs_t[None, :] * stride_pn,
+                        mask=(offs_a[:, None] < A_LEN) & (offs_t[None, :] < t_end), other=0.0)
+            if DROPOUT:
+                keep = _keep_mask(seed, threshold, offs_a, t0, groups_per_row, BLOCK_A, BLOCK_T)
+                p = tl.where(keep, p, 0.0)
+            acc = _dot(p, q, acc, UPCAST, IEEE)
     acc = acc * scale
-    tl.store(out_ptr + pid_s * stride_os + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or,
-             _round_to(acc, out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_r[None, :] < R))
+    tl.store(out_ptr + pid_s * stride_os + offs_a.to(tl.int64)[:, None] * stride_oa + offs_r[None, :] * stride_or,
+             _round_to(acc, out_ptr.dtype.element_ty), mask=(offs_a[:, None] < A_LEN) & (offs_r[None, :] < R))
 
 
 @triton.jit
@@ -259,26 +236,16 @@ def _gemm_configs():
     ]
 
 
-def _skinny_configs(block_name: str):
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, block_name: 32})]
-    return [
-        triton.Config({"BLOCK_M": bm, block_name: bk}, num_stages=s, num_warps=w)
-        for bm, bk, s, w in [(64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 3, 8), (64, 64, 4, 4), (32, 128, 4, 4)]
-    ]
-
-
 _gemm_lora_up = triton.autotune(_gemm_configs(), key=["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"])(
     _gemm_lora_up_kernel
 )
-_lora_down = triton.autotune(_skinny_configs("BLOCK_K"), key=["M", "K", "R", "DROPOUT"])(_lora_down_kernel)
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    if INTERPRET:
+def _num_sms(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_r(R: int) -> int:
@@ -306,23 +273,6 @@ def _dropout_args(dropout_p: float, seed: int, cols: int) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def lora_down(p, q_t, scale, dropout_p=0.0, seed=0, out_dtype=None):
-    """``scale · (P ⊙ keep) Q`` with ``P`` (M, K) and ``q_t`` (K, R) (any strides): an (M, R) tensor."""
-    M, K = p.shape
-    R = q_t.shape[1]
-    out = torch.empty(M, R, device=p.device, dtype=out_dtype or p.dtype)
-    if M == 0:
-        return out
-    block_r = _block_r(R)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(R, block_r))  # noqa: E731
-    _lora_down[grid](
-        p, q_t, out, M, K, R,
-        p.stride(0), p.stride(1), q_t.stride(1), q_t.stride(0), out.stride(0), out.stride(1),
-        scale, BLOCK_R=block_r, **_dropout_args(dropout_p, seed, K), **_dtype_flags(p.dtype),
-    )
-    return out
-
-
 def gemm_lora_up(x, w, bias, l, u, scale, dropout_p=0.0, seed=0):
     """``X Wᵀ + b + scale · (L Uᵀ ⊙ keep)`` for X (M, K), W (N, K), L (M, R), U (N, R); any strides."""
     M, K = x.shape
@@ -341,35 +291,42 @@ def gemm_lora_up(x, w, bias, l, u, scale, dropout_p=0.0, seed=0):
     return c
 
 
-def lora_grad(p, q, scale, out, dropout_p=0.0, seed=0):
-    """``out = scale · (P ⊙ keep)ᵀ Q`` for P (M, N), Q (M, R) and ``out`` (N, R) (any strides).
+def skinny_product(p, q, out, scale, reduce_rows=False, dropout_p=0.0, seed=0):
+    """``out = scale · (P ⊙ keep) Q`` (or ``(P ⊙ keep)ᵀ Q`` with ``reduce_rows``); any strides.
 
-    The reduction over M is split across programs when the (N, R) tiles alone
-    cannot fill the GPU; the fp32 partials are then summed in a second stage.
+    P is (M, N) and the mask is P's; Q is (N, R), or (M, R) with ``reduce_rows``;
+    ``out`` is (M, R), or (N, R). These products are thin (R ≤ a few hundred) and
+    reduce over a long axis: when the output tiles alone cannot fill the GPU,
+    the reduction is split across programs and the fp32 partials are summed in
+    a second stage.
     """
     M, N = p.shape
     R = q.shape[1]
-    if M == 0:
-        out.zero_()
-        return out
-    block_m, block_n, block_r = (32, 32, _block_r(R)) if INTERPRET else (64, 128, _block_r(R))
-    tiles = triton.cdiv(N, block_n) * triton.cdiv(R, block_r)
-    m_blocks = triton.cdiv(M, block_m)
-    splits = max(1, min(m_blocks, triton.cdiv(2 * _num_sms(p.device.index or 0), tiles)))
-    rows_per_split = triton.cdiv(m_blocks, splits) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    kept, reduced = (N, M) if reduce_rows else (M, N)
+    if reduced == 0 or kept == 0:
+        return out.zero_()
+    if INTERPRET:
+        block_a, block_t, launch = 32, 32, {}
+    else:
+        block_a, block_t, launch = (128, 64, dict(num_warps=4, num_stages=3)) if reduce_rows else \
+            (64, 128, dict(num_warps=4, num_stages=3))
+    block_r = _block_r(R)
+    tiles = triton.cdiv(kept, block_a) * triton.cdiv(R, block_r)
+    t_blocks = triton.cdiv(reduced, block_t)
+    splits = max(1, min(t_blocks, triton.cdiv(2 * _num_sms(p.device), tiles)))
+    span = triton.cdiv(t_blocks, splits) * block_t
+    splits = triton.cdiv(reduced, span)
     if splits == 1:
         target = out.unsqueeze(0)
     else:
-        target = torch.empty(splits, N, R, device=p.device,
-                             dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-    _lora_grad_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, block_r), splits)](
-        p, q, target, M, N, R, rows_per_split,
+        acc_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        target = torch.empty(splits, kept, R, device=p.device, dtype=acc_dtype)
+    _lora_skinny_kernel[(triton.cdiv(kept, block_a), triton.cdiv(R, block_r), splits)](
+        p, q, target, M, N, R, span,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         target.stride(0), target.stride(1), target.stride(2),
-        scale, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        **_dropout_args(dropout_p, seed, N), **_dtype_flags(p.dtype),
-        **({} if INTERPRET else dict(num_warps=4, num_stages=3)),
+        scale, REDUCE_ROWS=reduce_rows, BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_R=block_r,
+        **_dropout_args(dropout_p, seed, N), **_dtype_flags(p.dtype), **launch,
     )
     if splits > 1:
         out.copy_(target.sum(0))
@@ -382,7 +339,8 @@ def _inv_keep(dropout_p: float) -> float:
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """``(y, xa)``: xa = (x ⊙ D) Aᵀ, then the base GEMM with s·xa Bᵀ added in its epilogue."""
-    xa = lora_down(x, lora_A.t(), _inv_keep(dropout_p), dropout_p, seed)
+    xa = x.new_empty(x.shape[0], lora_A.shape[0])
+    skinny_product(x, lora_A.t(), xa, _inv_keep(dropout_p), dropout_p=dropout_p, seed=seed)
     y = gemm_lora_up(x, weight, bias, xa, lora_B, scaling)
     return y, xa
 
@@ -390,10 +348,11 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
     """``(dx, dA, dB)`` as in reference.lora_backward; dx's GEMM carries (g A) ⊙ D in its epilogue."""
     dy = grad_out
-    g = lora_down(dy, lora_B, scaling)  # s · dy B
-    grad_B = lora_grad(dy, xa, scaling, torch.empty_like(lora_B))  # s · dyᵀ xa
+    g = skinny_product(dy, lora_B, dy.new_empty(dy.shape[0], lora_B.shape[1]), scaling)  # s · dy B
+    grad_B = skinny_product(dy, xa, torch.empty_like(lora_B), scaling, reduce_rows=True)  # s · dyᵀ xa
     grad_A = torch.empty_like(lora_A)
-    lora_grad(x, g, _inv_keep(dropout_p), grad_A.t(), dropout_p, seed)  # dAᵀ = (x ⊙ D)ᵀ g
+    skinny_product(x, g, grad_A.t(), _inv_keep(dropout_p), reduce_rows=True,  # dAᵀ = (x ⊙ D)ᵀ g
+                   dropout_p=dropout_p, seed=seed)
     if need_grad_x:
         grad_x = gemm_lora_up(dy, weight.t(), None, g, lora_A.t(), _inv_keep(dropout_p), dropout_p, seed)
     else:
