@@ -318,3 +318,38 @@ def test_cli_scaling_from_peft_config_and_errors(tmp_path):
         main([str(tmp_path)])  # one adapter without --base
     with pytest.raises(SystemExit):
         main([str(tmp_path), str(tmp_path), "--factors", "C"])
+
+
+def test_torch_save_and_peft_in_memory_names(tmp_path):
+    from lora_kernels.analysis import BaseWeights
+    from lora_kernels.analysis.cli import main
+
+    A, B, W = torch.randn(2, 6), torch.randn(5, 2), torch.randn(6, 5)  # W stored transposed (Conv1D)
+    torch.save({"h.0.attn.c_attn.lora_A.default.weight": A, "h.0.attn.c_attn.lora_B.default.weight": B,
+                "h.0.attn.c_attn.base_layer.weight": W, "h.0.attn.c_attn.lora_A.other.weight": A},
+               tmp_path / "inmem.pt")
+    with pytest.raises(ValueError, match="several adapters"):
+        load_adapter(str(tmp_path / "inmem.pt"))
+    adapter = load_adapter(str(tmp_path / "inmem.pt"), adapter_name="default", scaling=0.5)
+    layer = adapter.layers["h.0.attn.c_attn"]
+    assert layer.scaling == 0.5 and torch.equal(layer.lora_A, A) and torch.equal(layer.lora_B, B)
+    weight, note = BaseWeights(str(tmp_path / "inmem.pt")).weight("h.0.attn.c_attn", (5, 6))
+    assert torch.equal(weight, W.T) and "transposed" in note
+
+    # A lone LoRALinear's state dict (keys without a path), compared with itself in float32.
+    torch.save({"lora_A.weight": A, "lora_B.weight": B}, tmp_path / "lone.pt")
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "lone.pt"), str(tmp_path / "lone.pt"), "-o", str(out), "--no-plots",
+                 "--dtype", "float32", "--factors", "A,dW_out"]) == 0
+    rec = json.loads((out / "report.json").read_text())["similarity"]["layers"][0]
+    assert rec["layer"] == "" and rec["factors"]["A"]["phi_diag"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert "(root)" in (out / "report.md").read_text()
+
+
+def test_cli_help(capsys):
+    from lora_kernels.analysis.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "subspace similarity" in capsys.readouterr().out

@@ -24,8 +24,9 @@ from .core import FACTORS, adapter_similarities, amplification, random_subspace_
 _BATCH_ELEMENTS = 1 << 26
 
 
-def _round(x: float, digits: int = 6) -> float:
-    return float(f"{x:.{digits}g}")
+def _round(x: float, digits: int = 6) -> Optional[float]:
+    # JSON has no inf / nan: a non-finite value (e.g. a zero base weight) is written as null.
+    return float(f"{x:.{digits}g}") if math.isfinite(x) else None
 
 
 def _grid(t: torch.Tensor) -> list[list[float]]:
