@@ -32,12 +32,12 @@ product plus ``O(d_out d_in min(d_out, d_in))`` for a dense SVD.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-Side = str  # "left" or "right"
+Side = Literal["left", "right"]
 _SIDES = ("left", "right")
 
 
