@@ -93,6 +93,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [name for name in BACKENDS if not unavailable_reason(name, device)]
 
 
+@torch.compiler.assume_constant_result
 def resolve(name: str, device: torch.device) -> str:
     """Turn ``"auto"`` into a concrete backend for ``device``; check that the chosen one can run."""
     if name == "auto":

@@ -85,9 +85,15 @@ def check_inputs(
     check_dropout(dropout_p)
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """A dropout seed from PyTorch's CPU generator, so ``torch.manual_seed`` reproduces masks."""
-    return int(torch.randint(0, 2**62, (), generator=generator).item())
+def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
+    """A dropout seed (0-dim int64 CPU tensor) from PyTorch's CPU generator.
+
+    ``torch.manual_seed`` therefore reproduces the masks; no device sync is involved.
+    """
+    return torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator)
+
+
+_NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -134,14 +140,17 @@ def lora_linear(
     """
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = backends.resolve(backend, x.device)
-    if dropout_p > 0.0 and seed is None:
-        seed = draw_seed()
-    seed = 0 if dropout_p == 0.0 else int(seed)
+    if dropout_p == 0.0:
+        seed_t = _NO_SEED
+    elif seed is None:
+        seed_t = draw_seed()
+    else:
+        seed_t = torch.tensor(seed, dtype=torch.int64)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y, _ = LoRALinearFunction.apply(
         x2, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
-        float(scaling), float(dropout_p), seed, name,
+        float(scaling), float(dropout_p), seed_t, name,
     )
     return y.view(*lead, weight.shape[0])
 

@@ -12,7 +12,9 @@ serves every device and torch.compile sees a single opaque node per call.
   (unmerge is the same op with ``-scaling``).
 
 Inputs are 2-D and share one dtype; :mod:`lora_kernels.functional` flattens,
-casts and validates before calling.
+casts and validates before calling. ``seed`` is a 0-dim int64 CPU tensor rather
+than an int, so that under torch.compile it is drawn afresh at every call
+inside the graph instead of being baked into it as a constant.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ def lora_forward(
     lora_B: Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return backends.get(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    return backends.get(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
 
 
 @lora_forward.register_fake
@@ -55,12 +57,12 @@ def lora_backward(
     xa: Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: Tensor,
     need_grad_x: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return backends.get(backend).backward(
-        grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x
+        grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_grad_x
     )
 
 
@@ -84,8 +86,8 @@ def setup_context(ctx, inputs, output):
     """Save ``x`` and ``xa`` (no mask, no dropped copy of ``x``) plus the weights, which are parameters."""
     x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend = inputs
     _, xa = output
-    ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
-    ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+    ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.has_bias = bias is not None
 
 
@@ -94,13 +96,13 @@ def backward(ctx, grad_out, grad_xa):
 
     ``grad_xa`` is ignored: ``xa`` is an internal output saved for backward only.
     """
-    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     if need_x or need_a or need_bb:
         grad_x, grad_A, grad_B = lora_backward(
             grad_out.contiguous(), x, weight, lora_A, lora_B, xa,
-            ctx.scaling, ctx.dropout_p, ctx.seed, bool(need_x), ctx.backend,
+            ctx.scaling, ctx.dropout_p, seed, bool(need_x), ctx.backend,
         )
         grad_x = grad_x if need_x else None
     if need_w:
