@@ -96,6 +96,23 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
+def _autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Under ``torch.autocast``, the inputs cast as ``F.linear`` casts them (fp64 is left alone).
+
+    So ``x``, the frozen weights and the factors (fp32 masters included) all take
+    the autocast dtype, ``y`` comes out in it, and the casts are differentiable:
+    gradients flow back to each tensor in its own dtype.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t
+        for t in tensors
+    )
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """``(y, xa) = lora_forward(x, W0, b, A, B, ...)`` with the backward of :mod:`lora_kernels.ops`.
 
@@ -134,10 +151,12 @@ def lora_linear(
     ``lora_A`` is ``(r, in)`` and ``lora_B`` ``(out, r)``, as PEFT stores them.
     ``lora_A``/``lora_B`` may be held in another float dtype (fp32 masters for a
     bf16 model, say): they are cast to ``x.dtype`` for the kernels and their
-    gradients flow back in their own dtype. ``seed`` fixes the dropout mask; by
+    gradients flow back in their own dtype. Under ``torch.autocast`` everything
+    is computed in the autocast dtype, as ``F.linear`` would. ``seed`` fixes the dropout mask; by
     default it is drawn from PyTorch's generator. ``backend`` is ``"auto"``,
     ``"triton"``, ``"cuda"`` or ``"reference"``.
     """
+    x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
     name = backends.resolve(backend, x.device)
     if dropout_p == 0.0:

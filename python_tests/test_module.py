@@ -181,3 +181,20 @@ def test_empty_batch(backend):
     assert y.shape == (0, 3, 4)
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.count_nonzero(layer.lora_A.weight.grad) == 0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_autocast_computes_in_the_autocast_dtype_with_fp32_masters(backend):
+    dtype = torch.bfloat16 if DEVICE.type == "cpu" else torch.float16
+    layer = lk.LoRALinear(32, 16, r=4, backend=backend, device=DEVICE)  # fp32 weights and masters
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 32, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        y = layer(x)
+    assert y.dtype == dtype
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.lora_A.weight.grad.dtype == torch.float32
+    x64 = x.detach().double()
+    ref = nn.functional.linear(x64, layer.weight.double(), layer.bias.double()) + layer.scaling * (
+        x64 @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
