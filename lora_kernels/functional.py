@@ -104,7 +104,7 @@ def _autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]
     gradients flow back to each tensor in its own dtype.
     """
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(

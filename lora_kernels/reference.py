@@ -9,12 +9,12 @@ Forward, for ``x`` of shape ``(M, K)`` (leading dimensions flattened), frozen
 ``(N, r)``, scaling ``s`` and dropout probability ``p``::
 
     D  = mask / (1 - p)                  # (M, K), mask[i, j] in {0, 1}
-    xa = (x * D) Aᵀ                      # (M, r)   saved for backward
-    y  = x W0ᵀ + b + s · xa Bᵀ           # (M, N)
+    xa = s · (x * D) Aᵀ                  # (M, r)   saved for backward
+    y  = x W0ᵀ + b + xa Bᵀ               # (M, N)
 
 Backward, given ``dy = ∂L/∂y`` (see docs/design.md for the derivation)::
 
-    dB  = s · dyᵀ xa                     # (N, r)
+    dB  = dyᵀ xa                         # (N, r)
     g   = s · dy B                       # (M, r)   = ∂L/∂xa
     dA  = gᵀ (x * D)                     # (r, K)
     dx  = dy W0 + (g A) * D              # (M, K)
@@ -124,10 +124,9 @@ def lora_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Op-level forward for 2-D ``x``: returns ``(y, xa)``."""
-    xa = dropout_scale(x, dropout_p, seed) @ lora_A.t()
-    y = torch.nn.functional.linear(x, weight, bias)
-    y = y.add_(xa @ lora_B.t(), alpha=scaling)
+    """Op-level forward for 2-D ``x``: returns ``(y, xa)``, ``xa = s·(x ⊙ D) Aᵀ``."""
+    xa = scaling * (dropout_scale(x, dropout_p, seed) @ lora_A.t())
+    y = torch.nn.functional.linear(x, weight, bias).add_(xa @ lora_B.t())
     return y, xa
 
 
@@ -145,7 +144,7 @@ def lora_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Op-level backward for 2-D inputs: returns ``(dx, dA, dB)``; ``dx`` is empty unless asked for."""
     dy = grad_out
-    grad_B = scaling * (dy.t() @ xa)
+    grad_B = dy.t() @ xa
     g = scaling * (dy @ lora_B)
     grad_A = g.t() @ dropout_scale(x, dropout_p, seed)
     if need_grad_x:

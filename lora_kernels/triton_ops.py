@@ -1,10 +1,12 @@
 """Triton kernels for the LoRA linear layer, and their launchers.
 
-Three kernels cover the forward, the backward and merge (see
+Three kernels (and a Hopper variant of the first) cover the forward, the backward and merge (see
 :mod:`lora_kernels.reference` for the math and docs/design.md for the layout):
 
-``_gemm_lora_up_kernel``  C = X Wᵀ + b + c · (L Uᵀ ⊙ D)   the base GEMM with the low-rank term added to
+``_gemm_lora_up_kernel``  C = X Wᵀ + b + L Uᵀ ⊙ D         the base GEMM with the low-rank term added to
                                                            each tile before its one store:  y, dx
+                                                           (``_gemm_lora_up_tma_kernel``: the same on Hopper,
+                                                           TMA loads and a persistent grid)
 ``_lora_skinny_kernel``   c · (P ⊙ D) Q  or  c · (P ⊙ D)ᵀ Q  thin products reducing over a long axis,
                                                            split in two stages:  xa, g;  dB, dAᵀ
 ``_merge_kernel``         W += c · U V                    in place, fp32 accumulation, one rounding
@@ -74,13 +76,11 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _low_rank_tile(
-    l_ptr, u_ptr, offs_m, offs_n, M, N, R,
+    acc, l_ptr, u_ptr, offs_m, offs_n, M, N, R,
     stride_lm, stride_lr, stride_un, stride_ur,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Σ_r L[m, r] U[n, r] for one (BLOCK_M, BLOCK_N) tile, accumulated in ACC_DTYPE."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    """``acc + Σ_r L[m, r] U[n, r]`` for one tile of rows ``offs_m`` and columns ``offs_n``."""
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         l = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
@@ -97,33 +97,66 @@ def _low_rank_tile(
 
 
 @triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row-blocks share each column block of W while it is in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = tile // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % (GROUP_M * num_n)) % group_size
+    pid_n = (tile % (GROUP_M * num_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_epilogue(
+    acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
+    stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
+    inv_keep, seed, threshold, groups_per_row,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Add ``L Uᵀ ⊙ D`` and the bias to a finished GEMM tile, then store it once."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    if DROPOUT:
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        up = _low_rank_tile(up, l_ptr, u_ptr, rows, cols, M, N, R, stride_lm, stride_lr, stride_un, stride_ur,
+                            UPCAST, IEEE, BLOCK_R)
+        keep = _keep_mask(seed, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
+        acc += tl.where(keep, up * inv_keep, 0.0)
+    else:
+        # NOTE: straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile of registers.
+        acc = _low_rank_tile(acc, l_ptr, u_ptr, rows, cols, M, N, R, stride_lm, stride_lr, stride_un, stride_ur,
+                             UPCAST, IEEE, BLOCK_R)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+             _round_to(acc, c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
 def _gemm_lora_up_kernel(
     x_ptr,  # X (M, K): x, or dy
     w_ptr,  # W (N, K): W0, or W0ᵀ as a strided view
     bias_ptr,  # b (N,) (HAS_BIAS only)
     l_ptr,  # L (M, R): xa, or g
     u_ptr,  # U (N, R): B, or Aᵀ as a strided view
-    c_ptr,  # C (M, N) = X Wᵀ + b + scale · (L Uᵀ ⊙ keep)
+    c_ptr,  # C (M, N) = X Wᵀ + b + L Uᵀ ⊙ D
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_lm, stride_lr, stride_un, stride_ur,
     stride_cm, stride_cn,
-    scale,  # s in forward; 1/(1-p) in backward (g already holds s)
-    seed, threshold, groups_per_row,  # dropout mask of C's elements (DROPOUT only)
+    inv_keep, seed, threshold, groups_per_row,  # D = keep / (1 - p) over C's elements (DROPOUT only)
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row-blocks share each column block of W while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m.to(tl.int64)
@@ -136,17 +169,43 @@ def _gemm_lora_up_kernel(
         w = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
         acc = _dot(x, w, acc, UPCAST, IEEE)
+    _lora_epilogue(acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
+                   stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
+                   inv_keep, seed, threshold, groups_per_row, HAS_BIAS, DROPOUT,
+                   ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
 
-    up = _low_rank_tile(l_ptr, u_ptr, rows, cols, M, N, R, stride_lm, stride_lr, stride_un, stride_ur,
-                        ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
-    if DROPOUT:
-        keep = _keep_mask(seed, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
-        up = tl.where(keep, up, 0.0)
-    acc += up * scale
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
-             _round_to(acc, c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+@triton.jit
+def _gemm_lora_up_tma_kernel(
+    x_desc,  # tensor descriptor of X (M, K), blocks (BLOCK_M, BLOCK_K)
+    w_desc,  # tensor descriptor of W: (N, K) blocks (BLOCK_N, BLOCK_K); with W_KN, of Wᵀ (K, N) blocks (BLOCK_K, BLOCK_N)
+    bias_ptr, l_ptr, u_ptr, c_ptr,  # as in _gemm_lora_up_kernel
+    M, N, K, R,
+    stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
+    inv_keep, seed, threshold, groups_per_row,
+    W_KN: tl.constexpr,  # W is stored as Wᵀ, row-major (the dx GEMM reads W0 this way)
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+):
+    """The same GEMM on Hopper: TMA tile loads (bounds handled by the copy engine) and a
+    persistent grid of NUM_PROGRAMS programs walking the tiles in grouped order."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([pid_m * BLOCK_M, k0])
+            if W_KN:
+                w = w_desc.load([k0, pid_n * BLOCK_N])
+            else:
+                w = w_desc.load([pid_n * BLOCK_N, k0]).T
+            acc = _dot(x, w, acc, UPCAST, IEEE)
+        _lora_epilogue(acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
+                       stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
+                       inv_keep, seed, threshold, groups_per_row, HAS_BIAS, DROPOUT,
+                       ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit
@@ -211,8 +270,9 @@ def _merge_kernel(
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     # U V = Σ_r U[n, r] (Vᵀ)[k, r]: the same low-rank tile as the GEMM epilogue.
-    delta = _low_rank_tile(u_ptr, v_ptr, offs_n, offs_k, N, K, R, stride_un, stride_ur, stride_vk, stride_vr,
-                           ACC_DTYPE, UPCAST, IEEE, BLOCK_N, BLOCK_K, BLOCK_R)
+    delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+    delta = _low_rank_tile(delta, u_ptr, v_ptr, offs_n, offs_k, N, K, R, stride_un, stride_ur, stride_vk, stride_vr,
+                           UPCAST, IEEE, BLOCK_R)
     ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -224,21 +284,58 @@ def _merge_kernel(
 # --------------------------------------------------------------------------- #
 
 
-def _gemm_configs():
+def _gemm_configs(tma: bool = False):
+    hook = dict(pre_hook=_set_tma_blocks) if tma else {}
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, **hook)]
+    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 128, 3, 8),
+              (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    if not tma:
+        shapes += [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in [
-            (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 32, 4, 4),
-            (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2),
-        ]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w, **hook)
+        for bm, bn, bk, s, w in shapes
     ]
 
 
-_gemm_lora_up = triton.autotune(_gemm_configs(), key=["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"])(
-    _gemm_lora_up_kernel
-)
+def _set_tma_blocks(nargs):
+    """Autotuning pre-hook: give the tensor descriptors the block shape of the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["x_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
+
+
+_GEMM_KEY = ["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"]
+_gemm_lora_up = triton.autotune(_gemm_configs(), key=_GEMM_KEY)(_gemm_lora_up_kernel)
+_gemm_lora_up_tma = triton.autotune(_gemm_configs(tma=True), key=_GEMM_KEY + ["W_KN"])(_gemm_lora_up_tma_kernel)
+
+# Which GEMM kernel runs: None picks the TMA kernel on Hopper (and newer) for fp16/bf16
+# operands that TMA can address; True/False force it on or off where it can run at all.
+USE_TMA = None
+
+
+def _tma_orientation(x, w):
+    """``W_KN`` for the TMA kernel (is W stored as Wᵀ?), or None where TMA cannot read X and W."""
+    def rows_aligned(t, unit_dim):
+        other = 1 - unit_dim
+        return t.stride(unit_dim) == 1 and (t.stride(other) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    if not rows_aligned(x, 1):
+        return None
+    if rows_aligned(w, 1):
+        return False
+    if rows_aligned(w, 0):
+        return True
+    return None
+
+
+def _gemm_uses_tma(x, w):
+    w_kn = _tma_orientation(x, w)
+    if w_kn is None or USE_TMA is False:
+        return None
+    if USE_TMA is None and (INTERPRET or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
+                            or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return None
+    return w_kn
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,21 +370,36 @@ def _dropout_args(dropout_p: float, seed: int, cols: int) -> dict:
 # --------------------------------------------------------------------------- #
 
 
-def gemm_lora_up(x, w, bias, l, u, scale, dropout_p=0.0, seed=0):
-    """``X Wᵀ + b + scale · (L Uᵀ ⊙ keep)`` for X (M, K), W (N, K), L (M, R), U (N, R); any strides."""
+def gemm_lora_up(x, w, bias, l, u, dropout_p=0.0, seed=0):
+    """``X Wᵀ + b + L Uᵀ ⊙ D`` for X (M, K), W (N, K), L (M, R), U (N, R); any strides."""
     M, K = x.shape
     N, R = w.shape[0], l.shape[1]
     c = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
         return c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_lora_up[grid](
-        x, w, bias if bias is not None else c, l, u, c, M, N, K, R,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1),
-        u.stride(0), u.stride(1), c.stride(0), c.stride(1),
-        scale, HAS_BIAS=bias is not None, BLOCK_R=_block_r(R),
+    common = dict(
+        HAS_BIAS=bias is not None, BLOCK_R=_block_r(R), inv_keep=1.0 / (1.0 - dropout_p),
         **_dropout_args(dropout_p, seed, N), **_dtype_flags(x.dtype),
     )
+    operands = (bias if bias is not None else c, l, u, c, M, N, K, R)
+    epilogue_strides = (l.stride(0), l.stride(1), u.stride(0), u.stride(1), c.stride(0), c.stride(1))
+    w_kn = _gemm_uses_tma(x, w)
+    if w_kn is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _gemm_lora_up[grid](
+            x, w, *operands, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *epilogue_strides, **common,
+        )
+    else:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # Block shapes are set per autotuning config by _set_tma_blocks.
+        x_desc = TensorDescriptor.from_tensor(x, [1, 1])
+        w_desc = TensorDescriptor.from_tensor(w.t() if w_kn else w, [1, 1])
+        programs = _num_sms(x.device)
+        grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
+        _gemm_lora_up_tma[grid](
+            x_desc, w_desc, *operands, *epilogue_strides, W_KN=w_kn, NUM_PROGRAMS=programs, **common,
+        )
     return c
 
 
@@ -338,10 +450,10 @@ def _inv_keep(dropout_p: float) -> float:
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """``(y, xa)``: xa = (x ⊙ D) Aᵀ, then the base GEMM with s·xa Bᵀ added in its epilogue."""
+    """``(y, xa)``: xa = s·(x ⊙ D) Aᵀ, then the base GEMM with xa Bᵀ added in its epilogue."""
     xa = x.new_empty(x.shape[0], lora_A.shape[0])
-    skinny_product(x, lora_A.t(), xa, _inv_keep(dropout_p), dropout_p=dropout_p, seed=seed)
-    y = gemm_lora_up(x, weight, bias, xa, lora_B, scaling)
+    skinny_product(x, lora_A.t(), xa, scaling * _inv_keep(dropout_p), dropout_p=dropout_p, seed=seed)
+    y = gemm_lora_up(x, weight, bias, xa, lora_B)
     return y, xa
 
 
@@ -349,12 +461,12 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
     """``(dx, dA, dB)`` as in reference.lora_backward; dx's GEMM carries (g A) ⊙ D in its epilogue."""
     dy = grad_out
     g = skinny_product(dy, lora_B, dy.new_empty(dy.shape[0], lora_B.shape[1]), scaling)  # s · dy B
-    grad_B = skinny_product(dy, xa, torch.empty_like(lora_B), scaling, reduce_rows=True)  # s · dyᵀ xa
+    grad_B = skinny_product(dy, xa, torch.empty_like(lora_B), 1.0, reduce_rows=True)  # dyᵀ xa
     grad_A = torch.empty_like(lora_A)
     skinny_product(x, g, grad_A.t(), _inv_keep(dropout_p), reduce_rows=True,  # dAᵀ = (x ⊙ D)ᵀ g
                    dropout_p=dropout_p, seed=seed)
     if need_grad_x:
-        grad_x = gemm_lora_up(dy, weight.t(), None, g, lora_A.t(), _inv_keep(dropout_p), dropout_p, seed)
+        grad_x = gemm_lora_up(dy, weight.t(), None, g, lora_A.t(), dropout_p, seed)
     else:
         grad_x = x.new_empty(0)
     return grad_x, grad_A, grad_B

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from lora_kernels import reference
+from lora_kernels import backends, reference
 from conftest import ALL_BACKENDS, DEVICE, ON_GPU, TOLERANCE, relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -242,3 +242,24 @@ def test_same_seed_same_output_and_gradients(backend):
     assert not torch.equal(first[0], other[0])
     layer.eval()  # no dropout in eval mode: deterministic without reseeding
     assert torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointer-gemm", "tma-gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_gemm_kernels_both_ways(monkeypatch, use_tma, dtype):
+    """The pointer GEMM and the Hopper TMA + persistent GEMM, each forced, on TMA-addressable shapes."""
+    if backends.unavailable_reason("triton", DEVICE):
+        pytest.skip(backends.unavailable_reason("triton", DEVICE))
+    from lora_kernels import triton_ops
+
+    if use_tma and ON_GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or newer")
+    monkeypatch.setattr(triton_ops, "USE_TMA", use_tma)
+    for M, K, N, r, p in [(7, 64, 40, 4, 0.0), (65, 40, 72, 16, 0.25), (300, 24, 16, 3, 0.1)]:
+        x, weight, bias, A, B = make_layer(M, K, N, r, dtype)
+        assert (triton_ops._gemm_uses_tma(x, weight) is not None) == use_tma
+        grad_out = torch.randn(M, N, dtype=dtype, device=DEVICE)
+        got = run(x, weight, bias, A, B, 0.5, p, 9, "triton", grad_out)
+        ref = reference_fp64(x, weight, bias, A, B, 0.5, p, 9, grad_out)
+        for name, out, expected in zip(("y", "dx", "dA", "dB"), got, ref):
+            assert_close(name, out, expected, dtype)
