@@ -20,6 +20,7 @@ is addressed through explicit strides, so transposed views (``W0ᵀ``, ``Aᵀ``,
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -148,6 +149,7 @@ def _gemm_lora_up_kernel(
     u_ptr,  # U (N, R): B, or Aᵀ as a strided view
     c_ptr,  # C (M, N) = X Wᵀ + b + L Uᵀ ⊙ D
     M, N, K, R,
+    M_BUCKET,  # next power of two of M: the autotuning key, so a new token count does not re-tune
     stride_xm, stride_xk, stride_wn, stride_wk, stride_lm, stride_lr, stride_un, stride_ur,
     stride_cm, stride_cn,
     inv_keep, seed, threshold, groups_per_row,  # D = keep / (1 - p) over C's elements (DROPOUT only)
@@ -180,7 +182,7 @@ def _gemm_lora_up_tma_kernel(
     x_desc,  # tensor descriptor of X (M, K), blocks (BLOCK_M, BLOCK_K)
     w_desc,  # tensor descriptor of W: (N, K) blocks (BLOCK_N, BLOCK_K); with W_KN, of Wᵀ (K, N) blocks (BLOCK_K, BLOCK_N)
     bias_ptr, l_ptr, u_ptr, c_ptr,  # as in _gemm_lora_up_kernel
-    M, N, K, R,
+    M, N, K, R, M_BUCKET,
     stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
     inv_keep, seed, threshold, groups_per_row,
     W_KN: tl.constexpr,  # W is stored as Wᵀ, row-major (the dx GEMM reads W0 this way)
@@ -288,7 +290,7 @@ def _gemm_configs(tma: bool = False):
     hook = dict(pre_hook=_set_tma_blocks) if tma else {}
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, **hook)]
-    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 128, 3, 8),
+    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
               (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     if not tma:
         shapes += [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2)]
@@ -305,7 +307,7 @@ def _set_tma_blocks(nargs):
     nargs["w_desc"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
 
 
-_GEMM_KEY = ["M", "N", "K", "R", "DROPOUT", "HAS_BIAS"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "HAS_BIAS"]
 _gemm_lora_up = triton.autotune(_gemm_configs(), key=_GEMM_KEY)(_gemm_lora_up_kernel)
 _gemm_lora_up_tma = triton.autotune(_gemm_configs(tma=True), key=_GEMM_KEY + ["W_KN"])(_gemm_lora_up_tma_kernel)
 
@@ -328,9 +330,12 @@ def _tma_orientation(x, w):
     return None
 
 
+_TMA_FAILED = False  # set when the TMA kernel failed to build here; auto mode then stays off it
+
+
 def _gemm_uses_tma(x, w):
     w_kn = _tma_orientation(x, w)
-    if w_kn is None or USE_TMA is False:
+    if w_kn is None or USE_TMA is False or (USE_TMA is None and _TMA_FAILED):
         return None
     if USE_TMA is None and (INTERPRET or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
                             or torch.cuda.get_device_capability(x.device)[0] < 9):
@@ -372,6 +377,7 @@ def _dropout_args(dropout_p: float, seed: int, cols: int) -> dict:
 
 def gemm_lora_up(x, w, bias, l, u, dropout_p=0.0, seed=0):
     """``X Wᵀ + b + L Uᵀ ⊙ D`` for X (M, K), W (N, K), L (M, R), U (N, R); any strides."""
+    global _TMA_FAILED
     M, K = x.shape
     N, R = w.shape[0], l.shape[1]
     c = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -381,26 +387,37 @@ def gemm_lora_up(x, w, bias, l, u, dropout_p=0.0, seed=0):
         HAS_BIAS=bias is not None, BLOCK_R=_block_r(R), inv_keep=1.0 / (1.0 - dropout_p),
         **_dropout_args(dropout_p, seed, N), **_dtype_flags(x.dtype),
     )
-    operands = (bias if bias is not None else c, l, u, c, M, N, K, R)
+    operands = (bias if bias is not None else c, l, u, c, M, N, K, R, triton.next_power_of_2(M))
     epilogue_strides = (l.stride(0), l.stride(1), u.stride(0), u.stride(1), c.stride(0), c.stride(1))
     w_kn = _gemm_uses_tma(x, w)
-    if w_kn is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _gemm_lora_up[grid](
-            x, w, *operands, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *epilogue_strides, **common,
-        )
-    else:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        # Block shapes are set per autotuning config by _set_tma_blocks.
-        x_desc = TensorDescriptor.from_tensor(x, [1, 1])
-        w_desc = TensorDescriptor.from_tensor(w.t() if w_kn else w, [1, 1])
-        programs = _num_sms(x.device)
-        grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
-        _gemm_lora_up_tma[grid](
-            x_desc, w_desc, *operands, *epilogue_strides, W_KN=w_kn, NUM_PROGRAMS=programs, **common,
-        )
+    if w_kn is not None:
+        try:
+            _launch_tma_gemm(x, w, w_kn, operands, epilogue_strides, common)
+            return c
+        except Exception as exc:  # a toolchain without TMA support for these operands
+            if USE_TMA:
+                raise
+            _TMA_FAILED = True
+            warnings.warn(f"lora_kernels: the TMA GEMM could not run ({exc!r}); using the pointer GEMM")
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_lora_up[grid](
+        x, w, *operands, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *epilogue_strides, **common,
+    )
     return c
+
+
+def _launch_tma_gemm(x, w, w_kn, operands, epilogue_strides, common):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, N = x.shape[0], w.shape[0]
+    # Block shapes are set per autotuning config by _set_tma_blocks.
+    x_desc = TensorDescriptor.from_tensor(x, [1, 1])
+    w_desc = TensorDescriptor.from_tensor(w.t() if w_kn else w, [1, 1])
+    programs = _num_sms(x.device)
+    grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
+    _gemm_lora_up_tma[grid](
+        x_desc, w_desc, *operands, *epilogue_strides, W_KN=w_kn, NUM_PROGRAMS=programs, **common,
+    )
 
 
 def skinny_product(p, q, out, scale, reduce_rows=False, dropout_p=0.0, seed=0):
