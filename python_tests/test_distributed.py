@@ -1,0 +1,180 @@
+"""DDP and FSDP2 on two CPU processes (gloo): LoRA gradients equal a single-process run; merge under FSDP2.
+
+Each mode spawns two processes once (module-scoped fixture) on a free localhost
+port, with a bounded wait; rank 0 writes what it saw to a file the tests read.
+"""
+
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lora_kernels as lk
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is unavailable"
+)
+
+WORLD = 2
+TIMEOUT_S = 120
+BATCH = 8  # split evenly over the ranks
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 6))
+    lk.apply_lora(model, r"[02]", r=4, alpha=8, backend="reference")
+    for m in model.modules():
+        if isinstance(m, lk.LoRALinear):
+            nn.init.normal_(m.lora_B.weight)
+    return model
+
+
+def make_batch():
+    return torch.randn(BATCH, 12, generator=torch.Generator().manual_seed(1))
+
+
+def single_process():
+    """Gradients of the LoRA factors and the merged weights, without any process group."""
+    model = make_model()
+    model(make_batch()).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for m in model.modules():
+        if isinstance(m, lk.LoRALinear):
+            m.merge()
+    return grads, {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
+
+
+def _worker(rank, port, mode, out_path):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    result = {}
+    try:
+        model = make_model()
+        x = make_batch()[rank::WORLD]
+        if mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            wrapped = DDP(model)
+            wrapped(x).square().mean().backward()
+            result["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            for m in model.modules():  # plain tensors on every rank: merge is local and identical
+                if isinstance(m, lk.LoRALinear):
+                    m.merge()
+            result["merged"] = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(".weight")}
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            from torch.distributed.fsdp import fully_shard
+
+            for m in model.modules():
+                if isinstance(m, lk.LoRALinear):
+                    fully_shard(m)
+            fully_shard(model)
+            model(x).square().mean().backward()
+            result["grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+            before = model[0].weight.full_tensor().clone()
+            try:
+                model[0].merge()
+                result["merge"] = "merged"
+            except Exception as exc:  # noqa: BLE001 - the refusal is what the test inspects
+                result["merge"] = f"{type(exc).__name__}: {exc}"
+            result["weight_unchanged"] = torch.equal(model[0].weight.full_tensor(), before)
+            result["merged_flag"] = model[0].merged
+            # The supported way to merge: gather a full state dict, merge in an unsharded copy.
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                plain = make_model()
+                plain.load_state_dict(full)
+                for m in plain.modules():
+                    if isinstance(m, lk.LoRALinear):
+                        m.merge()
+                result["merged"] = {k: v.clone() for k, v in plain.state_dict().items() if k.endswith(".weight")}
+    except Exception:  # noqa: BLE001
+        result["error"] = traceback.format_exc()
+    finally:
+        if rank == 0:
+            torch.save(result, out_path)
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(mode, tmp_path):
+    out = tmp_path / f"{mode}.pt"
+    ctx = mp.start_processes(_worker, args=(_free_port(), mode, str(out)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{mode}: the two processes did not finish within {TIMEOUT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    result = torch.load(out, weights_only=False)
+    assert "error" not in result, result.get("error")
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return single_process()
+
+
+_RUNS = {}
+
+
+def _run(mode, tmp_path_factory):
+    if mode not in _RUNS:  # one pair of processes per mode for the whole module
+        _RUNS[mode] = run_two_processes(mode, tmp_path_factory.mktemp(mode))
+    return _RUNS[mode]
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def distributed(request, tmp_path_factory):
+    return request.param, _run(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory):
+    return _run("fsdp2", tmp_path_factory)
+
+
+def test_lora_gradients_equal_single_process(distributed, reference):
+    mode, result = distributed
+    grads, _ = reference
+    assert set(result["grads"]) == set(grads) == {"0.lora_A.weight", "0.lora_B.weight",
+                                                  "2.lora_A.weight", "2.lora_B.weight"}
+    for name, grad in grads.items():
+        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=f"{mode}: {name}")
+
+
+def test_merged_weights_equal_single_process(distributed, reference):
+    """DDP merges in place on every rank; FSDP2 through a gathered full state dict on rank 0."""
+    mode, result = distributed
+    _, merged = reference
+    assert set(result["merged"]) == set(merged)
+    for name, w in merged.items():
+        torch.testing.assert_close(result["merged"][name], w, rtol=1e-6, atol=1e-6, msg=f"{mode}: {name}")
+
+
+def test_merge_on_sharded_parameters_is_refused_and_changes_nothing(fsdp2):
+    assert fsdp2["merge"] != "merged"
+    assert fsdp2["weight_unchanged"] and not fsdp2["merged_flag"]
+
+
+@pytest.mark.xfail(strict=False, reason="module.py does not yet refuse merge() on DTensor parameters by name; "
+                                        "today the error is DTensor's 'no sharding strategy' for lora_merge_")
+def test_merge_refusal_under_fsdp2_names_the_problem(fsdp2):
+    assert "FSDP" in fsdp2["merge"] and "full_state_dict" in fsdp2["merge"], fsdp2["merge"]
