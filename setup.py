@@ -1,10 +1,221 @@
 """Build and install lora_kernels.
 
 The pure-Python package (reference path and Triton kernels) always installs.
-The CUDA extension ``lora_kernels._C`` is built separately (see csrc/).
+The CUDA extension ``lora_kernels._C`` (csrc/, the "cuda" backend) is built
+too when a CUDA toolkit and a CUDA-enabled PyTorch are present; otherwise the
+package installs without it and says so in one line.
+
+    pip install --no-build-isolation -e .
+
+Environment switches (see docs/cuda.md):
+
+    LORA_KERNELS_FORCE_CUDA=1     a missing toolkit or CUDA PyTorch is an error, not a notice
+    LORA_KERNELS_SKIP_CUDA=1      never build the extension
+    LORA_KERNELS_CUDA_ARCHS       ";"-separated compute capabilities, default "8.0;9.0a"; PTX is
+                                  embedded for the newest (or for entries written "X.Y+PTX")
+    LORA_KERNELS_DEBUG=1          device debug build (-G, host -O0 -g)
+    LORA_KERNELS_LINEINFO=1       -lineinfo (source lines in compute-sanitizer / Nsight reports)
+    LORA_KERNELS_PTXAS_VERBOSE=1  ptxas register / spill report for every kernel
+    MAX_JOBS                      parallel compile jobs (ninja); NVCC_THREADS: nvcc --threads
+    CUDA_HOME / CUDA_PATH         the toolkit, when it should not be found from nvcc
 """
 
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+FORCE_CUDA = _env_flag("LORA_KERNELS_FORCE_CUDA")
+SKIP_CUDA = _env_flag("LORA_KERNELS_SKIP_CUDA")
+
+
+def _notice(message: str) -> None:
+    print(f"lora_kernels setup: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- #
+# Locating the CUDA toolkit
+# --------------------------------------------------------------------------- #
+
+
+def _is_toolkit(path: str | os.PathLike | None) -> bool:
+    """A CUDA toolkit root: nvcc, the runtime headers and the runtime library."""
+    if not path:
+        return False
+    root = Path(path)
+    return (
+        (root / "bin" / "nvcc").is_file()
+        and (root / "include" / "cuda_runtime.h").is_file()
+        and (root / "lib64" / "libcudart.so").exists()
+    )
+
+
+def _version_key(path: str):
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(path.rsplit("cuda-", 1)[-1])
+    except InvalidVersion:
+        return Version("0")
+
+
+def find_cuda_home() -> tuple[str | None, str]:
+    """``(toolkit root, "")`` or ``(None, why not)``.
+
+    Order: $CUDA_HOME, $CUDA_PATH; then nvcc on PATH, following symlinks and,
+    where nvcc is a wrapper script, the nvcc it executes; then the usual
+    install locations. A candidate counts only with bin/nvcc,
+    include/cuda_runtime.h and lib64/libcudart.so present.
+    """
+    rejected = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(var)
+        if value:
+            if _is_toolkit(value):
+                return str(Path(value).resolve()), ""
+            rejected.append(f"${var}={value} is not a CUDA toolkit")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        candidates = [real.parent.parent]
+        try:
+            head = real.read_bytes()[:4096]
+        except OSError:
+            head = b""
+        if head.startswith(b"#!"):  # a wrapper script: look for the nvcc it runs
+            text = head.decode("utf-8", "replace")
+            candidates += [Path(m).resolve().parent.parent for m in re.findall(r"(/[^\s'\"`;]*/bin/nvcc)\b", text)]
+        for cand in candidates:
+            if _is_toolkit(cand):
+                return str(cand), ""
+        rejected.append(f"nvcc on PATH ({nvcc}) does not lead to a toolkit")
+    fallbacks = ["/usr/local/cuda"]
+    fallbacks += sorted(glob.glob("/usr/local/cuda-*"), key=_version_key, reverse=True)
+    fallbacks += ["/opt/cuda"]
+    for cand in fallbacks:
+        if _is_toolkit(cand):
+            return str(Path(cand).resolve()), ""
+    rejected.append("no toolkit under /usr/local/cuda, /usr/local/cuda-*, /opt/cuda")
+    return None, "; ".join(rejected)
+
+
+def toolkit_version(cuda_home: str):
+    """The toolkit's CUDA version from include/cuda.h (CUDA_VERSION = 1000·major + 10·minor)."""
+    from packaging.version import Version
+
+    text = (Path(cuda_home) / "include" / "cuda.h").read_text(errors="replace")
+    match = re.search(r"#define\s+CUDA_VERSION\s+(\d+)", text)
+    if not match:
+        return None
+    number = int(match.group(1))
+    return Version(f"{number // 1000}.{(number % 1000) // 10}")
+
+
+# --------------------------------------------------------------------------- #
+# Compiler flags
+# --------------------------------------------------------------------------- #
+
+
+def arch_flags(spec: str) -> list[str]:
+    """"8.0;9.0a" -> -gencode flags for sm_80 and sm_90a, plus PTX for the newest (compute_90).
+
+    Entries may be separated by ';', ',' or spaces; "X.Y+PTX" asks for PTX of that entry.
+    The PTX is for the family target (compute_90, not compute_90a), so newer GPUs can JIT it.
+    """
+    entries = [e for e in re.split(r"[;,\s]+", spec.strip()) if e]
+    if not entries:
+        raise SystemExit("LORA_KERNELS_CUDA_ARCHS is empty")
+    parsed = []
+    for entry in entries:
+        match = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", entry, flags=re.IGNORECASE)
+        if not match:
+            raise SystemExit(f"LORA_KERNELS_CUDA_ARCHS: cannot parse {entry!r} (expected e.g. '8.0;9.0a')")
+        major, minor, suffix, ptx = match.groups()
+        parsed.append((int(major) * 10 + int(minor), suffix.lower(), bool(ptx)))
+    if not any(ptx for _, _, ptx in parsed):
+        newest = max(parsed, key=lambda p: p[0])
+        parsed = [(n, s, (n, s) == newest[:2]) for n, s, _ in parsed]
+    flags = []
+    for num, suffix, ptx in parsed:
+        flags.append(f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return list(dict.fromkeys(flags))
+
+
+def cuda_extensions() -> tuple[list, dict]:
+    """``(ext_modules, cmdclass)`` for the extension, or empty ones with a notice."""
+    if SKIP_CUDA:
+        _notice("LORA_KERNELS_SKIP_CUDA is set: installing without the CUDA extension lora_kernels._C")
+        return [], {}
+
+    def unavailable(why: str):
+        if FORCE_CUDA:
+            raise SystemExit(f"lora_kernels setup: LORA_KERNELS_FORCE_CUDA=1 but the CUDA extension cannot be built: {why}")
+        _notice(f"installing without the CUDA extension lora_kernels._C ({why})")
+        return [], {}
+
+    cuda_home, why = find_cuda_home()
+    if cuda_home is None:
+        return unavailable(f"no CUDA toolkit found: {why}")
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = cuda_home
+    try:
+        import torch
+        from packaging.version import Version
+    except ImportError as exc:
+        return unavailable(f"{exc}; install torch first and build with --no-build-isolation")
+    if torch.version.cuda is None:
+        return unavailable(f"PyTorch {torch.__version__} is not a CUDA build")
+    tk = toolkit_version(cuda_home)
+    torch_cuda = Version(torch.version.cuda)
+    if tk is None or tk.major != torch_cuda.major:
+        return unavailable(f"the toolkit at {cuda_home} is CUDA {tk}, PyTorch was built with CUDA {torch_cuda}")
+
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    debug = _env_flag("LORA_KERNELS_DEBUG")
+    cxx = (["-O0", "-g"] if debug else ["-O3"])
+    nvcc = ["-O3"] + arch_flags(os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
+    if debug:
+        nvcc += ["-G", "-g"]
+    elif _env_flag("LORA_KERNELS_LINEINFO"):
+        nvcc += ["-lineinfo"]
+    if _env_flag("LORA_KERNELS_PTXAS_VERBOSE"):
+        nvcc += ["-Xptxas=-v"]
+    if os.environ.get("NVCC_THREADS"):
+        nvcc += ["--threads", os.environ["NVCC_THREADS"]]
+
+    sources = ["csrc/lora.cpp"] + sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu")
+    )
+    ext = CUDAExtension(
+        name="lora_kernels._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        # Rebuild when a header changes (ninja tracks the includes of each source).
+        depends=sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.h*"), recursive=True)),
+    )
+    _notice(f"building the CUDA extension lora_kernels._C with the toolkit at {cuda_home} (CUDA {tk})")
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
 
 setup(
     name="lora_kernels",
@@ -17,4 +228,6 @@ setup(
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
     },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,66 @@
+"""Launchers of the hand-written CUDA kernels (the ``cuda`` backend).
+
+The kernels live in ``csrc/`` and are compiled into the extension
+``lora_kernels._C``; importing it registers the ops
+``torch.ops.lora_kernels.cuda_lora_forward / cuda_lora_backward / cuda_lora_merge_``
+(schemas in csrc/lora.cpp). The launchers below have the signatures of
+:mod:`lora_kernels.reference`, so :mod:`lora_kernels.backends` can use them
+interchangeably. How the kernels work: docs/cuda.md.
+
+An ``ImportError`` from this module means the extension was not built; the
+backend registry turns it into a clear "unavailable" message.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import lora_kernels._C  # noqa: F401  (registers torch.ops.lora_kernels.cuda_*)
+
+_ops = torch.ops.lora_kernels
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """``(y, xa)`` for 2-D ``x``: ``xa = (x ⊙ D) Aᵀ``, ``y = x W0ᵀ + b + scaling · xa Bᵀ``."""
+    return _ops.cuda_lora_forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), int(seed))
+
+
+def lora_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    xa: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    need_grad_x: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dA, dB)``; ``dx`` has zero elements unless ``need_grad_x``."""
+    return _ops.cuda_lora_backward(
+        grad_out, x, weight, lora_A, lora_B, xa,
+        float(scaling), float(dropout_p), int(seed), bool(need_grad_x),
+    )
+
+
+def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+    """``weight += scaling · lora_B @ lora_A`` in place, fp32 accumulation, one rounding.
+
+    ``lora_A``/``lora_B`` may be in another float dtype than ``weight`` (fp32 masters
+    for a bf16 weight, say): the kernel reads them in its fp32 (fp64 for an fp64
+    weight) accumulator type, so they are never rounded to the weight's dtype.
+    """
+    _ops.cuda_lora_merge_(weight, lora_A, lora_B, float(scaling))
