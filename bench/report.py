@@ -23,6 +23,8 @@ MODE_TITLES = {
     "unmerge": "unmerge (W0 -= s·B A), ratio to one copy of W0",
 }
 
+PLOT_TITLES = {"memory": "activation memory saved for backward, × (x + x·Aᵀ)"}
+
 
 @dataclass
 class Table:
@@ -248,7 +250,8 @@ def plot(path: Path, env: dict, config: dict, results: list[dict], providers: li
             panels.append((mode, keys, cases, present, field_))
     if not panels:
         return
-    width = max(9.0, 1.0 + max(len(k) * len(pr) for _, k, _, pr, _ in panels) * 0.22)
+    most = max(len(k) * (0.22 * len(pr) + 0.3) for _, k, _, pr, _ in panels)
+    width = min(40.0, max(9.0, 2.5 + most))
     fig, axes = plt.subplots(len(panels), 1, figsize=(width, 3.6 * len(panels)), squeeze=False)
     colors = plt.get_cmap("tab10")
     for ax, (mode, keys, cases, present, field_) in zip(axes[:, 0], panels):
@@ -267,11 +270,11 @@ def plot(path: Path, env: dict, config: dict, results: list[dict], providers: li
         ax.set_xticklabels([k.replace(" M=", "\nM=") for k in keys], fontsize=7)
         floor = {"memory": "× (x + x·Aᵀ) saved", "merge": "× copy of W0", "unmerge": "× copy of W0"}
         ax.set_ylabel(floor.get(mode, "× base"))
-        ax.set_title(MODE_TITLES[mode], fontsize=10)
-        ax.legend(fontsize=7, ncol=min(n, 8), loc="upper left")
+        ax.set_title(PLOT_TITLES.get(mode, MODE_TITLES[mode]), fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="y", alpha=0.3)
     where = env.get("gpu") or "CPU smoke run: numbers mean nothing for GPU targets"
     fig.suptitle(f"LoRA linear, {config['dtype']}, lower is better: {where}", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -93,7 +93,8 @@ def saved_activation_bytes(run: Callable[[], Tensor], params: Sequence[Tensor]) 
 
     Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor a
     Function (or a compiled graph) saves passes through the pack hook; views of
-    one storage count once, at the storage's size. Returns ``(bytes, output)``.
+    one storage count once, at the storage's size. 0-dim tensors (a dropout
+    seed, a scale) are not activations and are left out. Returns ``(bytes, output)``.
     """
     skip = {p.untyped_storage().data_ptr() for p in params}
     seen: dict[int, int] = {}
@@ -101,7 +102,7 @@ def saved_activation_bytes(run: Callable[[], Tensor], params: Sequence[Tensor]) 
     def pack(t: Tensor) -> Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr and ptr not in skip:
+        if ptr and ptr not in skip and t.dim() > 0:
             seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
         return t
 
