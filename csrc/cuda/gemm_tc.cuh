@@ -138,26 +138,40 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
   // pre(): scale (and mask) the low-rank product held in acc.
   auto apply_pre = [&]() {
     const float ps = static_cast<float>(p.pre_scale);
+    if constexpr (MASK) {
+      // First the 64 keep bits of this thread's fragments, one Philox call per (mi, h, ni)
+      // (columns col, col+1 of one 4-column group), in a rolled loop to keep registers low;
+      // bit 2q + e belongs to acc[mi][ni][2h + e] with q = mi*8 + h*4 + ni.
+      uint64_t keep = 0;
+#pragma unroll 1
+      for (int q = 0; q < 32; ++q) {
+        const int mi = q >> 3, h = (q >> 2) & 1, ni = q & 3;
+        const int64_t row = m0 + warp_m * 64 + mi * 16 + frag_row + h * 8;
+        const int64_t col = n0 + warp_n * 32 + ni * 8 + frag_col;  // even: words col%4, col%4 + 1
+        const uint4 w = mask_words(p.seed, row, col, p.mask_groups);
+        const bool second_pair = (col & 2) != 0;
+        const uint64_t k0 = keep_bit(second_pair ? w.z : w.x, p.threshold) ? 1u : 0u;
+        const uint64_t k1 = keep_bit(second_pair ? w.w : w.y, p.threshold) ? 1u : 0u;
+        keep |= (k0 | (k1 << 1)) << (2 * q);
+      }
 #pragma unroll
-    for (int mi = 0; mi < 4; ++mi)
+      for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          if constexpr (MASK) {
-            const int64_t row = m0 + warp_m * 64 + mi * 16 + frag_row + h * 8;
-            const int64_t col = n0 + warp_n * 32 + ni * 8 + frag_col;  // even: words (col%4, col%4 + 1)
-            const uint4 w = mask_words(p.seed, row, col, p.mask_groups);
-            const bool second_pair = (col & 2) != 0;
-            const uint32_t w0 = second_pair ? w.z : w.x;
-            const uint32_t w1 = second_pair ? w.w : w.y;
-            acc[mi][ni][2 * h] *= keep_bit(w0, p.threshold) ? ps : 0.f;
-            acc[mi][ni][2 * h + 1] *= keep_bit(w1, p.threshold) ? ps : 0.f;
-          } else {
-            acc[mi][ni][2 * h] *= ps;
-            acc[mi][ni][2 * h + 1] *= ps;
+          for (int ni = 0; ni < 4; ++ni) {
+            const int q = mi * 8 + h * 4 + ni;
+            acc[mi][ni][2 * h] *= ((keep >> (2 * q)) & 1u) ? ps : 0.f;
+            acc[mi][ni][2 * h + 1] *= ((keep >> (2 * q + 1)) & 1u) ? ps : 0.f;
           }
-        }
+    } else {
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[mi][ni][e] *= ps;
+    }
   };
 
   // Pipeline prologue: kStages - 1 tiles in flight.

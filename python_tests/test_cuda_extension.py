@@ -1,0 +1,309 @@
+"""The compiled CUDA extension ``lora_kernels._C`` (the ``cuda`` backend).
+
+Without a build the whole file skips, with the reason, unless CI requires the
+extension (``LORA_KERNELS_REQUIRE`` contains ``extension``), in which case it
+fails. The registration tests run on the CPU; the kernel tests need a GPU and
+compare against the float64 reference (:mod:`lora_kernels.reference`).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import lora_kernels as lk
+from lora_kernels import reference
+from conftest import ON_GPU, REQUIRED, relative_error
+
+try:
+    import lora_kernels._C  # noqa: F401
+
+    BUILT, WHY_NOT = True, ""
+except ImportError as exc:
+    BUILT, WHY_NOT = False, f"the CUDA extension lora_kernels._C is not built ({exc})"
+    if "extension" in REQUIRED:
+        raise  # CI asked for the extension: a missing build is a failure, not a skip
+
+pytestmark = pytest.mark.skipif(not BUILT, reason=WHY_NOT or "built")
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+# Relative error ‖out − ref‖ / ‖ref‖ against float64.
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+SCHEMAS = {
+    "cuda_lora_forward": (
+        "lora_kernels::cuda_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
+        "Tensor lora_B, float scaling, float dropout_p, int seed) -> (Tensor, Tensor)"
+    ),
+    "cuda_lora_backward": (
+        "lora_kernels::cuda_lora_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, "
+        "Tensor lora_B, Tensor xa, float scaling, float dropout_p, int seed, bool need_grad_x) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+    "cuda_lora_merge_": (
+        "lora_kernels::cuda_lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()"
+    ),
+}
+
+
+# --------------------------------------------------------------------------- #
+# Registration (CPU)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_op_is_registered_with_its_schema(name):
+    op = getattr(torch.ops.lora_kernels, name)
+    assert str(op.default._schema) == SCHEMAS[name]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), "CUDA")
+
+
+def test_extension_coexists_with_the_python_ops():
+    """The C++ TORCH_LIBRARY block and ops.py's custom_op fragment share the namespace."""
+    assert torch.ops.lora_kernels.lora_forward.default._schema.name == "lora_kernels::lora_forward"
+    assert torch.ops.lora_kernels.cuda_lora_forward.default._schema.name == "lora_kernels::cuda_lora_forward"
+
+
+def test_extension_loads_before_the_python_package(tmp_path):
+    """Loading the library first and importing the package after works too."""
+    import subprocess
+    import sys
+
+    code = (
+        "import glob, os, torch\n"
+        "import importlib.util\n"
+        "spec = importlib.util.find_spec('lora_kernels')\n"
+        "pkg = os.path.dirname(spec.origin)\n"
+        "torch.ops.load_library(glob.glob(os.path.join(pkg, '_C*.so'))[0])\n"
+        "import lora_kernels, lora_kernels.cuda_ops\n"
+        "print(torch.ops.lora_kernels.lora_forward.default._schema.name,"
+        " torch.ops.lora_kernels.cuda_lora_merge_.default._schema.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "lora_kernels::lora_forward lora_kernels::cuda_lora_merge_" in out.stdout
+
+
+def test_cuda_backend_loads():
+    from lora_kernels import backends
+
+    assert backends._load("cuda")[0] is not None
+
+
+# --------------------------------------------------------------------------- #
+# Kernels against the float64 reference (GPU)
+# --------------------------------------------------------------------------- #
+
+
+def make(M, K, N, r, dtype, bias=True, device="cuda"):
+    x = torch.randn(M, K, device=device).to(dtype)
+    weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    A = (torch.randn(r, K, device=device) / K**0.5).to(dtype)
+    B = torch.randn(N, r, device=device).to(dtype)
+    dy = torch.randn(M, N, device=device).to(dtype)
+    return x, weight, b, A, B, dy
+
+
+def check(name, out, ref, dtype):
+    assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = relative_error(out, ref)
+    assert err <= TOL[dtype], f"{name}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+SIZES_M = [1, 7, 65, 1000]
+SIZES_KN = [1, 7, 65, 130]
+RANKS = [1, 4, 16]
+SHAPES = list(itertools.product(SIZES_M, SIZES_KN, SIZES_KN, RANKS))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_match_fp64_reference(shape, dtype):
+    M, K, N, r = shape
+    p = 0.3 if (M + K + N + r) % 2 else 0.0  # half the shapes with dropout
+    seed, s = 2**62 - 12345, 0.7
+    x, weight, b, A, B, dy = make(M, K, N, r, dtype, bias=(K % 2 == 1))
+    ops = torch.ops.lora_kernels
+    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, s, p, seed)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), s, p, seed)
+    check("y", y, y64, dtype)
+    check("xa", xa, xa64, dtype)
+
+    # Backward from the reference's xa (rounded to dtype), so each op is tested on its own.
+    xa_in = xa64.to(dtype)
+    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa_in, s, p, seed, True)
+    dx64, dA64, dB64 = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa_in), s, p, seed, True)
+    check("dx", dx, dx64, dtype)
+    check("dA", dA, dA64, dtype)
+    check("dB", dB, dB64, dtype)
+
+    dx_none, dA2, dB2 = ops.cuda_lora_backward(dy, x, weight, A, B, xa_in, s, p, seed, False)
+    assert dx_none.numel() == 0
+    assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(512, 1024, 768, 64), (257, 520, 130, 128), (3, 4096, 256, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_larger_shapes(shape, dtype):
+    """Many k-tiles through the pipeline, ranks spanning several tiles, long thin reductions."""
+    M, K, N, r = shape
+    x, weight, b, A, B, dy = make(M, K, N, r, dtype)
+    ops = torch.ops.lora_kernels
+    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, 0.5, 0.1, 7)
+    d = lambda t: t.double()  # noqa: E731
+    y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), 0.5, 0.1, 7)
+    check("y", y, y64, dtype)
+    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa, 0.5, 0.1, 7, True)
+    ref = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), 0.5, 0.1, 7, True)
+    for name, out, r64 in zip(("dx", "dA", "dB"), (dx, dA, dB), ref):
+        check(name, out, r64, dtype)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_and_strided_inputs(dtype):
+    """Tensors whose data pointer is not 16-byte aligned take the scalar-load path."""
+    M, K, N, r = 33, 64, 48, 8
+    x, weight, b, A, B, dy = make(M, K, N, r, dtype)
+    x_mis = torch.empty(M * K + 1, device="cuda", dtype=dtype)[1:].view(M, K)
+    x_mis.copy_(x)
+    w_t = weight.t().contiguous().t()  # non-contiguous view with the same values
+    ops = torch.ops.lora_kernels
+    y, xa = ops.cuda_lora_forward(x_mis, w_t, b, A, B, 1.25, 0.2, 99)
+    d = lambda t: t.double()  # noqa: E731
+    y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), 1.25, 0.2, 99)
+    check("y", y, y64, dtype)
+    dx, dA, dB = ops.cuda_lora_backward(dy, x_mis, w_t, A, B, xa, 1.25, 0.2, 99, True)
+    ref = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), 1.25, 0.2, 99, True)
+    for name, out, r64 in zip(("dx", "dA", "dB"), (dx, dA, dB), ref):
+        check(name, out, r64, dtype)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,K", [(1, 7), (65, 130), (1000, 65), (9, 4)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_is_bit_identical_to_the_reference(M, K, p, dtype):
+    """Choose the factors so that the gradients reveal the mask exactly.
+
+    Forward: A = I (r = K), x = 1, so xa = D. Backward: W0 = 0, A = B = dy = 1
+    (r = 1), so dx = s·N·D; dA = gᵀ D is the mask's column sums (checked too).
+    """
+    seed = 2**62 - 1 - K
+    keep = reference.dropout_keep_mask(M, K, p, seed, device="cuda")
+    ops = torch.ops.lora_kernels
+    x = torch.ones(M, K, device="cuda", dtype=dtype)
+    eye = torch.eye(K, device="cuda", dtype=dtype)
+    _, xa = ops.cuda_lora_forward(x, torch.zeros(3, K, device="cuda", dtype=dtype), None, eye,
+                                  torch.ones(3, K, device="cuda", dtype=dtype), 1.0, p, seed)
+    assert torch.equal(xa != 0, keep), "forward mask differs from reference.dropout_keep_mask"
+
+    N = 5
+    weight = torch.zeros(N, K, device="cuda", dtype=dtype)
+    A = torch.ones(1, K, device="cuda", dtype=dtype)
+    B = torch.ones(N, 1, device="cuda", dtype=dtype)
+    dy = torch.ones(M, N, device="cuda", dtype=dtype)
+    xa1 = torch.ones(M, 1, device="cuda", dtype=dtype)
+    dx, dA, _ = ops.cuda_lora_backward(dy, x, weight, A, B, xa1, 1.0, p, seed, True)
+    assert torch.equal(dx != 0, keep), "backward mask (dx) differs from reference.dropout_keep_mask"
+    expected = (keep.double().sum(0) * N / (1 - p)).to(dtype)
+    assert torch.allclose(dA[0].double(), expected.double(), rtol=TOL[dtype]), "backward mask (dA)"
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_linear_3d_input_through_the_cuda_backend(dtype, p):
+    x, weight, b, A, B, _ = make(2 * 3 * 7, 65, 33, 4, dtype)
+    x3 = x.view(2, 21, 65).requires_grad_(True)
+    A_ = A.clone().requires_grad_(True)
+    B_ = B.clone().requires_grad_(True)
+    y = lk.lora_linear(x3, weight, b, A_, B_, 0.5, dropout_p=p, backend="cuda", seed=1234)
+    assert y.shape == (2, 21, 33)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    x64 = x3.detach().double().requires_grad_(True)
+    A64 = A.double().requires_grad_(True)
+    B64 = B.double().requires_grad_(True)
+    y64 = reference.lora_linear_reference(x64, weight.double(), b.double(), A64, B64, 0.5, p, 1234)
+    y64.backward(dy.double())
+    check("y", y, y64, dtype)
+    check("dx", x3.grad, x64.grad, dtype)
+    check("dA", A_.grad, A64.grad, dtype)
+    check("dB", B_.grad, B64.grad, dtype)
+
+
+@requires_gpu
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradcheck_fp64_through_the_kernels(p):
+    x, weight, b, A, B, _ = make(5, 9, 6, 3, torch.float64)
+    args = [t.requires_grad_(True) for t in (x, A, B)]
+    fn = lambda x, A, B: lk.lora_linear(x, weight, b, A, B, 1.5, dropout_p=p, backend="cuda", seed=3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("factor_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("N,K,r", [(1, 1, 1), (7, 65, 4), (130, 7, 16), (257, 1030, 64), (64, 128, 3)])
+def test_merge_matches_reference(dtype, factor_dtype, N, K, r):
+    fdtype = dtype if factor_dtype == "same" else factor_dtype
+    weight = torch.randn(N, K, device="cuda").to(dtype)
+    A = (torch.randn(r, K, device="cuda") / K**0.5).to(fdtype)
+    B = torch.randn(N, r, device="cuda").to(fdtype)
+    s = 0.37
+    expected = weight.double() + s * (B.double() @ A.double())
+    merged = weight.clone()
+    torch.ops.lora_kernels.cuda_lora_merge_(merged, A, B, s)
+    check("merged", merged, expected, dtype)
+    # Within one rounding of the exact result, element-wise (plus the fp32 product's own error).
+    big = torch.maximum(weight.double().abs(), expected.abs()).to(dtype)
+    ulp = torch.nextafter(big, torch.full_like(big, float("inf"))).double() - big.double()
+    slack = 1e-6 * (weight.double().abs() + s * (B.double().abs() @ A.double().abs()))
+    if dtype == torch.float64:
+        slack = slack * 1e-8
+    assert ((merged.double() - expected).abs() <= ulp + slack).all()
+    # Unmerge comes back within one rounding.
+    torch.ops.lora_kernels.cuda_lora_merge_(merged, A, B, -s)
+    assert ((merged.double() - weight.double()).abs() <= 2 * ulp + 2 * slack).all()
+
+
+@requires_gpu
+def test_merge_into_a_strided_weight():
+    weight = torch.randn(65, 40, device="cuda")
+    w_t = weight.t()  # (40, 65), not contiguous
+    A, B = torch.randn(3, 65, device="cuda"), torch.randn(40, 3, device="cuda")
+    expected = w_t.double() + 0.5 * (B.double() @ A.double())
+    torch.ops.lora_kernels.cuda_lora_merge_(w_t, A, B, 0.5)
+    check("merged", w_t, expected, torch.float32)
+
+
+@requires_gpu
+def test_empty_token_batch():
+    x, weight, b, A, B, dy = make(0, 16, 8, 4, torch.float16)
+    y, xa = torch.ops.lora_kernels.cuda_lora_forward(x, weight, b, A, B, 1.0, 0.1, 5)
+    assert y.shape == (0, 8) and xa.shape == (0, 4)
+    dx, dA, dB = torch.ops.lora_kernels.cuda_lora_backward(dy, x, weight, A, B, xa, 1.0, 0.1, 5, True)
+    assert dx.shape == (0, 16) and (dA == 0).all() and (dB == 0).all()
+
+
+@requires_gpu
+def test_bad_inputs_are_refused():
+    x, weight, b, A, B, _ = make(4, 8, 6, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="lora_A must have shape"):
+        torch.ops.lora_kernels.cuda_lora_forward(x, weight, b, A.t().contiguous(), B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.lora_kernels.cuda_lora_forward(x.half(), weight, b, A, B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        torch.ops.lora_kernels.cuda_lora_forward(x.cpu(), weight, b, A, B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        torch.ops.lora_kernels.cuda_lora_forward(x, weight, b, A, B, 1.0, 1.0, 0)
