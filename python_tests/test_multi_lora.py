@@ -261,7 +261,7 @@ def assert_matches_module_reference(layer, x, names):
 
 def test_new_adapters_compute_the_base_layer_exactly():
     base = nn.Linear(20, 12, device=DEVICE)
-    layer = MultiLoRALinear.from_linear(base, {"a": (4, 8), "b": (2, 2)})
+    layer = MultiLoRALinear.from_linear(base, {"a": (4, 8), "b": (2, 2)}, backend="reference")
     assert layer.weight is base.weight and not layer.weight.requires_grad
     assert layer.capacity == 8 and layer.r_max == 4 and layer.scaling[:2].tolist() == [2.0, 1.0]
     x = torch.randn(6, 20, device=DEVICE)
@@ -461,3 +461,17 @@ def test_cuda_graph_captures_forward_and_backward(backend):
         for got, ref in ((static_y, y), (static_x.grad, x.grad), (layer.lora_A.grad, A.grad),
                          (layer.lora_B.grad, B.grad)):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_ids_outside_the_slots_get_the_base_output(backend):
+    """With check_ids off (no host sync), the kernels still never read outside the factors."""
+    layer = make_layer(backend)
+    layer.check_ids = False
+    x = torch.randn(6, 20, device=DEVICE)
+    ids = torch.tensor([7, -3, 0, 4, 100, 2], device=DEVICE)  # slot 4 is empty; 7, 100, -3 do not exist
+    y = layer(x, ids)
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    odd = torch.tensor([True, True, False, True, True, False], device=DEVICE)
+    assert relative_error(y[odd], base[odd].double()) <= TOLERANCE[torch.float32]
+    assert_matches_module_reference(layer, x[~odd], ["a", "c"])

@@ -19,7 +19,11 @@ class MultiLoRALinear(nn.Module):
 
     ``forward(x, adapter_ids)``: ``adapter_ids`` (int64 slot indices, ``-1`` for the base model
     only) has shape ``x.shape[:-1]`` or a leading part of it (``(batch,)`` for ``(batch, seq, in)``).
-    :meth:`adapter_ids` turns adapter names into such a tensor.
+    :meth:`adapter_ids` turns adapter names into such a tensor. The ids' values are checked (in
+    range, occupied slots, the merged adapter only) at the cost of one host synchronisation per
+    call; that check is skipped while a CUDA graph is captured and under torch.compile, and
+    ``check_ids = False`` switches it off (rows with an out-of-range id then get the base output;
+    an empty slot holds zeros, so its rows get the base output too).
 
     The factors live in preallocated slots: ``lora_A`` ``(capacity, r_max, in)`` and ``lora_B``
     ``(capacity, out, r_max)`` parameters, ``scaling`` a ``(capacity,)`` buffer. An adapter of rank
@@ -105,6 +109,7 @@ class MultiLoRALinear(nn.Module):
         self.ranks: dict[str, int] = {}
         self.alphas: dict[str, float] = {}
         self.merged_adapter: Optional[str] = None
+        self.check_ids = True
 
     # ------------------------------------------------------------------ adapters
 
@@ -219,7 +224,7 @@ class MultiLoRALinear(nn.Module):
     def _check_ids(self, x: Tensor, adapter_ids: Tensor) -> None:
         """Shape, dtype and values (in range, occupied slots, the merged adapter only): one host sync."""
         check_adapter_ids(adapter_ids, x, self.capacity, check_values=False)
-        if not adapter_ids.numel() or _in_graph(adapter_ids):
+        if not self.check_ids or not adapter_ids.numel() or _in_graph(adapter_ids):
             return
         valid = (adapter_ids >= -1) & (adapter_ids < self.capacity)
         used = self._occupied[adapter_ids.clamp(0, self.capacity - 1)] | (adapter_ids == -1)
