@@ -30,6 +30,18 @@ else:
 MODES = [("fwd", 0.0), ("fwd+bwd", 0.0), ("fwd+bwd", 0.1), ("merge", 0.0)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """On the CPU, one torch thread: two threads on a busy machine make the times erratic."""
+    if ON_GPU:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _case(shape, dropout: float) -> shapes.Case:
     name, tokens, k, n, r = shape
     return shapes.Case(shapes.Layer(name, k, n), tokens, r, dropout)
