@@ -22,7 +22,7 @@ def make_adapters(K, N, ranks, dtype, device=DEVICE):
     for i, r in enumerate(ranks):
         A[i, :r] = (torch.randn(r, K, device=device) / K**0.5).to(dtype)
         B[i, :, :r] = torch.randn(N, r, device=device).to(dtype)
-    scaling = torch.tensor([0.5 + 0.25 * i for i in range(n)])
+    scaling = torch.tensor([0.7 + 0.37 * i for i in range(n)])  # not exact in bf16 or fp16
     return A, B, scaling
 
 

@@ -73,6 +73,11 @@ def multi_lora_reference(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _scaled(t: Tensor, s: Tensor) -> Tensor:
+    """``s · t`` with the scaling kept in its fp32 (or fp64) precision, rounded once to ``t``'s dtype."""
+    return (t.to(s.dtype) * s).to(t.dtype)
+
+
 def _masks(adapter_ids: Tensor, n: int):
     return [(adapter_ids == i).unsqueeze(1) for i in range(n)]
 
@@ -81,11 +86,10 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, or
     """Op-level forward for 2-D ``x``: ``(y, xa)``."""
     n, R = lora_A.shape[0], lora_A.shape[1]
     xd = dropout_scale(x, dropout_p, seed)
-    s = scaling.to(x.dtype)
     xa = x.new_zeros(x.shape[0], R)
     up = x.new_zeros(x.shape[0], weight.shape[0])
     for i, sel in enumerate(_masks(adapter_ids, n)):
-        xa_i = s[i] * (xd @ lora_A[i].t())
+        xa_i = _scaled(xd @ lora_A[i].t(), scaling[i])
         xa = torch.where(sel, xa_i, xa)
         up = torch.where(sel, xa_i @ lora_B[i].t(), up)
     y = torch.nn.functional.linear(x, weight, bias).add_(up)
@@ -99,13 +103,12 @@ def multi_lora_backward(
     dy = grad_out
     n = lora_A.shape[0]
     xd = dropout_scale(x, dropout_p, seed)
-    s = scaling.to(x.dtype)
     grad_A = torch.empty_like(lora_A)
     grad_B = torch.empty_like(lora_B)
     up = x.new_zeros(x.shape) if need_grad_x else None
     for i, sel in enumerate(_masks(adapter_ids, n)):
         grad_B[i] = dy.t() @ torch.where(sel, xa, 0.0)
-        g_i = torch.where(sel, s[i] * (dy @ lora_B[i]), 0.0)
+        g_i = torch.where(sel, _scaled(dy @ lora_B[i], scaling[i]), 0.0)
         grad_A[i] = g_i.t() @ xd
         if need_grad_x:
             up = up + g_i @ lora_A[i]
