@@ -78,6 +78,7 @@ def make_config(args: argparse.Namespace) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda given but CUDA is not available")
         device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(device)  # do_bench records its events on the current device
     kind = "cuda" if device.type == "cuda" else "cpu"
     preset = shapes.PRESETS[(kind, "full" if args.full else "quick")]
     table = shapes.LLAMA3_8B if kind == "cuda" else shapes.LLAMA3_8B_CPU

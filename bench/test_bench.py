@@ -86,6 +86,8 @@ def test_latency(benchmark, provider, mode, dropout, shape):
     why = prov.unavailable_reason(provider, DEVICE) or prov.skip_reason(provider, mode, case)
     if why:
         pytest.skip(why)
+    if provider == "compile":
+        torch._dynamo.reset()  # else the recompile limit would turn later cases back to eager
     torch.manual_seed(0)
     setup = prov.make_setup(case, DEVICE, DTYPE)
     built = prov.build(provider, setup)
