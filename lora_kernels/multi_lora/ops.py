@@ -37,8 +37,9 @@ def _load(name: str):
         raise BackendUnavailableError(
             f"backend {name!r} has no multi-LoRA kernels; use one of {MULTI_BACKENDS} or 'auto'"
         )
+    module = "reference" if name == "reference" else "triton_ops"
     try:
-        return importlib.import_module(f"lora_kernels.multi_lora.{'reference' if name == 'reference' else 'triton_ops'}")
+        return importlib.import_module(f"lora_kernels.multi_lora.{module}")
     except ImportError as exc:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {exc}") from exc
 
