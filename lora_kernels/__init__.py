@@ -16,6 +16,7 @@ from .functional import (
     unmerge_lora_,
 )
 from .module import LoRALinear, apply_lora, lora_state_dict
+from .multi_lora import MultiLoRALinear, multi_lora_linear
 
 __version__ = "0.1.0"
 
@@ -23,11 +24,13 @@ __all__ = [
     "BackendUnavailableError",
     "LoRALinear",
     "LoRALinearFunction",
+    "MultiLoRALinear",
     "apply_lora",
     "available_backends",
     "lora_linear",
     "lora_scaling",
     "lora_state_dict",
     "merge_lora_",
+    "multi_lora_linear",
     "unmerge_lora_",
 ]
