@@ -3,6 +3,7 @@
 import copy
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -87,3 +88,14 @@ def test_from_peft_on_a_llama_matches_peft():
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(grads, grads_ref, strict=True):  # the same parameters, in the same order
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_benchmark_runs_its_tiny_config():
+    spec = importlib.util.spec_from_file_location(
+        "train_step", EXAMPLE.parent.parent / "bench" / "train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["train_step"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    providers = "frozen,peft,lora_kernels" if importlib.util.find_spec("peft") else "frozen,lora_kernels"
+    assert bench.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                       "--providers", providers]) == 0
