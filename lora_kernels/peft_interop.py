@@ -113,7 +113,8 @@ def _peft_layout_hooks(layer: LoRALinear, adapter: str) -> None:
 
     ``weight``/``bias`` ↔ ``base_layer.weight``/``base_layer.bias`` and
     ``lora_A.weight`` ↔ ``lora_A.<adapter>.weight`` (same for ``lora_B``);
-    ``_extra_state`` is left out, as PEFT has none.
+    ``_extra_state`` is left out, as PEFT has none; so a merged layer refuses to
+    give a state dict rather than write a merged weight that reads as unmerged.
     """
     renames = {
         "weight": "base_layer.weight",
@@ -123,6 +124,11 @@ def _peft_layout_hooks(layer: LoRALinear, adapter: str) -> None:
     }
 
     def to_peft_keys(module, state_dict, prefix, local_metadata):
+        if module.merged:  # PEFT's layout has no place for the flag, and a merged weight needs it
+            raise RuntimeError(
+                f"{prefix[:-1] or 'layer'}: a merged layer converted by from_peft has no PEFT state-dict layout "
+                "that records the merge; unmerge() before state_dict()/saving"
+            )
         # This module's keys are the last ones written: pop and re-append them in order.
         own = [k for k in list(state_dict) if k.startswith(prefix) and k[len(prefix):] in (*renames, "_extra_state")]
         for key in own:
