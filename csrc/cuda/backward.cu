@@ -16,67 +16,67 @@
 namespace lora_kernels {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
-    const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& A_in,
-    const at::Tensor& B_in, const at::Tensor& xa_in, double scaling, double dropout_p, int64_t seed,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed,
     bool need_grad_x) {
-  LORA_CHECK_INPUT(dy_in, 2, x_in);
-  LORA_CHECK_INPUT(x_in, 2, x_in);
-  LORA_CHECK_INPUT(weight_in, 2, x_in);
-  LORA_CHECK_INPUT(A_in, 2, x_in);
-  LORA_CHECK_INPUT(B_in, 2, x_in);
-  LORA_CHECK_INPUT(xa_in, 2, x_in);
-  LORA_CHECK_FLOAT(x_in);
-  const auto dtype = x_in.scalar_type();
-  LORA_CHECK_DTYPE(dy_in, dtype);
-  LORA_CHECK_DTYPE(weight_in, dtype);
-  LORA_CHECK_DTYPE(A_in, dtype);
-  LORA_CHECK_DTYPE(B_in, dtype);
-  LORA_CHECK_DTYPE(xa_in, dtype);
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0), r = A_in.size(0);
-  LORA_CHECK_SHAPE(dy_in, M, N);
-  LORA_CHECK_SHAPE(weight_in, N, K);
-  LORA_CHECK_SHAPE(A_in, r, K);
-  LORA_CHECK_SHAPE(B_in, N, r);
-  LORA_CHECK_SHAPE(xa_in, M, r);
+  LORA_CHECK_INPUT(grad_out, 2, x);
+  LORA_CHECK_INPUT(x, 2, x);
+  LORA_CHECK_INPUT(weight, 2, x);
+  LORA_CHECK_INPUT(lora_A, 2, x);
+  LORA_CHECK_INPUT(lora_B, 2, x);
+  LORA_CHECK_INPUT(xa, 2, x);
+  LORA_CHECK_FLOAT(x);
+  const auto dtype = x.scalar_type();
+  LORA_CHECK_DTYPE(grad_out, dtype);
+  LORA_CHECK_DTYPE(weight, dtype);
+  LORA_CHECK_DTYPE(lora_A, dtype);
+  LORA_CHECK_DTYPE(lora_B, dtype);
+  LORA_CHECK_DTYPE(xa, dtype);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  LORA_CHECK_SHAPE(grad_out, M, N);
+  LORA_CHECK_SHAPE(weight, N, K);
+  LORA_CHECK_SHAPE(lora_A, r, K);
+  LORA_CHECK_SHAPE(lora_B, N, r);
+  LORA_CHECK_SHAPE(xa, M, r);
   const Dropout dropout = make_dropout(dropout_p, seed, K);
 
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor dy = dy_in.contiguous();
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor A = A_in.contiguous();
-  const at::Tensor B = B_in.contiguous();
-  const at::Tensor xa = xa_in.contiguous();
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::Tensor dy_c = grad_out.contiguous();
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor w_c = weight.contiguous();
+  const at::Tensor A_c = lora_A.contiguous();
+  const at::Tensor B_c = lora_B.contiguous();
+  const at::Tensor xa_c = xa.contiguous();
 
-  at::Tensor grad_A = at::empty({r, K}, x.options());
-  at::Tensor grad_B = at::empty({N, r}, x.options());
-  at::Tensor grad_x = need_grad_x ? at::empty({M, K}, x.options()) : at::empty({0}, x.options());
-  at::Tensor g = at::empty({M, r}, x.options());
+  at::Tensor grad_A = at::empty({r, K}, x_c.options());
+  at::Tensor grad_B = at::empty({N, r}, x_c.options());
+  at::Tensor grad_x = need_grad_x ? at::empty({M, K}, x_c.options()) : at::empty({0}, x_c.options());
+  at::Tensor g = at::empty({M, r}, x_c.options());
   if ((dtype == at::kHalf || dtype == at::kBFloat16) && need_grad_x && M > 0) {
     require_sm80("cuda_lora_backward");
   }
   const Dropout no_dropout{};
 
   // 1. g = s · dy B: P = dy (M, N), Q[j, l] = B[l, j].
-  launch_skinny(dy, N, 1, B, 1, r, g, r, 1, M, r, N, scaling, no_dropout, true);
+  launch_skinny(dy_c, N, 1, B_c, 1, r, g, r, 1, M, r, N, scaling, no_dropout, true);
   // 2. dB = s · dyᵀ xa: P[i, l] = dy[l, i], Q[j, l] = xa[l, j].
-  launch_skinny(dy, 1, N, xa, 1, r, grad_B, r, 1, N, r, M, scaling, no_dropout, true);
+  launch_skinny(dy_c, 1, N, xa_c, 1, r, grad_B, r, 1, N, r, M, scaling, no_dropout, true);
   // 3. dAᵀ = (x ⊙ D)ᵀ g: P[i, l] = x[l, i] (mask element (l, i)), Q[j, l] = g[l, j]; out[i, j] = dA[j, i].
-  launch_skinny(x, 1, K, g, 1, r, grad_A, 1, K, K, r, M, 1.0, dropout, /*mask_col_is_l=*/false);
+  launch_skinny(x_c, 1, K, g, 1, r, grad_A, 1, K, K, r, M, 1.0, dropout, /*mask_col_is_l=*/false);
 
   // 4. dx = (g A) ⊙ D + dy W0: GEMM (M, K) reducing over N; W[n, k] = W0[k, n], U[n, k] = A[k, n].
   if (need_grad_x && M > 0 && K > 0) {
     GemmParams p{};
-    p.x = dy.data_ptr();
+    p.x = dy_c.data_ptr();
     p.sxm = N;
     p.sxk = 1;
-    p.w = weight.data_ptr();
+    p.w = w_c.data_ptr();
     p.swn = 1;
     p.swk = K;
     p.l = g.data_ptr();
     p.slm = r;
     p.slk = 1;
-    p.u = A.data_ptr();
+    p.u = A_c.data_ptr();
     p.sun = 1;
     p.suk = K;
     p.bias = nullptr;

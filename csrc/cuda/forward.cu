@@ -11,63 +11,63 @@
 
 namespace lora_kernels {
 
-std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x_in, const at::Tensor& weight_in,
-                                                     const std::optional<at::Tensor>& bias_in,
-                                                     const at::Tensor& A_in, const at::Tensor& B_in,
+std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& lora_A, const at::Tensor& lora_B,
                                                      double scaling, double dropout_p, int64_t seed) {
-  LORA_CHECK_INPUT(x_in, 2, x_in);
-  LORA_CHECK_INPUT(weight_in, 2, x_in);
-  LORA_CHECK_INPUT(A_in, 2, x_in);
-  LORA_CHECK_INPUT(B_in, 2, x_in);
-  LORA_CHECK_FLOAT(x_in);
-  const auto dtype = x_in.scalar_type();
-  LORA_CHECK_DTYPE(weight_in, dtype);
-  LORA_CHECK_DTYPE(A_in, dtype);
-  LORA_CHECK_DTYPE(B_in, dtype);
-  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight_in.size(0), r = A_in.size(0);
-  LORA_CHECK_SHAPE(weight_in, N, K);
-  LORA_CHECK_SHAPE(A_in, r, K);
-  LORA_CHECK_SHAPE(B_in, N, r);
-  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  LORA_CHECK_INPUT(x, 2, x);
+  LORA_CHECK_INPUT(weight, 2, x);
+  LORA_CHECK_INPUT(lora_A, 2, x);
+  LORA_CHECK_INPUT(lora_B, 2, x);
+  LORA_CHECK_FLOAT(x);
+  const auto dtype = x.scalar_type();
+  LORA_CHECK_DTYPE(weight, dtype);
+  LORA_CHECK_DTYPE(lora_A, dtype);
+  LORA_CHECK_DTYPE(lora_B, dtype);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  LORA_CHECK_SHAPE(weight, N, K);
+  LORA_CHECK_SHAPE(lora_A, r, K);
+  LORA_CHECK_SHAPE(lora_B, N, r);
+  const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
-    LORA_CHECK_INPUT(*bias_in, 1, x_in);
-    LORA_CHECK_DTYPE(*bias_in, dtype);
-    LORA_CHECK_SHAPE(*bias_in, N);
+    LORA_CHECK_INPUT(*bias, 1, x);
+    LORA_CHECK_DTYPE(*bias, dtype);
+    LORA_CHECK_SHAPE(*bias, N);
   }
   const Dropout dropout = make_dropout(dropout_p, seed, K);
 
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor A = A_in.contiguous();
-  const at::Tensor B = B_in.contiguous();
-  const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor w_c = weight.contiguous();
+  const at::Tensor A_c = lora_A.contiguous();
+  const at::Tensor B_c = lora_B.contiguous();
+  const at::Tensor bias_c = has_bias ? bias->contiguous() : at::Tensor();
 
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor xa = at::empty({M, r}, x.options());
+  at::Tensor y = at::empty({M, N}, x_c.options());
+  at::Tensor xa = at::empty({M, r}, x_c.options());
   if (M == 0) return {y, xa};
   if (dtype == at::kHalf || dtype == at::kBFloat16) {
     require_sm80("cuda_lora_forward");
   }
 
   // 1. xa = (x ⊙ D) Aᵀ: P = x (M, K), Q = A (r, K); mask element (i, l).
-  launch_skinny(x, K, 1, A, K, 1, xa, r, 1, M, r, K, 1.0, dropout, /*mask_col_is_l=*/true);
+  launch_skinny(x_c, K, 1, A_c, K, 1, xa, r, 1, M, r, K, 1.0, dropout, /*mask_col_is_l=*/true);
 
   // 2. y = s · xa Bᵀ + x W0ᵀ + b.
   GemmParams p{};
-  p.x = x.data_ptr();
+  p.x = x_c.data_ptr();
   p.sxm = K;
   p.sxk = 1;
-  p.w = weight.data_ptr();
+  p.w = w_c.data_ptr();
   p.swn = K;
   p.swk = 1;
   p.l = xa.data_ptr();
   p.slm = r;
   p.slk = 1;
-  p.u = B.data_ptr();
+  p.u = B_c.data_ptr();
   p.sun = r;
   p.suk = 1;
-  p.bias = has_bias ? bias.data_ptr() : nullptr;
+  p.bias = has_bias ? bias_c.data_ptr() : nullptr;
   p.c = y.data_ptr();
   p.ldc = N;
   p.M = M;

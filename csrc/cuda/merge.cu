@@ -115,24 +115,24 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace merge
 
-void cuda_lora_merge_(at::Tensor& weight, const at::Tensor& A_in, const at::Tensor& B_in, double scaling) {
+void cuda_lora_merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
   LORA_CHECK_INPUT(weight, 2, weight);
-  LORA_CHECK_INPUT(A_in, 2, weight);
-  LORA_CHECK_INPUT(B_in, 2, weight);
+  LORA_CHECK_INPUT(lora_A, 2, weight);
+  LORA_CHECK_INPUT(lora_B, 2, weight);
   LORA_CHECK_FLOAT(weight);
-  LORA_CHECK_FLOAT(A_in);
-  LORA_CHECK_FLOAT(B_in);
-  const int64_t N = weight.size(0), K = weight.size(1), r = A_in.size(0);
-  LORA_CHECK_SHAPE(A_in, r, K);
-  LORA_CHECK_SHAPE(B_in, N, r);
+  LORA_CHECK_FLOAT(lora_A);
+  LORA_CHECK_FLOAT(lora_B);
+  const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0);
+  LORA_CHECK_SHAPE(lora_A, r, K);
+  LORA_CHECK_SHAPE(lora_B, N, r);
   TORCH_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
   if (N == 0 || K == 0) return;
 
   const c10::cuda::CUDAGuard device_guard(weight.device());
   // The factors in the accumulator type (a no-op for fp32 factors of an fp16/bf16/fp32 weight).
   const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor A = A_in.to(acc_dtype).contiguous();
-  const at::Tensor B = B_in.to(acc_dtype).contiguous();
+  const at::Tensor A = lora_A.to(acc_dtype).contiguous();
+  const at::Tensor B = lora_B.to(acc_dtype).contiguous();
   // In place on a contiguous weight; a strided one is merged in a contiguous copy and copied back.
   at::Tensor W = weight.is_contiguous() ? weight : weight.contiguous();
 
