@@ -75,6 +75,14 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
         self.backend = backend
         self.merged = False
+        self.register_load_state_dict_pre_hook(_merged_state_pre_hook)
+
+    def get_extra_state(self) -> Tensor:
+        """``merged``, saved beside the weight it describes (a 0-dim bool tensor, so safetensors can hold it)."""
+        return torch.tensor(self.merged)
+
+    def set_extra_state(self, state) -> None:
+        self.merged = bool(state)
 
     def _attach(self, weight: nn.Parameter, bias: Optional[nn.Parameter], init: str, lora_dtype=None) -> None:
         out_features, in_features = weight.shape
@@ -117,8 +125,17 @@ class LoRALinear(nn.Module):
             dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
         )
 
+    def _refuse_sharded(self, what: str) -> None:
+        if any(_is_dtensor(t) for t in (self.weight, self.lora_A.weight, self.lora_B.weight)):
+            raise RuntimeError(
+                f"LoRALinear.{what}() is not supported on sharded (FSDP2 / DTensor) parameters: gather a full "
+                "state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                f"StateDictOptions(full_state_dict=True)), load it into an unsharded model and {what}() there"
+            )
+
     def merge(self) -> None:
         """Fold ``scaling · B A`` into ``weight`` in place; forward then costs exactly the base GEMM."""
+        self._refuse_sharded("merge")
         if self.merged:
             raise RuntimeError("LoRALinear is already merged; call unmerge() first")
         merge_lora_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling, self.backend)
@@ -126,6 +143,7 @@ class LoRALinear(nn.Module):
 
     def unmerge(self) -> None:
         """Subtract ``scaling · B A`` from ``weight`` again (exact to within one rounding per element)."""
+        self._refuse_sharded("unmerge")
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged; nothing to unmerge")
         unmerge_lora_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling, self.backend)
@@ -136,6 +154,28 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, "
             f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}"
+        )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _merged_state_pre_hook(module, state_dict, prefix, *args) -> None:
+    # State dicts from before ``merged`` was recorded hold unmerged weights.
+    if prefix + "weight" in state_dict and prefix + "_extra_state" not in state_dict:
+        state_dict[prefix + "_extra_state"] = torch.tensor(False)
+    # A merged weight holds scaling·B A: new factors without the weight they belong to would make it stale.
+    if module.merged and prefix + "weight" not in state_dict and (
+        prefix + "lora_A.weight" in state_dict or prefix + "lora_B.weight" in state_dict
+    ):
+        raise RuntimeError(
+            f"cannot load lora_A/lora_B into the merged LoRALinear {prefix[:-1] or '(root)'!r} without its weight; "
+            "call unmerge() first"
         )
 
 

@@ -187,7 +187,5 @@ def test_merge_on_sharded_parameters_is_refused_and_changes_nothing(fsdp2):
     assert fsdp2["weight_unchanged"] and not fsdp2["merged_flag"]
 
 
-@pytest.mark.xfail(strict=False, reason="module.py does not yet refuse merge() on DTensor parameters by name; "
-                                        "today the error is DTensor's 'no sharding strategy' for lora_merge_")
 def test_merge_refusal_under_fsdp2_names_the_problem(fsdp2):
     assert "FSDP" in fsdp2["merge"] and "full_state_dict" in fsdp2["merge"], fsdp2["merge"]

@@ -28,7 +28,8 @@ def test_from_linear_shares_and_freezes_the_base_weight():
 def test_parameter_names_and_shapes_follow_peft():
     layer = lk.LoRALinear(20, 12, r=4)
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
-    assert shapes == {"weight": (12, 20), "bias": (12,), "lora_A.weight": (4, 20), "lora_B.weight": (12, 4)}
+    assert shapes == {"weight": (12, 20), "bias": (12,), "lora_A.weight": (4, 20), "lora_B.weight": (12, 4),
+                      "_extra_state": ()}
     assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.count_nonzero(layer.lora_A.weight) > 0
 
 

@@ -8,12 +8,6 @@ from torch import nn
 
 import lora_kernels as lk
 
-# LoRALinear records ``merged`` in its state dict (get_extra_state) once module.py does; see docs/integration.md.
-RECORDS_MERGED = lk.LoRALinear.get_extra_state is not nn.Module.get_extra_state
-needs_merged_record = pytest.mark.xfail(
-    not RECORDS_MERGED, strict=False,
-    reason="LoRALinear does not record `merged` in its state dict yet (module.py: get_extra_state/set_extra_state)",
-)
 
 
 def make_model(seed=0):
@@ -73,7 +67,6 @@ def test_adapter_only_round_trip(kind, tmp_path):
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
-@needs_merged_record
 @pytest.mark.parametrize("kind", ROUND_TRIPS)
 def test_merged_round_trip_restores_the_merged_state(kind, tmp_path):
     """A merged layer's weight already holds s·B A: loading it must come back merged, not add s·B A twice."""
@@ -100,17 +93,13 @@ def test_merged_round_trip_restores_the_merged_state(kind, tmp_path):
     torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
 
 
-def test_merged_state_dict_today():
-    """What happens without a record: a fresh (unmerged) layer would add s·B A a second time."""
+def test_merged_state_dict_loads_as_merged():
+    """The merged flag travels with the weight, so s·B A is never added a second time."""
     model = make_model(0)
     x = torch.randn(4, 12)
     expected = model(x)
     model[0].merge()
     fresh = make_model(1)
     fresh.load_state_dict(model.state_dict())
-    if RECORDS_MERGED:
-        assert fresh[0].merged
-        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)
-    else:
-        assert not fresh[0].merged
-        assert not torch.allclose(fresh(x), expected, rtol=1e-3, atol=1e-3), "double-counted delta went unseen"
+    assert fresh[0].merged
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-6)
