@@ -226,7 +226,11 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "integration": ["peft", "transformers", "safetensors"],
+        "analysis": ["safetensors", "matplotlib"],
+        "bench": ["peft", "matplotlib", "tqdm"],
+        # Everything the test suite exercises (tests of optional packages skip without them).
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers", "safetensors", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

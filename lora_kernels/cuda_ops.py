@@ -33,7 +33,7 @@ def lora_forward(
     dropout_p: float,
     seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """``(y, xa)`` for 2-D ``x``: ``xa = (x ⊙ D) Aᵀ``, ``y = x W0ᵀ + b + scaling · xa Bᵀ``."""
+    """``(y, xa)`` for 2-D ``x``: ``xa = scaling · (x ⊙ D) Aᵀ``, ``y = x W0ᵀ + b + xa Bᵀ``."""
     return _ops.cuda_lora_forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), int(seed))
 
 

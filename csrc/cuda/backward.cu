@@ -1,6 +1,6 @@
 // lora_kernels::cuda_lora_backward — four launches (three thin products, one GEMM):
 //   1. g   = s · dy B                          (M, r)  thin product over the N columns of dy
-//   2. dB  = s · dyᵀ xa                        (N, r)  thin product over the M rows
+//   2. dB  = dyᵀ xa                            (N, r)  thin product over the M rows (xa holds s)
 //   3. dAᵀ = (x ⊙ D)ᵀ g                        (K, r)  thin product over the M rows, mask regenerated
 //                                                      while x is loaded, written straight into dA (r, K)
 //   4. dx  = (g A) ⊙ D + dy W0                 (M, K)  the fused GEMM: the low-rank tiles first, masked
@@ -59,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
 
   // 1. g = s · dy B: P = dy (M, N), Q[j, l] = B[l, j].
   launch_skinny(dy_c, N, 1, B_c, 1, r, g, r, 1, M, r, N, scaling, no_dropout, true);
-  // 2. dB = s · dyᵀ xa: P[i, l] = dy[l, i], Q[j, l] = xa[l, j].
-  launch_skinny(dy_c, 1, N, xa_c, 1, r, grad_B, r, 1, N, r, M, scaling, no_dropout, true);
+  // 2. dB = dyᵀ xa (xa already holds s): P[i, l] = dy[l, i], Q[j, l] = xa[l, j].
+  launch_skinny(dy_c, 1, N, xa_c, 1, r, grad_B, r, 1, N, r, M, 1.0, no_dropout, true);
   // 3. dAᵀ = (x ⊙ D)ᵀ g: P[i, l] = x[l, i] (mask element (l, i)), Q[j, l] = g[l, j]; out[i, j] = dA[j, i].
   launch_skinny(x_c, 1, K, g, 1, r, grad_A, 1, K, K, r, M, 1.0, dropout, /*mask_col_is_l=*/false);
 

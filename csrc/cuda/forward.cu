@@ -1,7 +1,8 @@
 // lora_kernels::cuda_lora_forward — two launches:
-//   1. xa = (x ⊙ D) Aᵀ               the thin product (skinny.cu), mask regenerated while x is loaded
-//   2. y  = s · xa Bᵀ + x W0ᵀ + b     the fused GEMM: the low-rank tiles first, scaled by s in the
-//                                     accumulator, then the base tiles, bias, one store of y
+//   1. xa = s · (x ⊙ D) Aᵀ           the thin product (skinny.cu), mask regenerated while x is loaded;
+//                                     saved for backward already scaled (reference.lora_forward)
+//   2. y  = xa Bᵀ + x W0ᵀ + b         the fused GEMM: the low-rank tiles first, then the base tiles,
+//                                     bias, one store of y
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -50,10 +51,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x, const 
     require_sm80("cuda_lora_forward");
   }
 
-  // 1. xa = (x ⊙ D) Aᵀ: P = x (M, K), Q = A (r, K); mask element (i, l).
-  launch_skinny(x_c, K, 1, A_c, K, 1, xa, r, 1, M, r, K, 1.0, dropout, /*mask_col_is_l=*/true);
+  // 1. xa = s · (x ⊙ D) Aᵀ: P = x (M, K), Q = A (r, K); mask element (i, l).
+  launch_skinny(x_c, K, 1, A_c, K, 1, xa, r, 1, M, r, K, scaling, dropout, /*mask_col_is_l=*/true);
 
-  // 2. y = s · xa Bᵀ + x W0ᵀ + b.
+  // 2. y = xa Bᵀ + x W0ᵀ + b.
   GemmParams p{};
   p.x = x_c.data_ptr();
   p.sxm = K;
@@ -74,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x, const 
   p.N = N;
   p.K = K;
   p.R = r;
-  p.pre_scale = scaling;
+  p.pre_scale = 1.0;
   p.x_vec = aligned16(p.x) && K % 8 == 0;
   p.w_vec = aligned16(p.w) && K % 8 == 0;
   p.l_vec = aligned16(p.l) && r % 8 == 0;
