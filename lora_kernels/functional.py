@@ -171,7 +171,9 @@ def lora_linear(
         x2, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
         float(scaling), float(dropout_p), seed_t, name,
     )
-    return y.view(*lead, weight.shape[0])
+    # NOTE: _unsafe_view, as torch.matmul does: the result is not a view for autograd, so
+    # in-place ops on it (and FSDP2's hooks) treat it as the fresh tensor it is.
+    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
 
 
 def _merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, backend: str) -> None:

@@ -160,4 +160,6 @@ def multi_lora_linear(
         x.reshape(-1, x.shape[-1]), weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype), s, ids, order, seg,
         float(dropout_p), seed_t, name,
     )
-    return y.view(*lead, weight.shape[0])
+    # NOTE: _unsafe_view, as torch.matmul does: the result is not a view for autograd, so
+    # in-place ops on it (and FSDP2's hooks) treat it as the fresh tensor it is.
+    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
