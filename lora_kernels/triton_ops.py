@@ -20,6 +20,7 @@ is addressed through explicit strides, so transposed views (``W0ᵀ``, ``Aᵀ``,
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -30,6 +31,9 @@ from .backends import triton_interpreted
 from .reference import dropout_threshold
 
 INTERPRET = triton_interpreted()
+# LORA_KERNELS_AUTOTUNE=0 runs the first fitting config of each GEMM instead of autotuning
+# (the GPU test suite does: it checks results, and compiles a third as much).
+AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 # NOTE: the interpreter truncates fp32 -> bf16 conversions (GPUs round to nearest even);
 # _round_to emulates the rounding there so results and merge/unmerge round trips match.
 _EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
@@ -307,9 +311,32 @@ def _set_tma_blocks(nargs):
     nargs["w_desc"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1 << 30
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Autotuning pre-filter: drop configs whose pipelined tiles cannot fit in shared memory for
+    the operand dtype (fp32 and fp64 tiles are 2-4x larger); keep only the first without AUTOTUNE."""
+    c = named_args["c_ptr"]
+    limit = _shared_memory_limit(c.device)
+    fitting = [
+        cfg for cfg in configs
+        if cfg.num_stages * (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"]
+        * c.element_size() <= limit
+    ] or configs[-1:]
+    return fitting if AUTOTUNE else fitting[:1]
+
+
 _GEMM_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "HAS_BIAS"]
-_gemm_lora_up = triton.autotune(_gemm_configs(), key=_GEMM_KEY)(_gemm_lora_up_kernel)
-_gemm_lora_up_tma = triton.autotune(_gemm_configs(tma=True), key=_GEMM_KEY + ["W_KN"])(_gemm_lora_up_tma_kernel)
+_PRUNE = dict(prune_configs_by={"early_config_prune": prune_gemm_configs})
+_gemm_lora_up = triton.autotune(_gemm_configs(), key=_GEMM_KEY, **_PRUNE)(_gemm_lora_up_kernel)
+_gemm_lora_up_tma = triton.autotune(_gemm_configs(tma=True), key=_GEMM_KEY + ["W_KN"], **_PRUNE)(
+    _gemm_lora_up_tma_kernel
+)
 
 # Which GEMM kernel runs: None picks the TMA kernel on Hopper (and newer) for fp16/bf16
 # operands that TMA can address; True/False force it on or off where it can run at all.

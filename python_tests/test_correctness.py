@@ -263,3 +263,21 @@ def test_triton_gemm_kernels_both_ways(monkeypatch, use_tma, dtype):
         ref = reference_fp64(x, weight, bias, A, B, 0.5, p, 9, grad_out)
         for name, out, expected in zip(("y", "dx", "dA", "dB"), got, ref):
             assert_close(name, out, expected, dtype)
+
+
+def test_gemm_config_pruning_fits_shared_memory(monkeypatch):
+    """Autotuning never tries a config whose pipelined tiles exceed shared memory for the dtype."""
+    if backends.unavailable_reason("triton", DEVICE):
+        pytest.skip(backends.unavailable_reason("triton", DEVICE))
+    import triton
+    from lora_kernels import triton_ops
+
+    configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_stages=3),  # 144 KiB in bf16
+               triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=5)]    # 60 KiB in fp64
+    monkeypatch.setattr(triton_ops, "_shared_memory_limit", lambda device: 160 * 1024)
+    for dtype, expected in [(torch.bfloat16, configs), (torch.float32, configs[1:]), (torch.float64, configs[1:])]:
+        c = torch.empty(1, 1, dtype=dtype)
+        monkeypatch.setattr(triton_ops, "AUTOTUNE", True)
+        assert triton_ops.prune_gemm_configs(configs, {"c_ptr": c}) == expected
+        monkeypatch.setattr(triton_ops, "AUTOTUNE", False)
+        assert triton_ops.prune_gemm_configs(configs, {"c_ptr": c}) == expected[:1]

@@ -34,6 +34,7 @@ from ..triton_ops import (
     _dropout_args,
     _dtype_flags,
     _gemm_configs,
+    prune_gemm_configs,
     _keep_mask,
     _num_sms,
     _round_to,
@@ -261,7 +262,8 @@ def _sgmv_gemm_kernel(
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "HAS_BIAS", "LOAD_C"]
 # restore_value: with LOAD_C the kernel adds into C, which autotuning must not do twice.
-_sgmv_gemm = triton.autotune(_gemm_configs(), key=_GEMM_KEY, restore_value=["c_ptr"])(_sgmv_gemm_kernel)
+_sgmv_gemm = triton.autotune(_gemm_configs(), key=_GEMM_KEY, restore_value=["c_ptr"],
+                             prune_configs_by={"early_config_prune": prune_gemm_configs})(_sgmv_gemm_kernel)
 
 
 # --------------------------------------------------------------------------- #
