@@ -45,7 +45,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python bench/run.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"providers: {', '.join(prov.PROVIDERS)} (default: all but reference)\n"
+        epilog=f"providers: {', '.join(prov.PROVIDERS)} (default: all but reference on a GPU, all on the CPU)\n"
                f"modes: {', '.join(shapes.MODES)} (default: all)\n"
                f"layers (Llama-3-8B): {', '.join(f'{k}={v[0]}x{v[1]}' for k, v in shapes.LLAMA3_8B.items())}\n"
                "on the CPU the same names are 16x smaller (hidden 256)",
@@ -86,7 +86,10 @@ def make_config(args: argparse.Namespace) -> dict:
         layers = shapes.custom_layers(args.in_features or [], args.out_features or [])
     else:
         layers = shapes.layers_from_names(args.layers.split(",") if args.layers else preset.layers, table)
-    names = args.providers.split(",") if args.providers else list(prov.DEFAULT_PROVIDERS)
+    if args.providers:
+        names = args.providers.split(",")
+    else:  # on the CPU the package runs its reference path: show it beside the others
+        names = list(prov.DEFAULT_PROVIDERS) + ([] if device.type == "cuda" else ["reference"])
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in prov.PROVIDERS]
     if unknown:
