@@ -117,19 +117,21 @@ class LoRALinearFunction(torch.autograd.Function):
     """``(y, xa) = lora_forward(x, W0, b, A, B, ...)`` with the backward of :mod:`lora_kernels.ops`.
 
     A thin Function over the registered ops: forward is one ``lora_forward`` call,
-    backward one ``lora_backward`` call (plus ``dW0 = dyᵀ x`` and ``db = Σ dy``
+    backward one ``lora_backward`` call (in eager mode straight to the backend's
+    launcher, see :func:`lora_kernels.ops.forward`) (plus ``dW0 = dyᵀ x`` and ``db = Σ dy``
     when the frozen weights ask for them). Inputs are 2-D and of one dtype; use
     :func:`lora_linear` for the checked, shape-general entry point.
     """
 
+    # NOTE: the ctx-first form: the separate setup_context form binds its arguments through
+    # inspect.signature on every call (~10 µs, the price of a small GEMM).
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        return ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
+        inputs = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        output = ops.forward(*inputs)
         ops.setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
+        return output
 
     backward = staticmethod(ops.backward)
 

@@ -93,15 +93,14 @@ def _scaling_tensor(scaling: Union[Tensor, Sequence[float]], n: int, x: Tensor) 
 class MultiLoRALinearFunction(torch.autograd.Function):
     """``(y, xa) = multi_lora_forward(...)`` with the backward of :mod:`lora_kernels.multi_lora.ops`."""
 
+    # NOTE: the ctx-first form, as LoRALinearFunction: no per-call signature binding.
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, seed, backend):
-        return ops.multi_lora_forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg,
-                                      dropout_p, seed, backend)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, seed, backend):
+        inputs = (x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, seed, backend)
+        output = ops.forward(*inputs)
         ops.setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
+        return output
 
     backward = staticmethod(ops.backward)
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..ops import tracing
 from ..backends import BackendUnavailableError
 
 MULTI_BACKENDS = ("reference", "triton")
@@ -111,6 +112,23 @@ def _(grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg,
     return grad_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+def forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, seed, backend):
+    """``multi_lora_forward``: the registered op while tracing, the launcher in eager mode
+    (as :func:`lora_kernels.ops.forward`, for the same dispatch cost)."""
+    args = (x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p)
+    if tracing():
+        return multi_lora_forward(*args, seed, backend)
+    return _load(backend).multi_lora_forward(*args, int(seed))
+
+
+def _backward_kernels(grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg, dropout_p, seed,
+                      need_grad_x, backend):
+    args = (grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg, dropout_p)
+    if tracing():
+        return multi_lora_backward(*args, seed, need_grad_x, backend)
+    return _load(backend).multi_lora_backward(*args, int(seed), need_grad_x)
+
+
 def setup_context(ctx, inputs, output):
     """Save ``x``, ``xa`` and the segmentation (no mask, no dropped copy of ``x``) plus the parameters."""
     x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, seed, backend = inputs
@@ -126,7 +144,7 @@ def backward(ctx, grad_out, grad_xa):
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     grad_x = grad_w = grad_b = grad_A = grad_B = None
     if need_x or need_a or need_bb:
-        grad_x, grad_A, grad_B = multi_lora_backward(
+        grad_x, grad_A, grad_B = _backward_kernels(
             grad_out.contiguous(), x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg,
             ctx.dropout_p, seed, bool(need_x), ctx.backend,
         )
