@@ -464,8 +464,10 @@ def skinny_product(p, q, out, scale, reduce_rows=False, dropout_p=0.0, seed=0):
     if INTERPRET:
         block_a, block_t, launch = 32, 32, {}
     else:
-        block_a, block_t, launch = (128, 64, dict(num_warps=4, num_stages=3)) if reduce_rows else \
-            (64, 128, dict(num_warps=4, num_stages=3))
+        block_a, block_t = (128, 64) if reduce_rows else (64, 128)
+        launch = dict(num_warps=4, num_stages=3)
+        if p.element_size() == 8:  # fp64 tiles: half the reduced block, two stages, to fit shared memory
+            block_t, launch["num_stages"] = block_t // 2, 2
     block_r = _block_r(R)
     tiles = triton.cdiv(kept, block_a) * triton.cdiv(R, block_r)
     t_blocks = triton.cdiv(reduced, block_t)
@@ -522,19 +524,14 @@ def lora_merge_(weight, lora_A, lora_B, scaling):
     R = lora_A.shape[0]
     if N == 0 or K == 0:
         return
+    if weight.dtype == torch.float64:  # an fp64 accumulator needs fp64 operands for tl.dot
+        lora_A, lora_B = lora_A.double(), lora_B.double()
     block_n, block_k = (32, 32) if INTERPRET else (64, 128)
     _merge_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
         weight, lora_B, lora_A, N, K, R,
         weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         lora_A.stride(0), lora_A.stride(1),
         scaling, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(R),
-        **_merge_flags(weight.dtype, lora_A.dtype),
+        **_dtype_flags(lora_A.dtype),
         **({} if INTERPRET else dict(num_warps=4, num_stages=2)),
     )
-
-
-def _merge_flags(weight_dtype: torch.dtype, factor_dtype: torch.dtype) -> dict:
-    flags = _dtype_flags(factor_dtype)
-    if weight_dtype == torch.float64:
-        flags["ACC_DTYPE"] = tl.float64
-    return flags
