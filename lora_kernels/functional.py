@@ -117,10 +117,10 @@ class LoRALinearFunction(torch.autograd.Function):
     """``(y, xa) = lora_forward(x, W0, b, A, B, ...)`` with the backward of :mod:`lora_kernels.ops`.
 
     A thin Function over the registered ops: forward is one ``lora_forward`` call,
-    backward one ``lora_backward`` call (in eager mode straight to the backend's
-    launcher, see :func:`lora_kernels.ops.forward`) (plus ``dW0 = dyᵀ x`` and ``db = Σ dy``
-    when the frozen weights ask for them). Inputs are 2-D and of one dtype; use
-    :func:`lora_linear` for the checked, shape-general entry point.
+    backward one ``lora_backward`` call, plus ``dW0 = dyᵀ x`` and ``db = Σ dy`` when
+    the frozen weights ask for them. (In eager mode the calls go straight to the
+    backend's launchers; see :func:`lora_kernels.ops.forward`.) Inputs are 2-D and
+    of one dtype; use :func:`lora_linear` for the checked, shape-general entry point.
     """
 
     # NOTE: the ctx-first form: the separate setup_context form binds its arguments through
@@ -154,9 +154,9 @@ def lora_linear(
     ``lora_A``/``lora_B`` may be held in another float dtype (fp32 masters for a
     bf16 model, say): they are cast to ``x.dtype`` for the kernels and their
     gradients flow back in their own dtype. Under ``torch.autocast`` everything
-    is computed in the autocast dtype, as ``F.linear`` would. ``seed`` fixes the dropout mask; by
-    default it is drawn from PyTorch's generator. ``backend`` is ``"auto"``,
-    ``"triton"``, ``"cuda"`` or ``"reference"``.
+    is computed in the autocast dtype, as ``F.linear`` would. ``seed`` fixes the
+    dropout mask; by default it is drawn from PyTorch's generator. ``backend`` is
+    ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
     """
     x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
