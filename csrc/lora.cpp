@@ -24,14 +24,15 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(lora_kernels, m) {
-  // (y, xa) with xa = (x ⊙ D) Aᵀ and y = x W0ᵀ + b + scaling · xa Bᵀ; x is (M, K).
+  // (y, xa) with xa = scaling · (x ⊙ D) Aᵀ and y = x W0ᵀ + b + xa Bᵀ; x is (M, K). seed: 0-dim int64
+  // tensor on x's device, read by the kernels (only when dropout_p > 0).
   m.def(
       "cuda_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
-      "float scaling, float dropout_p, int seed) -> (Tensor, Tensor)");
+      "float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor)");
   // (dx, dA, dB); dx has zero elements unless need_grad_x.
   m.def(
       "cuda_lora_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
-      "Tensor xa, float scaling, float dropout_p, int seed, bool need_grad_x) -> (Tensor, Tensor, Tensor)");
+      "Tensor xa, float scaling, float dropout_p, Tensor seed, bool need_grad_x) -> (Tensor, Tensor, Tensor)");
   // weight += scaling · lora_B lora_A in place (unmerge: -scaling).
   m.def("cuda_lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
 }

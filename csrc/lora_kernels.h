@@ -90,18 +90,26 @@ namespace lora_kernels {
 
 struct Dropout {
   bool enabled = false;     // p > 0
-  uint64_t seed = 0;        // Philox key = (seed & 0xffffffff, seed >> 32)
+  const int64_t* seed = nullptr;  // device pointer to the seed; Philox key = (seed & 0xffffffff, seed >> 32)
   uint32_t threshold = 0;   // drop iff (word >> 8) < threshold
   double keep_scale = 1.0;  // 1 / (1 - p)
   int64_t groups = 0;       // Philox calls per row of the masked (rows, cols) matrix: ceil(cols / 4)
 };
 
-inline Dropout make_dropout(double p, int64_t seed, int64_t cols) {
+// The seed is a 0-dim int64 tensor on x's device, read by the kernels: nothing waits on the
+// host, and a captured CUDA graph uses the seed each replay draws. Unused (and unchecked) at p = 0.
+inline Dropout make_dropout(double p, const at::Tensor& seed, int64_t cols, const at::Tensor& x) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
-  TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
   Dropout d;
   d.enabled = p > 0.0;
-  d.seed = static_cast<uint64_t>(seed);
+  if (d.enabled) {
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                "seed must be a one-element int64 tensor, got ", seed.scalar_type(), " with ", seed.numel(),
+                " elements");
+    TORCH_CHECK(seed.device() == x.device(), "seed must be on x's device (", x.device(), "), got ",
+                seed.device());
+    d.seed = seed.data_ptr<int64_t>();
+  }
   // round(p * 2**24) with Python's round-half-to-even: nearbyint in the default rounding mode.
   d.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
   d.keep_scale = 1.0 / (1.0 - p);
@@ -133,7 +141,7 @@ struct GemmParams {
   int64_t ldc;
   int64_t M, N, K, R;
   double pre_scale;
-  uint64_t seed;
+  const int64_t* seed;
   uint32_t threshold;
   int64_t mask_groups;
   // Tensor-core path: 16-byte cp.async is legal for this operand (else scalar loads);

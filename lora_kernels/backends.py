@@ -2,7 +2,8 @@
 
 A backend is a set of three launchers with the signatures of the functions in
 :mod:`lora_kernels.reference` (``lora_forward``, ``lora_backward``,
-``lora_merge_``), all on 2-D inputs of one dtype. The registered ops in
+``lora_merge_``), all on 2-D inputs of one dtype; ``seed`` is an int or a 0-dim
+int64 tensor (the kernels read a tensor seed on the device). The registered ops in
 :mod:`lora_kernels.ops` take the backend's name and call its launchers; this
 module decides which names exist, which are usable for a tensor, and what
 ``"auto"`` means.
@@ -41,6 +42,13 @@ class Backend:
     forward: Callable
     backward: Callable
     merge_: Callable
+
+
+def device_seed(seed, device: torch.device) -> torch.Tensor:
+    """A launcher's ``seed`` (an int or a 0-dim int64 tensor) as the tensor on ``device`` that kernels read."""
+    if not isinstance(seed, torch.Tensor):
+        return torch.tensor(int(seed), dtype=torch.int64, device=device)
+    return seed if seed.device == device else seed.to(device)
 
 
 def triton_interpreted() -> bool:

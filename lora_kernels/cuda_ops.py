@@ -20,6 +20,8 @@ from torch import Tensor
 
 import lora_kernels._C  # noqa: F401  (registers torch.ops.lora_kernels.cuda_*)
 
+from .backends import device_seed
+
 _ops = torch.ops.lora_kernels
 
 
@@ -31,10 +33,12 @@ def lora_forward(
     lora_B: Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed,
 ) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` for 2-D ``x``: ``xa = scaling · (x ⊙ D) Aᵀ``, ``y = x W0ᵀ + b + xa Bᵀ``."""
-    return _ops.cuda_lora_forward(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), int(seed))
+    return _ops.cuda_lora_forward(
+        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), device_seed(seed, x.device)
+    )
 
 
 def lora_backward(
@@ -46,13 +50,13 @@ def lora_backward(
     xa: Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed,
     need_grad_x: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dA, dB)``; ``dx`` has zero elements unless ``need_grad_x``."""
     return _ops.cuda_lora_backward(
         grad_out, x, weight, lora_A, lora_B, xa,
-        float(scaling), float(dropout_p), int(seed), bool(need_grad_x),
+        float(scaling), float(dropout_p), device_seed(seed, x.device), bool(need_grad_x),
     )
 
 

@@ -85,14 +85,24 @@ def check_inputs(
     check_dropout(dropout_p)
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> Tensor:
-    """A dropout seed (0-dim int64 CPU tensor) from PyTorch's CPU generator.
+def draw_seed(device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None) -> Tensor:
+    """A dropout seed: a 0-dim int64 tensor drawn on ``device`` from PyTorch's generator.
 
-    ``torch.manual_seed`` therefore reproduces the masks; no device sync is involved.
+    ``torch.manual_seed`` therefore reproduces the masks. The kernels read the seed
+    from device memory, so nothing waits on the host, and under CUDA-graph capture
+    each replay draws a fresh seed (PyTorch's CUDA generator is capture-aware).
     """
-    return torch.randint(0, 2**62, (), dtype=torch.int64, generator=generator)
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device, generator=generator)
 
 
+def seed_tensor(seed: int, device: torch.device | str) -> Tensor:
+    """An explicit dropout seed as the 0-dim int64 tensor the ops take."""
+    if not (isinstance(seed, int) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+# The seed argument when dropout is off: never read.
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
@@ -164,9 +174,9 @@ def lora_linear(
     if dropout_p == 0.0:
         seed_t = _NO_SEED
     elif seed is None:
-        seed_t = draw_seed()
+        seed_t = draw_seed(x.device)
     else:
-        seed_t = torch.tensor(seed, dtype=torch.int64)
+        seed_t = seed_tensor(seed, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y, _ = LoRALinearFunction.apply(

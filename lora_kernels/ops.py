@@ -12,9 +12,10 @@ serves every device and torch.compile sees a single opaque node per call.
   (unmerge is the same op with ``-scaling``).
 
 Inputs are 2-D and share one dtype; :mod:`lora_kernels.functional` flattens,
-casts and validates before calling. ``seed`` is a 0-dim int64 CPU tensor rather
-than an int, so that under torch.compile it is drawn afresh at every call
-inside the graph instead of being baked into it as a constant.
+casts and validates before calling. ``seed`` is a 0-dim int64 tensor on the
+inputs' device rather than an int: under torch.compile it is drawn afresh at
+every call inside the graph instead of being baked into it as a constant, and
+the kernels read it from device memory, so CUDA-graph replays draw new masks.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def lora_forward(
     seed: Tensor,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return backends.get(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    return backends.get(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 @lora_forward.register_fake
@@ -63,7 +64,7 @@ def lora_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return backends.get(backend).backward(
-        grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_grad_x
+        grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x
     )
 
 
@@ -97,7 +98,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     """
     if tracing():
         return lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
-    return backends.get(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, int(seed))
+    return backends.get(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _backward_kernels(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x, backend):
@@ -105,7 +106,7 @@ def _backward_kernels(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_
     if tracing():
         return lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x, backend)
     return backends.get(backend).backward(
-        grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, int(seed), need_grad_x
+        grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x
     )
 
 

@@ -82,6 +82,7 @@ def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device=None) ->
     """Boolean keep-mask of shape ``(rows, cols)``, as defined in the module docstring."""
     if p == 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    seed = int(seed)  # an int, or the ops' 0-dim seed tensor (read on the host: the reference is no fast path)
     groups = (cols + 3) // 4
     counter = torch.arange(rows * groups, device=device, dtype=torch.int64).view(rows, groups)
     words = torch.stack(philox4x32(seed, counter), dim=-1).view(rows, 4 * groups)[:, :cols]

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import triton_interpreted
+from .backends import device_seed, triton_interpreted
 from .reference import dropout_threshold
 
 INTERPRET = triton_interpreted()
@@ -45,12 +45,14 @@ _EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _keep_mask(seed, threshold, offs_m, col0, groups_per_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep_mask(seed_ptr, threshold, offs_m, col0, groups_per_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep-mask (BLOCK_M, BLOCK_N) for rows ``offs_m`` and columns ``col0 + [0, BLOCK_N)``.
 
     ``col0`` is a multiple of 4: each Philox call yields the four words of four
-    neighbouring columns (reference.dropout_keep_mask).
+    neighbouring columns (reference.dropout_keep_mask). The seed is read from device
+    memory, so a captured CUDA graph uses whatever seed its replay drew.
     """
+    seed = tl.load(seed_ptr)
     offs_g = col0 // 4 + tl.arange(0, BLOCK_N // 4)
     counter = offs_m.to(tl.int64)[:, None] * groups_per_row + offs_g[None, :]
     w0, w1, w2, w3 = tl.randint4x(seed, counter)
@@ -118,7 +120,7 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 def _lora_epilogue(
     acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
     stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
-    inv_keep, seed, threshold, groups_per_row,
+    inv_keep, seed_ptr, threshold, groups_per_row,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -132,7 +134,7 @@ def _lora_epilogue(
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         up = _low_rank_tile(up, l_ptr, u_ptr, rows, cols, M, N, R, stride_lm, stride_lr, stride_un, stride_ur,
                             UPCAST, IEEE, BLOCK_R)
-        keep = _keep_mask(seed, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
+        keep = _keep_mask(seed_ptr, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
         acc += tl.where(keep, up * inv_keep, 0.0)
     else:
         # NOTE: straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile of registers.
@@ -156,7 +158,7 @@ def _gemm_lora_up_kernel(
     M_BUCKET,  # next power of two of M: the autotuning key, so a new token count does not re-tune
     stride_xm, stride_xk, stride_wn, stride_wk, stride_lm, stride_lr, stride_un, stride_ur,
     stride_cm, stride_cn,
-    inv_keep, seed, threshold, groups_per_row,  # D = keep / (1 - p) over C's elements (DROPOUT only)
+    inv_keep, seed_ptr, threshold, groups_per_row,  # D = keep / (1 - p) over C's elements (DROPOUT only)
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -177,7 +179,7 @@ def _gemm_lora_up_kernel(
         acc = _dot(x, w, acc, UPCAST, IEEE)
     _lora_epilogue(acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
                    stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
-                   inv_keep, seed, threshold, groups_per_row, HAS_BIAS, DROPOUT,
+                   inv_keep, seed_ptr, threshold, groups_per_row, HAS_BIAS, DROPOUT,
                    ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
@@ -188,7 +190,7 @@ def _gemm_lora_up_tma_kernel(
     bias_ptr, l_ptr, u_ptr, c_ptr,  # as in _gemm_lora_up_kernel
     M, N, K, R, M_BUCKET,
     stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
-    inv_keep, seed, threshold, groups_per_row,
+    inv_keep, seed_ptr, threshold, groups_per_row,
     W_KN: tl.constexpr,  # W is stored as Wᵀ, row-major (the dx GEMM reads W0 this way)
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -210,7 +212,7 @@ def _gemm_lora_up_tma_kernel(
             acc = _dot(x, w, acc, UPCAST, IEEE)
         _lora_epilogue(acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
                        stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
-                       inv_keep, seed, threshold, groups_per_row, HAS_BIAS, DROPOUT,
+                       inv_keep, seed_ptr, threshold, groups_per_row, HAS_BIAS, DROPOUT,
                        ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
@@ -222,7 +224,7 @@ def _lora_skinny_kernel(
     M, N, R, span,  # span: length of the reduced axis that each split covers
     stride_pm, stride_pn, stride_qt, stride_qr, stride_os, stride_oa, stride_or,
     scale,
-    seed, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
+    seed_ptr, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
     REDUCE_ROWS: tl.constexpr,  # False: out = (P ⊙ keep) Q, (M, R); True: out = (P ⊙ keep)ᵀ Q, (N, R)
     DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -245,14 +247,14 @@ def _lora_skinny_kernel(
             p = tl.load(p_ptr + offs_t.to(tl.int64)[:, None] * stride_pm + offs_a[None, :] * stride_pn,
                         mask=(offs_t[:, None] < t_end) & (offs_a[None, :] < A_LEN), other=0.0)
             if DROPOUT:
-                keep = _keep_mask(seed, threshold, offs_t, pid_a * BLOCK_A, groups_per_row, BLOCK_T, BLOCK_A)
+                keep = _keep_mask(seed_ptr, threshold, offs_t, pid_a * BLOCK_A, groups_per_row, BLOCK_T, BLOCK_A)
                 p = tl.where(keep, p, 0.0)
             acc = _dot(tl.trans(p), q, acc, UPCAST, IEEE)
         else:  # P tile (BLOCK_A, BLOCK_T): rows a, columns t
             p = tl.load(p_ptr + offs_a.to(tl.int64)[:, None] * stride_pm + offs_t[None, :] * stride_pn,
                         mask=(offs_a[:, None] < A_LEN) & (offs_t[None, :] < t_end), other=0.0)
             if DROPOUT:
-                keep = _keep_mask(seed, threshold, offs_a, t0, groups_per_row, BLOCK_A, BLOCK_T)
+                keep = _keep_mask(seed_ptr, threshold, offs_a, t0, groups_per_row, BLOCK_A, BLOCK_T)
                 p = tl.where(keep, p, 0.0)
             acc = _dot(p, q, acc, UPCAST, IEEE)
     acc = acc * scale
@@ -392,8 +394,15 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
     )
 
 
-def _dropout_args(dropout_p: float, seed: int, cols: int) -> dict:
-    return dict(seed=seed, threshold=dropout_threshold(dropout_p), groups_per_row=triton.cdiv(cols, 4),
+@functools.lru_cache(maxsize=None)
+def _unused_seed(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _dropout_args(dropout_p: float, seed, cols: int, device: torch.device) -> dict:
+    """Kernel arguments of the dropout mask; ``seed`` is an int or a 0-dim int64 tensor."""
+    seed = _unused_seed(device) if dropout_p == 0.0 else device_seed(seed, device)
+    return dict(seed_ptr=seed, threshold=dropout_threshold(dropout_p), groups_per_row=triton.cdiv(cols, 4),
                 DROPOUT=dropout_p > 0.0)
 
 
@@ -412,7 +421,7 @@ def gemm_lora_up(x, w, bias, l, u, dropout_p=0.0, seed=0):
         return c
     common = dict(
         HAS_BIAS=bias is not None, BLOCK_R=_block_r(R), inv_keep=1.0 / (1.0 - dropout_p),
-        **_dropout_args(dropout_p, seed, N), **_dtype_flags(x.dtype),
+        **_dropout_args(dropout_p, seed, N, x.device), **_dtype_flags(x.dtype),
     )
     operands = (bias if bias is not None else c, l, u, c, M, N, K, R, triton.next_power_of_2(M))
     epilogue_strides = (l.stride(0), l.stride(1), u.stride(0), u.stride(1), c.stride(0), c.stride(1))
@@ -484,7 +493,7 @@ def skinny_product(p, q, out, scale, reduce_rows=False, dropout_p=0.0, seed=0):
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         target.stride(0), target.stride(1), target.stride(2),
         scale, REDUCE_ROWS=reduce_rows, BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_R=block_r,
-        **_dropout_args(dropout_p, seed, N), **_dtype_flags(p.dtype), **launch,
+        **_dropout_args(dropout_p, seed, N, p.device), **_dtype_flags(p.dtype), **launch,
     )
     if splits > 1:
         out.copy_(target.sum(0))

@@ -105,11 +105,7 @@ def test_fullgraph_compile_in_eval_mode_merged():
 @requires_gpu
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_cuda_graph_captures_forward_and_backward(backend):
-    """Capture forward+backward of LoRALinear once, replay it on new data.
-
-    NOTE: dropout is off: the seed is drawn on the host at capture time, so a
-    replayed graph would repeat one mask.
-    """
+    """Capture forward+backward of LoRALinear once, replay it on new data (dropout off: exact check)."""
     layer = lk.LoRALinear(64, 48, r=8, alpha=16, backend=backend, device=DEVICE)
     nn.init.normal_(layer.lora_B.weight)
     static_x = torch.randn(32, 64, device=DEVICE, requires_grad=True)
@@ -144,3 +140,29 @@ def test_cuda_graph_captures_forward_and_backward(backend):
         torch.testing.assert_close(static_x.grad, ref_x.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(layer.lora_A.weight.grad, A.grad, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(layer.lora_B.weight.grad, B.grad, rtol=1e-4, atol=1e-4)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b.values[0] != "reference"])
+def test_cuda_graph_replays_draw_fresh_dropout_masks(backend):
+    """The seed is drawn on the GPU and read by the kernels, so each replay has a new mask."""
+    layer = lk.LoRALinear(64, 48, r=8, alpha=16, dropout=0.5, backend=backend, device=DEVICE)
+    nn.init.normal_(layer.lora_B.weight)
+    static_x = torch.randn(32, 64, device=DEVICE, requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            layer(static_x).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+        static_y.square().sum().backward()
+    outputs = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        outputs.append(static_y.clone())
+    assert all(torch.isfinite(y).all() for y in outputs)
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])

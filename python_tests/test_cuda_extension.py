@@ -34,11 +34,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCHEMAS = {
     "cuda_lora_forward": (
         "lora_kernels::cuda_lora_forward(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
-        "Tensor lora_B, float scaling, float dropout_p, int seed) -> (Tensor, Tensor)"
+        "Tensor lora_B, float scaling, float dropout_p, Tensor seed) -> (Tensor, Tensor)"
     ),
     "cuda_lora_backward": (
         "lora_kernels::cuda_lora_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, "
-        "Tensor lora_B, Tensor xa, float scaling, float dropout_p, int seed, bool need_grad_x) "
+        "Tensor lora_B, Tensor xa, float scaling, float dropout_p, Tensor seed, bool need_grad_x) "
         "-> (Tensor, Tensor, Tensor)"
     ),
     "cuda_lora_merge_": (
@@ -106,6 +106,11 @@ def make(M, K, N, r, dtype, bias=True, device="cuda"):
     return x, weight, b, A, B, dy
 
 
+def cuda_seed(seed: int) -> torch.Tensor:
+    """The ops' seed argument: a 0-dim int64 tensor on the GPU, read by the kernels."""
+    return torch.tensor(seed, dtype=torch.int64, device="cuda")
+
+
 def check(name, out, ref, dtype):
     assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
@@ -129,7 +134,7 @@ def test_forward_backward_match_fp64_reference(shape, dtype):
     seed, s = 2**62 - 12345, 0.7
     x, weight, b, A, B, dy = make(M, K, N, r, dtype, bias=(K % 2 == 1))
     ops = torch.ops.lora_kernels
-    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, s, p, seed)
+    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, s, p, cuda_seed(seed))
     d = lambda t: None if t is None else t.double()  # noqa: E731
     y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), s, p, seed)
     check("y", y, y64, dtype)
@@ -137,13 +142,13 @@ def test_forward_backward_match_fp64_reference(shape, dtype):
 
     # Backward from the reference's xa (rounded to dtype), so each op is tested on its own.
     xa_in = xa64.to(dtype)
-    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa_in, s, p, seed, True)
+    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa_in, s, p, cuda_seed(seed), True)
     dx64, dA64, dB64 = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa_in), s, p, seed, True)
     check("dx", dx, dx64, dtype)
     check("dA", dA, dA64, dtype)
     check("dB", dB, dB64, dtype)
 
-    dx_none, dA2, dB2 = ops.cuda_lora_backward(dy, x, weight, A, B, xa_in, s, p, seed, False)
+    dx_none, dA2, dB2 = ops.cuda_lora_backward(dy, x, weight, A, B, xa_in, s, p, cuda_seed(seed), False)
     assert dx_none.numel() == 0
     assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
 
@@ -157,11 +162,11 @@ def test_larger_shapes(shape, dtype):
     M, K, N, r = shape
     x, weight, b, A, B, dy = make(M, K, N, r, dtype)
     ops = torch.ops.lora_kernels
-    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, 0.5, 0.1, 7)
+    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, 0.5, 0.1, cuda_seed(7))
     d = lambda t: t.double()  # noqa: E731
     y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), 0.5, 0.1, 7)
     check("y", y, y64, dtype)
-    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa, 0.5, 0.1, 7, True)
+    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa, 0.5, 0.1, cuda_seed(7), True)
     ref = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), 0.5, 0.1, 7, True)
     for name, out, r64 in zip(("dx", "dA", "dB"), (dx, dA, dB), ref):
         check(name, out, r64, dtype)
@@ -177,11 +182,11 @@ def test_misaligned_and_strided_inputs(dtype):
     x_mis.copy_(x)
     w_t = weight.t().contiguous().t()  # non-contiguous view with the same values
     ops = torch.ops.lora_kernels
-    y, xa = ops.cuda_lora_forward(x_mis, w_t, b, A, B, 1.25, 0.2, 99)
+    y, xa = ops.cuda_lora_forward(x_mis, w_t, b, A, B, 1.25, 0.2, cuda_seed(99))
     d = lambda t: t.double()  # noqa: E731
     y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), 1.25, 0.2, 99)
     check("y", y, y64, dtype)
-    dx, dA, dB = ops.cuda_lora_backward(dy, x_mis, w_t, A, B, xa, 1.25, 0.2, 99, True)
+    dx, dA, dB = ops.cuda_lora_backward(dy, x_mis, w_t, A, B, xa, 1.25, 0.2, cuda_seed(99), True)
     ref = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), 1.25, 0.2, 99, True)
     for name, out, r64 in zip(("dx", "dA", "dB"), (dx, dA, dB), ref):
         check(name, out, r64, dtype)
@@ -203,7 +208,7 @@ def test_dropout_mask_is_bit_identical_to_the_reference(M, K, p, dtype):
     x = torch.ones(M, K, device="cuda", dtype=dtype)
     eye = torch.eye(K, device="cuda", dtype=dtype)
     _, xa = ops.cuda_lora_forward(x, torch.zeros(3, K, device="cuda", dtype=dtype), None, eye,
-                                  torch.ones(3, K, device="cuda", dtype=dtype), 1.0, p, seed)
+                                  torch.ones(3, K, device="cuda", dtype=dtype), 1.0, p, cuda_seed(seed))
     assert torch.equal(xa != 0, keep), "forward mask differs from reference.dropout_keep_mask"
 
     N = 5
@@ -212,7 +217,7 @@ def test_dropout_mask_is_bit_identical_to_the_reference(M, K, p, dtype):
     B = torch.ones(N, 1, device="cuda", dtype=dtype)
     dy = torch.ones(M, N, device="cuda", dtype=dtype)
     xa1 = torch.ones(M, 1, device="cuda", dtype=dtype)
-    dx, dA, _ = ops.cuda_lora_backward(dy, x, weight, A, B, xa1, 1.0, p, seed, True)
+    dx, dA, _ = ops.cuda_lora_backward(dy, x, weight, A, B, xa1, 1.0, p, cuda_seed(seed), True)
     assert torch.equal(dx != 0, keep), "backward mask (dx) differs from reference.dropout_keep_mask"
     expected = (keep.double().sum(0) * N / (1 - p)).to(dtype)
     assert torch.allclose(dA[0].double(), expected.double(), rtol=TOL[dtype]), "backward mask (dA)"

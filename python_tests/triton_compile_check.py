@@ -42,11 +42,11 @@ bm, bn, bk = (128, 256, 64) if HALF else (128, 64, 32)
 for dropout in (False, True):
     gemm = dict(HAS_BIAS=True, DROPOUT=dropout, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=8, **FLAGS)
     build(T._gemm_lora_up_kernel,
-          dict(ptrs("x_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "c_ptr"), inv_keep="fp32", seed="i64"), gemm)
+          dict(ptrs("x_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "c_ptr"), inv_keep="fp32", seed_ptr="*i64"), gemm)
     for reduce_rows in (False, True):
         block_a, block_t = (128, 64) if reduce_rows else (64, 128)
         stages = 2 if dt == "fp64" else 3
-        build(T._lora_skinny_kernel, dict(ptrs("p_ptr", "q_ptr", "out_ptr"), scale="fp32", seed="i64"),
+        build(T._lora_skinny_kernel, dict(ptrs("p_ptr", "q_ptr", "out_ptr"), scale="fp32", seed_ptr="*i64"),
               dict(REDUCE_ROWS=reduce_rows, DROPOUT=dropout, BLOCK_A=block_a,
                    BLOCK_T=block_t // (2 if dt == "fp64" else 1), BLOCK_R=16, **FLAGS), num_stages=stages)
     if HALF and arch >= 90:
@@ -54,21 +54,21 @@ for dropout in (False, True):
             w_block = f"[{bk}, {bn}]" if w_kn else f"[{bn}, {bk}]"
             ptx = build(T._gemm_lora_up_tma_kernel,
                         dict(ptrs("bias_ptr", "l_ptr", "u_ptr", "c_ptr"), x_desc=f"tensordesc<{dt}[{bm}, {bk}]>",
-                             w_desc=f"tensordesc<{dt}{w_block}>", inv_keep="fp32", seed="i64"),
+                             w_desc=f"tensordesc<{dt}{w_block}>", inv_keep="fp32", seed_ptr="*i64"),
                         dict(gemm, W_KN=w_kn, NUM_PROGRAMS=132))
             assert "wgmma" in ptx and "cp.async.bulk.tensor" in ptx, "the Hopper GEMM lost wgmma or TMA"
     # Multi-adapter kernels.
     build(MT._sgmv_shrink_kernel,
           dict(ptrs("p_ptr", "q_ptr", "out_ptr"), scale_ptr="*fp32", order_ptr="*i64", seg_ptr="*i64",
-               coeff="fp32", seed="i64"),
+               coeff="fp32", seed_ptr="*i64"),
           dict(DROPOUT=dropout, BLOCK_M=64, BLOCK_T=128, BLOCK_R=16, BLOCK_S=16, **FLAGS))
     build(MT._sgmv_reduce_kernel,
-          dict(ptrs("p_ptr", "q_ptr"), order_ptr="*i64", seg_ptr="*i64", part_ptr="*fp32", seed="i64"),
+          dict(ptrs("p_ptr", "q_ptr"), order_ptr="*i64", seg_ptr="*i64", part_ptr="*fp32", seed_ptr="*i64"),
           dict(DROPOUT=dropout, BLOCK_J=128, BLOCK_T=64, BLOCK_R=16, BLOCK_S=16, **FLAGS))
     for load_c in (False, True):
         build(MT._sgmv_gemm_kernel,
               dict(ptrs("x_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "c_ptr"), ids_ptr="*i64", order_ptr="*i64",
-                   inv_keep="fp32", seed="i64"),
+                   inv_keep="fp32", seed_ptr="*i64"),
               dict(HAS_BIAS=True, DROPOUT=dropout, LOAD_C=load_c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16,
                    GROUP_M=8, **FLAGS))
 factor = "fp64" if dt == "fp64" else "fp32"

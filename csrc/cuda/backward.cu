@@ -17,7 +17,7 @@ namespace lora_kernels {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_A,
-    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, int64_t seed,
+    const at::Tensor& lora_B, const at::Tensor& xa, double scaling, double dropout_p, const at::Tensor& seed,
     bool need_grad_x) {
   LORA_CHECK_INPUT(grad_out, 2, x);
   LORA_CHECK_INPUT(x, 2, x);
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
   LORA_CHECK_SHAPE(lora_A, r, K);
   LORA_CHECK_SHAPE(lora_B, N, r);
   LORA_CHECK_SHAPE(xa, M, r);
-  const Dropout dropout = make_dropout(dropout_p, seed, K);
+  const Dropout dropout = make_dropout(dropout_p, seed, K, x);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor dy_c = grad_out.contiguous();

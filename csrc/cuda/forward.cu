@@ -15,7 +15,7 @@ namespace lora_kernels {
 std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x, const at::Tensor& weight,
                                                      const std::optional<at::Tensor>& bias,
                                                      const at::Tensor& lora_A, const at::Tensor& lora_B,
-                                                     double scaling, double dropout_p, int64_t seed) {
+                                                     double scaling, double dropout_p, const at::Tensor& seed) {
   LORA_CHECK_INPUT(x, 2, x);
   LORA_CHECK_INPUT(weight, 2, x);
   LORA_CHECK_INPUT(lora_A, 2, x);
@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x, const 
     LORA_CHECK_DTYPE(*bias, dtype);
     LORA_CHECK_SHAPE(*bias, N);
   }
-  const Dropout dropout = make_dropout(dropout_p, seed, K);
+  const Dropout dropout = make_dropout(dropout_p, seed, K, x);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const at::Tensor x_c = x.contiguous();

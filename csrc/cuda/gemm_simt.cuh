@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
     for (int i = 0; i < 4; ++i) {
       if constexpr (MASK) {
         // Columns n0 + tn*4 .. +3 are one Philox group (n0 and tn*4 are multiples of 4).
-        const uint4 w = mask_words(p.seed, m0 + tm * 4 + i, n0 + tn * 4, p.mask_groups);
+        const uint4 w = mask_words(load_seed(p.seed), m0 + tm * 4 + i, n0 + tn * 4, p.mask_groups);
         acc[i][0] *= keep_bit(w.x, p.threshold) ? ps : Acc(0);
         acc[i][1] *= keep_bit(w.y, p.threshold) ? ps : Acc(0);
         acc[i][2] *= keep_bit(w.z, p.threshold) ? ps : Acc(0);

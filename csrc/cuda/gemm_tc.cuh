@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
         const int mi = q >> 3, h = (q >> 2) & 1, ni = q & 3;
         const int64_t row = m0 + warp_m * 64 + mi * 16 + frag_row + h * 8;
         const int64_t col = n0 + warp_n * 32 + ni * 8 + frag_col;  // even: words col%4, col%4 + 1
-        const uint4 w = mask_words(p.seed, row, col, p.mask_groups);
+        const uint4 w = mask_words(load_seed(p.seed), row, col, p.mask_groups);
         const bool second_pair = (col & 2) != 0;
         const uint64_t k0 = keep_bit(second_pair ? w.z : w.x, p.threshold) ? 1u : 0u;
         const uint64_t k1 = keep_bit(second_pair ? w.w : w.y, p.threshold) ? 1u : 0u;

@@ -33,7 +33,7 @@ struct Params {
   void* partial;  // Acc [gridDim.z][I][R] when gridDim.z > 1
   int64_t I, R, L, l_per_split;
   double scale;
-  uint64_t seed;
+  const int64_t* seed;
   uint32_t threshold;
   double keep_scale;
   int64_t groups;
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
         // The group's first element is a multiple-of-4 column of the mask.
         const int64_t row = p.mask_col_is_l ? i0 + il : l0 + ll;
         const int64_t col = p.mask_col_is_l ? l0 + ll : i0 + il;
-        const uint4 w = mask_words(p.seed, row, col, p.groups);
+        const uint4 w = mask_words(load_seed(p.seed), row, col, p.groups);
         v[0] *= keep_bit(w.x, p.threshold) ? keep_scale : Acc(0);
         v[1] *= keep_bit(w.y, p.threshold) ? keep_scale : Acc(0);
         v[2] *= keep_bit(w.z, p.threshold) ? keep_scale : Acc(0);

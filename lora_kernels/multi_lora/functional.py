@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..functional import _FLOAT_DTYPES, _NO_SEED, _autocast_inputs, check_dropout, draw_seed
+from ..functional import _FLOAT_DTYPES, _NO_SEED, _autocast_inputs, check_dropout, draw_seed, seed_tensor
 from . import ops
 from .reference import segments
 
@@ -149,9 +149,9 @@ def multi_lora_linear(
     if dropout_p == 0.0:
         seed_t = _NO_SEED
     elif seed is None:
-        seed_t = draw_seed()
+        seed_t = draw_seed(x.device)
     else:
-        seed_t = torch.tensor(seed, dtype=torch.int64)
+        seed_t = seed_tensor(seed, x.device)
     ids = _flat_ids(adapter_ids, x)
     order, seg = segments(ids, n)
     lead = x.shape[:-1]

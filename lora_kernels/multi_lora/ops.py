@@ -9,7 +9,7 @@ Inputs are 2-D (``x (M, K)``, ``ids (M,)``) with the factors stacked: ``lora_A (
 ``lora_B (n, N, R)``, ``scaling (n,)``. ``order``/``seg`` are the device-side segmentation of
 ``adapter_ids`` (:func:`lora_kernels.multi_lora.reference.segments`), computed once per call by
 :mod:`lora_kernels.multi_lora.functional` and shared by forward and backward. ``seed`` is a 0-dim
-int64 CPU tensor, as in :mod:`lora_kernels.ops`.
+int64 tensor on the inputs' device, as in :mod:`lora_kernels.ops`.
 
 Backends: ``reference`` (plain PyTorch, any device: the CPU path) and ``triton``. There are no CUDA
 C++ multi-LoRA kernels: ``backend="auto"`` resolves as for the single-adapter layer and falls back
@@ -73,7 +73,7 @@ def multi_lora_forward(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     return _load(backend).multi_lora_forward(
-        x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, int(seed)
+        x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, seed
     )
 
 
@@ -100,7 +100,7 @@ def multi_lora_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _load(backend).multi_lora_backward(
-        grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg, dropout_p, int(seed),
+        grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg, dropout_p, seed,
         need_grad_x,
     )
 
@@ -118,7 +118,7 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, d
     args = (x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p)
     if tracing():
         return multi_lora_forward(*args, seed, backend)
-    return _load(backend).multi_lora_forward(*args, int(seed))
+    return _load(backend).multi_lora_forward(*args, seed)
 
 
 def _backward_kernels(grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg, dropout_p, seed,
@@ -126,7 +126,7 @@ def _backward_kernels(grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_
     args = (grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg, dropout_p)
     if tracing():
         return multi_lora_backward(*args, seed, need_grad_x, backend)
-    return _load(backend).multi_lora_backward(*args, int(seed), need_grad_x)
+    return _load(backend).multi_lora_backward(*args, seed, need_grad_x)
 
 
 def setup_context(ctx, inputs, output):

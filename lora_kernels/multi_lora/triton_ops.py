@@ -94,7 +94,7 @@ def _sgmv_shrink_kernel(
     M, T, R, n, span,  # span: length of the reduced axis T that each split covers
     stride_pm, stride_pt, stride_qa, stride_qt, stride_qr, stride_os, stride_om, stride_or,
     coeff,
-    seed, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
+    seed_ptr, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
     DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -116,7 +116,7 @@ def _sgmv_shrink_kernel(
         p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_t[None, :] * stride_pt,
                     mask=in_seg[:, None] & (offs_t[None, :] < t_end), other=0.0)
         if DROPOUT:
-            keep = _keep_mask(seed, threshold, rows, t0, groups_per_row, BLOCK_M, BLOCK_T)
+            keep = _keep_mask(seed_ptr, threshold, rows, t0, groups_per_row, BLOCK_M, BLOCK_T)
             p = tl.where(keep, p, 0.0)
         q = tl.load(q_base + offs_t.to(tl.int64)[:, None] * stride_qt + offs_r[None, :] * stride_qr,
                     mask=(offs_t[:, None] < t_end) & (offs_r[None, :] < R), other=0.0)
@@ -134,7 +134,7 @@ def _sgmv_reduce_kernel(
     part_ptr,  # partial (chunks, J, R), fp32: (P ⊙ keep)ᵀ Q over one chunk of one adapter's rows
     J, R, n, span,  # span: rows per chunk (the tile size of the segment-aligned chunking)
     stride_pm, stride_pj, stride_qm, stride_qr, stride_wc, stride_wj, stride_wr,
-    seed, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
+    seed_ptr, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
     DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -153,7 +153,7 @@ def _sgmv_reduce_kernel(
         p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_j[None, :] * stride_pj,
                     mask=in_seg[:, None] & (offs_j[None, :] < J), other=0.0)
         if DROPOUT:
-            keep = _keep_mask(seed, threshold, rows, tl.program_id(0) * BLOCK_J, groups_per_row, BLOCK_T, BLOCK_J)
+            keep = _keep_mask(seed_ptr, threshold, rows, tl.program_id(0) * BLOCK_J, groups_per_row, BLOCK_T, BLOCK_J)
             p = tl.where(keep, p, 0.0)
         q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_r[None, :] * stride_qr,
                     mask=in_seg[:, None] & (offs_r[None, :] < R), other=0.0)
@@ -207,7 +207,7 @@ def _sgmv_gemm_kernel(
     M_BUCKET,  # next power of two of M: the autotuning key
     stride_xm, stride_xk, stride_wn, stride_wk, stride_lm, stride_lr, stride_ua, stride_un, stride_ur,
     stride_cm, stride_cn,
-    inv_keep, seed, threshold, groups_per_row,  # D over C's elements (DROPOUT only)
+    inv_keep, seed_ptr, threshold, groups_per_row,  # D over C's elements (DROPOUT only)
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LOAD_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -251,7 +251,7 @@ def _sgmv_gemm_kernel(
                         mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
             up = _dot(l, u, up, UPCAST, IEEE)
     if DROPOUT:
-        keep = _keep_mask(seed, threshold, rows, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
+        keep = _keep_mask(seed_ptr, threshold, rows, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
         acc += tl.where(keep, up * inv_keep, 0.0)
     else:
         acc = up
@@ -312,7 +312,7 @@ def sgmv_shrink(p, q, scaling, coeff, order, seg, dropout_p=0.0, seed=0):
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), q.stride(2),
         target.stride(0), target.stride(1), target.stride(2),
         coeff, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_S=_block_s(n),
-        **_dropout_args(dropout_p, seed, T), **_dtype_flags(p.dtype), **launch,
+        **_dropout_args(dropout_p, seed, T, p.device), **_dtype_flags(p.dtype), **launch,
     )
     if splits > 1:
         out.copy_(target.sum(0))
@@ -348,7 +348,7 @@ def sgmv_reduce(p, q, order, seg, out, coeff, dropout_p=0.0, seed=0):
         p, q, order, seg, part, J, R, n, span,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), part.stride(0), part.stride(1), part.stride(2),
         BLOCK_J=block_j, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_S=block_s,
-        **_dropout_args(dropout_p, seed, J), **_dtype_flags(p.dtype), **launch,
+        **_dropout_args(dropout_p, seed, J, p.device), **_dtype_flags(p.dtype), **launch,
     )
     sum_j, sum_r = (32, 16) if INTERPRET else (64, 64)
     _segment_sum_kernel[(n, triton.cdiv(J, sum_j), triton.cdiv(R, sum_r))](
@@ -389,7 +389,7 @@ def sgmv_gemm(x, w, bias, l, u, adapter_ids, order, dropout_p=0.0, seed=0):
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1),
         u.stride(0), u.stride(1), u.stride(2), c.stride(0), c.stride(1),
         1.0 / (1.0 - dropout_p), HAS_BIAS=bias is not None and fused, LOAD_C=not fused,
-        BLOCK_R=single._block_r(R), **_dropout_args(dropout_p, seed, N), **_dtype_flags(x.dtype),
+        BLOCK_R=single._block_r(R), **_dropout_args(dropout_p, seed, N, x.device), **_dtype_flags(x.dtype),
     )
     return c
 
