@@ -65,6 +65,14 @@ def check_inputs(
 ) -> None:
     """Raise a clear error for anything the kernels cannot compute correctly."""
     _check_factors(weight, lora_A, lora_B)
+    check_activation(x, weight, bias)
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"scaling must be finite, got {scaling!r}")
+    check_dropout(dropout_p)
+
+
+def check_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """``x`` of shape ``(..., in_features)`` matching the base layer's dtype and device, and the bias."""
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"x must have shape (..., in_features={weight.shape[1]}), got {tuple(x.shape)}"
@@ -80,9 +88,6 @@ def check_inputs(
             raise TypeError(
                 f"bias ({bias.dtype}, {bias.device}) must match weight ({weight.dtype}, {weight.device})"
             )
-    if not math.isfinite(float(scaling)):
-        raise ValueError(f"scaling must be finite, got {scaling!r}")
-    check_dropout(dropout_p)
 
 
 def draw_seed(device: torch.device | str = "cpu", generator: Optional[torch.Generator] = None) -> Tensor:

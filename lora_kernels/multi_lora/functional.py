@@ -11,7 +11,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..functional import _FLOAT_DTYPES, _NO_SEED, _autocast_inputs, check_dropout, draw_seed, seed_tensor
+from ..functional import (
+    _FLOAT_DTYPES, _NO_SEED, _autocast_inputs, check_activation, check_dropout, draw_seed, seed_tensor,
+)
 from . import ops
 from .reference import segments
 
@@ -129,21 +131,12 @@ def multi_lora_linear(
     """
     x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     check_factors(weight, lora_A, lora_B)
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x must have shape (..., in_features={weight.shape[1]}), got {tuple(x.shape)}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but weight has dtype {weight.dtype}; they must match")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
-    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype
-                             or bias.device != weight.device):
-        raise ValueError(f"bias must be ({weight.shape[0]},) {weight.dtype} on {weight.device}, "
-                         f"got {tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    check_activation(x, weight, bias)
     check_dropout(dropout_p)
     n = lora_A.shape[0]
-    s = _scaling_tensor(scaling, n, x)
-    if not isinstance(scaling, Tensor) and not all(math.isfinite(v) for v in s.tolist()):
+    if not isinstance(scaling, Tensor) and not all(math.isfinite(float(v)) for v in scaling):
         raise ValueError(f"scaling must be finite, got {list(scaling)!r}")
+    s = _scaling_tensor(scaling, n, x)
     check_adapter_ids(adapter_ids, x, n, check_ids)
     name = ops.resolve(backend, x.device)
     if dropout_p == 0.0:
