@@ -407,7 +407,7 @@ def _dropout_args(dropout_p: float, seed, cols: int, device: torch.device) -> di
 
 
 # --------------------------------------------------------------------------- #
-# Launchers: the three building blocks, then the backend's entry points
+# Launchers: the two building blocks, then the backend's entry points
 # --------------------------------------------------------------------------- #
 
 
