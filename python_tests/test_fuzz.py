@@ -14,7 +14,7 @@ KERNEL_BACKENDS = [b for b in ("triton", "cuda") if not backends.unavailable_rea
 
 
 @pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend can run here")
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same examples on every CI run
 @given(
     M=st.integers(1, 80), K=st.integers(1, 70), N=st.integers(1, 70), r=st.integers(1, 20),
     p=st.sampled_from([0.0, 0.1, 0.5]), dtype=st.sampled_from([torch.float32, torch.float16]),
