@@ -111,6 +111,19 @@ def cuda_seed(seed: int) -> torch.Tensor:
     return torch.tensor(seed, dtype=torch.int64, device="cuda")
 
 
+def forward_backward_match_reference(x, weight, b, A, B, dy, s, p, seed, dtype):
+    """The CUDA ops on these (possibly strided or misaligned) tensors against the fp64 reference."""
+    ops = torch.ops.lora_kernels
+    d = lambda t: t.double()  # noqa: E731
+    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, s, p, cuda_seed(seed))
+    y64, _ = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), s, p, seed)
+    check("y", y, y64, dtype)
+    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa, s, p, cuda_seed(seed), True)
+    ref = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), s, p, seed, True)
+    for name, out, r64 in zip(("dx", "dA", "dB"), (dx, dA, dB), ref):
+        check(name, out, r64, dtype)
+
+
 def check(name, out, ref, dtype):
     assert out.dtype == dtype, f"{name}: dtype {out.dtype}, expected {dtype}"
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
@@ -161,15 +174,7 @@ def test_larger_shapes(shape, dtype):
     """Many k-tiles through the pipeline, ranks spanning several tiles, long thin reductions."""
     M, K, N, r = shape
     x, weight, b, A, B, dy = make(M, K, N, r, dtype)
-    ops = torch.ops.lora_kernels
-    y, xa = ops.cuda_lora_forward(x, weight, b, A, B, 0.5, 0.1, cuda_seed(7))
-    d = lambda t: t.double()  # noqa: E731
-    y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), 0.5, 0.1, 7)
-    check("y", y, y64, dtype)
-    dx, dA, dB = ops.cuda_lora_backward(dy, x, weight, A, B, xa, 0.5, 0.1, cuda_seed(7), True)
-    ref = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), 0.5, 0.1, 7, True)
-    for name, out, r64 in zip(("dx", "dA", "dB"), (dx, dA, dB), ref):
-        check(name, out, r64, dtype)
+    forward_backward_match_reference(x, weight, b, A, B, dy, 0.5, 0.1, 7, dtype)
 
 
 @requires_gpu
@@ -181,15 +186,7 @@ def test_misaligned_and_strided_inputs(dtype):
     x_mis = torch.empty(M * K + 1, device="cuda", dtype=dtype)[1:].view(M, K)
     x_mis.copy_(x)
     w_t = weight.t().contiguous().t()  # non-contiguous view with the same values
-    ops = torch.ops.lora_kernels
-    y, xa = ops.cuda_lora_forward(x_mis, w_t, b, A, B, 1.25, 0.2, cuda_seed(99))
-    d = lambda t: t.double()  # noqa: E731
-    y64, xa64 = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), 1.25, 0.2, 99)
-    check("y", y, y64, dtype)
-    dx, dA, dB = ops.cuda_lora_backward(dy, x_mis, w_t, A, B, xa, 1.25, 0.2, cuda_seed(99), True)
-    ref = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), 1.25, 0.2, 99, True)
-    for name, out, r64 in zip(("dx", "dA", "dB"), (dx, dA, dB), ref):
-        check(name, out, r64, dtype)
+    forward_backward_match_reference(x_mis, w_t, b, A, B, dy, 1.25, 0.2, 99, dtype)
 
 
 @requires_gpu
