@@ -17,16 +17,20 @@ from .functional import (
 )
 from .module import LoRALinear, apply_lora, lora_state_dict
 from .multi_lora import MultiLoRALinear, multi_lora_linear
+from .peft_accel import AccelerationReport, accelerate_peft, deaccelerate_peft
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerationReport",
     "BackendUnavailableError",
     "LoRALinear",
     "LoRALinearFunction",
     "MultiLoRALinear",
+    "accelerate_peft",
     "apply_lora",
     "available_backends",
+    "deaccelerate_peft",
     "lora_linear",
     "lora_scaling",
     "lora_state_dict",
