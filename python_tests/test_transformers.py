@@ -96,6 +96,6 @@ def test_train_step_benchmark_runs_its_tiny_config():
     bench = importlib.util.module_from_spec(spec)
     sys.modules["train_step"] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    providers = "frozen,peft,lora_kernels" if importlib.util.find_spec("peft") else "frozen,lora_kernels"
+    providers = "frozen,peft,peft_accel,lora_kernels" if importlib.util.find_spec("peft") else "frozen,lora_kernels"
     assert bench.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
                        "--providers", providers]) == 0
