@@ -349,3 +349,18 @@ def test_report_and_refusals():
     assert report.current()["base_model.model.model.layers.0.self_attn.q_proj"] == "fused"
     assert lk.accelerate_peft(model, backend="reference").backend == "reference"  # again: changes the backend
     assert q._lora_kernels_accel.backend == "reference"
+
+
+def test_bf16_model_with_fp32_adapters_under_autocast_runs_fused(monkeypatch):
+    """PEFT's default for a bf16 model keeps the factors in fp32; under autocast both compute in bf16."""
+    theirs = get_peft_model(tiny_llama().to(torch.bfloat16), lora_config(target_modules=["q_proj", "up_proj"]))
+    assert theirs.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight.dtype == torch.float32
+    ours = copy.deepcopy(theirs)
+    lk.accelerate_peft(ours)
+    calls = count_fused(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (lo, go), (lt, gt) = step(ours), step(theirs)
+    assert len(calls) == 4
+    assert relative_error(lo, lt) < 2e-2
+    for name in gt:
+        assert go[name].dtype == torch.float32 and relative_error(go[name], gt[name]) < 5e-2, name
