@@ -15,22 +15,42 @@ from .functional import (
     merge_lora_,
     unmerge_lora_,
 )
-from .module import LoRALinear, apply_lora, lora_state_dict
+from .module import (
+    LoRALinear,
+    adapters_disabled,
+    apply_lora,
+    disable_adapters,
+    enable_adapters,
+    load_lora_pretrained,
+    lora_state_dict,
+    merge_and_unload,
+    print_trainable_parameters,
+)
 from .multi_lora import MultiLoRALinear, multi_lora_linear
+from .peft_accel import AccelerationReport, accelerate_peft, deaccelerate_peft
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccelerationReport",
     "BackendUnavailableError",
     "LoRALinear",
     "LoRALinearFunction",
     "MultiLoRALinear",
+    "accelerate_peft",
+    "adapters_disabled",
     "apply_lora",
     "available_backends",
+    "deaccelerate_peft",
+    "disable_adapters",
+    "enable_adapters",
+    "load_lora_pretrained",
     "lora_linear",
     "lora_scaling",
     "lora_state_dict",
+    "merge_and_unload",
     "merge_lora_",
     "multi_lora_linear",
+    "print_trainable_parameters",
     "unmerge_lora_",
 ]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import math
+import os
 import re
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +79,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
         self.backend = backend
         self.merged = False
+        self.adapter_enabled = True  # see disable_adapters(); not saved
         self.register_load_state_dict_pre_hook(_merged_state_pre_hook)
 
     def get_extra_state(self) -> Tensor:
@@ -111,6 +116,10 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.adapter_enabled:
+            if self.merged:
+                raise RuntimeError("LoRALinear: the adapter is disabled but merged into the weight; unmerge() first")
+            return nn.functional.linear(x, self.weight, self.bias)
         if self.merged:
             if self.training and torch.is_grad_enabled() and (
                 self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
@@ -154,6 +163,7 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, "
             f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}"
+            + ("" if self.adapter_enabled else ", adapter disabled")
         )
 
 
@@ -203,16 +213,30 @@ def apply_lora(
     ``target_modules`` follows PEFT: a regular expression matched against each
     module's full name, or a list of names/suffixes (``["q_proj", "v_proj"]``).
     Every parameter except the new ``lora_A``/``lora_B`` ends with
-    ``requires_grad=False``. Raises if nothing matched, or if a match is not an
-    ``nn.Linear``. Returns ``model``.
+    ``requires_grad=False``. Raises if nothing matched, if a match already has an
+    adapter, or if a match is not an ``nn.Linear``, having modified nothing. Returns
+    ``model``.
+
+    On a transformers model, its ``save_pretrained`` also writes ``lora_kernels.json``
+    (the layers' settings), so that ``from_pretrained`` + :func:`load_lora_pretrained`
+    restores the adapter, and its ``disable_adapters``/``enable_adapters`` call
+    :func:`disable_adapters`/:func:`enable_adapters` (these names belong to
+    transformers' PEFT integration, which does not know ``LoRALinear``).
     """
     lora_scaling(r, alpha, use_rslora)
     check_dropout(dropout)
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
-    chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, target_modules)]
+    inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LoRALinear) for c in ("lora_A", "lora_B")}
+    chosen = [(n, m) for n, m in model.named_modules() if n and n not in inside and _matches(n, target_modules)]
     if not chosen:
         raise ValueError(f"no module of the model matches target_modules={target_modules!r}")
+    again = [n for n, m in chosen if isinstance(m, LoRALinear)]
+    if again:
+        raise ValueError(
+            "these layers already have an adapter (LoRALinear holds one): " + ", ".join(again)
+            + "; for several named adapters per layer use PEFT and lora_kernels.accelerate_peft"
+        )
     wrong = [f"{n} ({type(m).__name__})" for n, m in chosen if type(m) is not nn.Linear]
     if wrong:
         raise TypeError("LoRALinear replaces nn.Linear only; these targets are not: " + ", ".join(wrong))
@@ -225,9 +249,205 @@ def apply_lora(
             linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
             init=init, backend=backend, lora_dtype=lora_dtype,
         ))
+    _patch_transformers_methods(model)
     return model
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """Only the adapter factors of ``model`` (keys ending in ``lora_A.weight`` / ``lora_B.weight``)."""
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in f".{k}" or ".lora_B." in f".{k}"}
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, "LoRALinear"]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def _require_layers(model: nn.Module, what: str) -> list[tuple[str, "LoRALinear"]]:
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError(f"{what}: the model has no LoRALinear layer")
+    return layers
+
+
+def disable_adapters(model: nn.Module) -> None:
+    """Every ``LoRALinear`` of ``model`` computes its base layer only, until :func:`enable_adapters`.
+
+    Refused (nothing changed) while any layer is merged: its weight holds the adapter.
+    """
+    layers = _require_layers(model, "disable_adapters")
+    merged = [n for n, m in layers if m.merged]
+    if merged:
+        raise RuntimeError(f"disable_adapters: these layers are merged, unmerge() them first: {merged}")
+    for _, m in layers:
+        m.adapter_enabled = False
+
+
+def enable_adapters(model: nn.Module) -> None:
+    """Undo :func:`disable_adapters`."""
+    for _, m in _require_layers(model, "enable_adapters"):
+        m.adapter_enabled = True
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``with adapters_disabled(model):`` runs the base model (PEFT's ``disable_adapter()`` context)."""
+    disable_adapters(model)
+    try:
+        yield model
+    finally:
+        enable_adapters(model)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every ``LoRALinear`` and put a plain ``nn.Linear`` (the merged weight, same tensor) in its place.
+
+    The result holds no adapter: PEFT's ``merge_and_unload``. Returns ``model``.
+    """
+    layers = _require_layers(model, "merge_and_unload")
+    for _, m in layers:
+        m._refuse_sharded("merge")
+    for name, m in layers:
+        if not m.merged:
+            m.merge()
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        linear.weight, linear.bias = m.weight, m.bias
+        linear.train(m.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    for attr in _TRANSFORMERS_METHODS:
+        model.__dict__.pop(attr, None)
+    return model
+
+
+def print_trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """Print and return ``(trainable, total)`` parameter counts, as PEFT's method of the same name."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+          f"trainable%: {100 * trainable / max(total, 1):.4f}")
+    return trainable, total
+
+
+# --------------------------------------------------------------------------- #
+# transformers models prepared with apply_lora
+# --------------------------------------------------------------------------- #
+
+LORA_CONFIG_FILE = "lora_kernels.json"
+
+
+def _layer_settings(m: "LoRALinear") -> dict:
+    return dict(r=m.r, alpha=m.alpha, dropout=m.dropout, use_rslora=m.use_rslora, scaling=m.scaling)
+
+
+def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
+    """transformers' ``save_pretrained`` (every tensor, adapters included), plus ``lora_kernels.json``."""
+    out = type(model).save_pretrained(model, save_directory, *args, **kwargs)
+    layers = _lora_layers(model)
+    if layers and kwargs.get("is_main_process", True):
+        with open(os.path.join(save_directory, LORA_CONFIG_FILE), "w") as f:
+            json.dump({"format": 1, "layers": {n: _layer_settings(m) for n, m in layers}}, f, indent=2)
+    return out
+
+
+def _refuse_peft_method(name: str, *args, **kwargs):
+    raise RuntimeError(
+        f"{name}() belongs to transformers' PEFT integration, which does not manage lora_kernels' LoRALinear "
+        "layers (one adapter each). For several named adapters, build the model with PEFT and run it on "
+        "lora_kernels with lora_kernels.accelerate_peft(model)"
+    )
+
+
+_TRANSFORMERS_METHODS = {
+    "save_pretrained": _save_pretrained,
+    "disable_adapters": disable_adapters,
+    "enable_adapters": enable_adapters,
+    "add_adapter": functools.partial(_refuse_peft_method, "add_adapter"),
+    "load_adapter": functools.partial(_refuse_peft_method, "load_adapter"),
+    "set_adapter": functools.partial(_refuse_peft_method, "set_adapter"),
+}
+
+
+def _patch_transformers_methods(model: nn.Module) -> None:
+    # NOTE: instance attributes on this model only (functools.partial, so deepcopy/pickle follow
+    # the model); a model without transformers' methods is left alone.
+    for name, fn in _TRANSFORMERS_METHODS.items():
+        if callable(getattr(type(model), name, None)):
+            if isinstance(fn, functools.partial):
+                setattr(model, name, fn)
+            else:
+                setattr(model, name, functools.partial(fn, model))
+
+
+def _checkpoint_tensors(path, keys: set[str]) -> dict[str, Tensor]:
+    """The tensors ``keys`` of a transformers checkpoint folder (one safetensors file or shards)."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {weight_map[k] for k in keys if k in weight_map}
+    else:
+        files = {"model.safetensors"}
+    out = {}
+    for name in sorted(files):
+        with safe_open(os.path.join(path, name), "pt") as f:
+            for k in keys & set(f.keys()):
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def load_lora_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
+    """Restore the ``LoRALinear`` layers of a model saved by ``save_pretrained`` after :func:`apply_lora`.
+
+    ``model`` comes from ``from_pretrained(path)``, which loaded the base weights and
+    reported the adapter tensors as unexpected: this wraps the same layers again,
+    with the saved rank, alpha, dropout, rsLoRA and merged state, loads their
+    factors and freezes everything else. Everything is checked before anything is
+    modified. Returns ``model``.
+    """
+    config_file = os.path.join(path, LORA_CONFIG_FILE)
+    if not os.path.exists(config_file):
+        raise FileNotFoundError(
+            f"load_lora_pretrained: {config_file} is missing: save the model with save_pretrained on a model "
+            "prepared by lora_kernels.apply_lora (it writes that file)"
+        )
+    with open(config_file) as f:
+        settings = json.load(f)["layers"]
+    keys = {f"{n}.{k}" for n in settings for k in ("lora_A.weight", "lora_B.weight", "_extra_state")}
+    tensors = _checkpoint_tensors(path, keys)
+    plan, errors = [], []
+    for name, cfg in settings.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            errors.append(f"{name}: no such module in the model")
+            continue
+        A, B = tensors.get(f"{name}.lora_A.weight"), tensors.get(f"{name}.lora_B.weight")
+        if A is None or B is None:
+            errors.append(f"{name}: lora_A/lora_B missing from the checkpoint")
+            continue
+        if type(module) is not nn.Linear:
+            errors.append(f"{name}: is {type(module).__name__}, not the plain nn.Linear from_pretrained builds")
+            continue
+        r = cfg["r"]
+        if tuple(A.shape) != (r, module.in_features) or tuple(B.shape) != (module.out_features, r):
+            errors.append(f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the layer")
+            continue
+        plan.append((name, module, cfg, A, B, bool(tensors.get(f"{name}._extra_state", torch.tensor(False)))))
+    if errors:
+        raise ValueError("load_lora_pretrained: nothing was loaded:\n  " + "\n  ".join(errors))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module, cfg, A, B, merged in plan:
+        layer = LoRALinear.from_linear(module, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
+                                       use_rslora=cfg["use_rslora"], lora_dtype=A.dtype)
+        layer.scaling = cfg["scaling"]
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(A)
+            layer.lora_B.weight.copy_(B)
+        layer.merged = merged  # a merged checkpoint's weight already holds scaling·B A
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    _patch_transformers_methods(model)
+    return model

@@ -7,10 +7,13 @@
   state-dict layout (``base_layer.weight``, ``lora_A.<adapter>.weight``), so
   ``peft_model.state_dict()`` and ``load_state_dict`` of full checkpoints see
   exactly the keys they saw before. PEFT's own ``save_pretrained`` finds adapter
-  weights by visiting its tuner layers, which are gone after the swap: save with
-  :func:`save_peft_adapter` instead (same files, same keys), or call
-  :func:`to_peft` first, which puts the original PEFT layers back (also the way
-  to ``merge_and_unload``, add adapters, and use the rest of PEFT's API).
+  weights by visiting its tuner layers, which are gone after the swap, and would
+  write an empty adapter: so ``from_peft`` replaces the model's ``save_pretrained``
+  (on that instance) by :func:`save_peft_adapter` (same files, same keys), which
+  refuses the options it does not implement. :func:`to_peft` puts the original
+  PEFT layers back (also the way to ``merge_and_unload``, add adapters, and use
+  the rest of PEFT's API). :func:`lora_kernels.accelerate_peft` keeps the model
+  PEFT's in the first place and is the recommended path.
 - :func:`save_peft_adapter` writes ``adapter_model.safetensors`` and
   ``adapter_config.json`` for a model made with :func:`~lora_kernels.apply_lora`,
   which ``peft.PeftModel.from_pretrained`` loads.
@@ -30,6 +33,7 @@ the feature, before anything is modified.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -40,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import lora_scaling
-from .module import LoRALinear
+from .module import LoRALinear, _lora_layers
 
 __all__ = ["from_peft", "to_peft", "save_peft_adapter", "load_peft_adapter", "UnsupportedPeftFeature"]
 
@@ -194,7 +198,31 @@ def from_peft(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
         _peft_layout_hooks(new, adapter)
         object.__setattr__(new, "_peft_layer", layer)  # kept for to_peft, not registered as a submodule
         _swap(peft_model, name, new)
+    if _is_peft_model(peft_model):
+        # PEFT's save_pretrained would write an adapter with no tensor: this instance saves through ours.
+        peft_model.save_pretrained = functools.partial(_save_converted, peft_model)
     return peft_model
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "peft_config", None), dict) and hasattr(model, "get_base_model")
+
+
+def _save_converted(model: nn.Module, save_directory, safe_serialization: bool = True,
+                    selected_adapters=None, is_main_process: bool = True, **kwargs) -> None:
+    """``save_pretrained`` of a PEFT model converted by :func:`from_peft`: :func:`save_peft_adapter`."""
+    unsupported = sorted(k for k, v in kwargs.items() if v not in (None, "auto"))
+    if not safe_serialization:
+        unsupported.append("safe_serialization=False")
+    if selected_adapters not in (None, list(model.peft_config)):
+        unsupported.append(f"selected_adapters={selected_adapters!r}")
+    if unsupported:
+        raise UnsupportedPeftFeature(
+            f"save_pretrained after from_peft supports none of {unsupported} (it writes the active adapter with "
+            "save_peft_adapter); call lora_kernels.peft_interop.to_peft(model) first for PEFT's own save_pretrained"
+        )
+    if is_main_process:
+        save_peft_adapter(model, save_directory)
 
 
 def to_peft(model: nn.Module) -> nn.Module:
@@ -207,16 +235,13 @@ def to_peft(model: nn.Module) -> nn.Module:
         peft_layer = layer._peft_layer
         peft_layer.train(layer.training)
         _swap(model, name, peft_layer)
+    model.__dict__.pop("save_pretrained", None)
     return model
 
 
 # --------------------------------------------------------------------------- #
 # Adapters on disk
 # --------------------------------------------------------------------------- #
-
-
-def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
 def _default_targets(model: nn.Module, names: list[str]) -> Union[list[str], str]:
@@ -251,7 +276,7 @@ def save_peft_adapter(
     from safetensors.torch import save_file
 
     peft_config = None
-    if isinstance(getattr(model, "peft_config", None), dict) and hasattr(model, "get_base_model"):
+    if _is_peft_model(model):
         if len(model.peft_config) != 1:
             raise UnsupportedPeftFeature(
                 f"save_peft_adapter: the PEFT model holds several adapters {sorted(model.peft_config)}"
@@ -363,7 +388,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: b
     before anything is modified.
     """
     given = model
-    if isinstance(getattr(model, "peft_config", None), dict) and hasattr(model, "get_base_model"):
+    if _is_peft_model(model):
         model = model.get_base_model()
     config, tensors = _read_adapter(path)
     problems = _config_refusals(config)

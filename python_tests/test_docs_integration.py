@@ -1,4 +1,4 @@
-"""docs/integration.md: every python block runs as written, each in a fresh namespace."""
+"""docs/integration.md and docs/analysis.md: every python block runs as written, each in a fresh namespace."""
 
 import pathlib
 import re
@@ -6,23 +6,31 @@ import socket
 
 import pytest
 
-DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "integration.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 NEEDS = {"peft": "peft", "transformers": "transformers", "safetensors": "safetensors"}
 
 
-def _title(code):
-    """The section a block sits under, for the test id."""
-    before = DOC.read_text().split(code)[0]
-    return re.findall(r"^#+ (.+)$", before, flags=re.M)[-1]
+def _blocks(name):
+    """``(doc, code, title)`` for each python block of ``docs/<name>``; title: the section it sits under."""
+    path = DOCS / name
+    text = path.read_text()
+    out = []
+    for match in re.finditer(r"```python\n(.*?)```", text, flags=re.S):
+        title = re.findall(r"^#+ (.+)$", text[: match.start()], flags=re.M)[-1]
+        out.append(pytest.param(path, match.group(1), id=f"{path.stem}: {title}"))
+    return out
 
 
-def test_the_doc_has_examples():
-    assert len(BLOCKS) >= 6
+BLOCKS = _blocks("integration.md") + _blocks("analysis.md")
 
 
-@pytest.mark.parametrize("code", BLOCKS, ids=[_title(c) for c in BLOCKS])
-def test_integration_doc_block_runs(code, monkeypatch, tmp_path):
+def test_the_docs_have_examples():
+    assert len(_blocks("integration.md")) >= 8
+    assert len(_blocks("analysis.md")) >= 1
+
+
+@pytest.mark.parametrize("doc, code", BLOCKS)
+def test_doc_block_runs(doc, code, monkeypatch, tmp_path):
     for module in sorted({m for word, m in NEEDS.items() if re.search(rf"\b(from|import) {word}\b", code)}):
         pytest.importorskip(module)
     if "init_process_group" in code:
@@ -32,4 +40,4 @@ def test_integration_doc_block_runs(code, monkeypatch, tmp_path):
         for var in ("RANK", "WORLD_SIZE"):
             monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(DOC), "exec"), {"__name__": "__doc_example__"})
+    exec(compile(code, str(doc), "exec"), {"__name__": "__doc_example__"})

@@ -265,3 +265,22 @@ def test_load_peft_adapter_refusals_load_nothing(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(UnsupportedPeftFeature, match="use_dora"):
         load_peft_adapter(Block(), tmp_path)
+
+
+def test_save_pretrained_after_from_peft_writes_the_adapter_or_refuses(tmp_path):
+    model = peft_block()
+    model.save_pretrained(tmp_path / "before")
+    from_peft(model)
+    model.save_pretrained(tmp_path / "after")  # PEFT's own would write 0 tensors
+    before = load_file(tmp_path / "before" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "after" / "adapter_model.safetensors")
+    assert after and set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(UnsupportedPeftFeature, match="safe_serialization=False.*to_peft"):
+        model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(UnsupportedPeftFeature, match="selected_adapters"):
+        model.save_pretrained(tmp_path / "sel", selected_adapters=["other"])
+    assert not (tmp_path / "bin").exists() and not (tmp_path / "sel").exists()
+    to_peft(model)
+    assert "save_pretrained" not in vars(model)  # PEFT's own again
+    model.save_pretrained(tmp_path / "again")
+    assert set(load_file(tmp_path / "again" / "adapter_model.safetensors")) == set(before)

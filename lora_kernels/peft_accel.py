@@ -1,0 +1,331 @@
+"""``accelerate_peft``: run an existing PEFT model's LoRA layers on lora_kernels, in place.
+
+The model stays PEFT's. For each PEFT LoRA ``Linear`` layer, three *instance*
+attributes are set — ``forward``, ``merge`` and ``unmerge`` — that shadow PEFT's
+class methods on that layer only (no class is patched, so other models are not
+touched). Parameters, module names, ``state_dict`` keys, ``save_pretrained`` /
+``from_pretrained``, ``disable_adapter()``, ``set_adapter``, ``modules_to_save``,
+gradient checkpointing and ``merge_and_unload`` are PEFT's own code and keep
+working. :func:`deaccelerate_peft` (or ``report.undo()``) deletes the three
+attributes again.
+
+At every call the layer's state decides (:func:`_state_reason`, :func:`_call_reason`):
+
+- fused (:func:`lora_kernels.lora_linear`): one active adapter on this layer, plain
+  LoRA (no DoRA or other variant), ``lora_bias=False``, ``fan_in_fan_out=False``,
+  dropout an ``nn.Dropout`` or ``nn.Identity``, not merged, adapters enabled, no
+  ``adapter_names=`` mix, no extra arguments, ``x`` in the base weight's dtype (or
+  under autocast) and device, no forward hooks on the base layer or the factors.
+  The scaling is PEFT's stored ``layer.scaling[adapter]`` (so rsLoRA,
+  ``alpha_pattern`` and ``set_scale`` are honoured); a base bias (trainable with
+  ``bias="all"``/``"lora_only"``) gets its gradient.
+- otherwise PEFT's own ``forward``: the very same results as without
+  ``accelerate_peft``.
+
+Merge and unmerge run ``merge_lora_``/``unmerge_lora_`` (one pass over the weight,
+fp32 product, one rounding) for adapters the fused path supports, PEFT's code for
+the others, and keep PEFT's bookkeeping (``merged_adapters``, ``safe_merge``).
+
+Dropout: with ``p > 0`` in training, the fused path draws its mask from
+lora_kernels' counter-based generator, seeded from PyTorch's generator (so
+``torch.manual_seed`` reproduces it), not from ``nn.Dropout``: the masks differ
+from PEFT's, with the same distribution (keep probability ``1 - p``, kept values
+scaled by ``1/(1 - p)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import backends
+from .functional import lora_linear, merge_lora_, unmerge_lora_
+
+__all__ = ["AccelerationReport", "accelerate_peft", "deaccelerate_peft"]
+
+# The instance attribute that marks an accelerated layer and holds its settings.
+_STATE = "_lora_kernels_accel"
+_PATCHED = ("forward", "merge", "unmerge")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _peft_lora():
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError as exc:  # pragma: no cover - exercised only without peft
+        raise ImportError("accelerate_peft needs the 'peft' package: pip install peft") from exc
+    return lora_layer
+
+
+@dataclass
+class _Settings:
+    backend: str
+
+
+# --------------------------------------------------------------------------- #
+# Why a layer (or one call) cannot take the fused path
+# --------------------------------------------------------------------------- #
+
+
+def _static_reason(layer: nn.Module, lora_layer) -> Optional[str]:
+    """Why this PEFT layer is never accelerated (its class or base layer), or None."""
+    if type(layer) is not lora_layer.Linear:
+        return (f"{type(layer).__name__} is not PEFT's LoRA Linear (Embedding, Conv, quantised and "
+                "other LoRA layer classes keep PEFT's forward)")
+    base = layer.base_layer
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear"
+    return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # NOTE: accelerate's device-map hooks replace ``module.forward`` on the instance; the fused
+    # path bypasses module calls, so any hook or replaced forward sends the call to PEFT's code.
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    """Why adapter ``adapter`` of ``layer`` cannot be fused (forward or merge), or None."""
+    if adapter in layer.lora_variant:
+        return f"adapter {adapter!r} is a LoRA variant ({type(layer.lora_variant[adapter]).__name__})"
+    if layer.lora_bias.get(adapter, False):
+        return f"adapter {adapter!r} has lora_bias=True"
+    if layer.fan_in_fan_out:
+        return "fan_in_fan_out=True"
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    W = layer.base_layer.weight
+    if A.dtype != B.dtype or A.dtype not in _FLOATS or W.dtype not in _FLOATS:
+        return f"dtypes weight={W.dtype}, lora_A={A.dtype}, lora_B={B.dtype} (float factors of one dtype needed)"
+    if not (A.device == B.device == W.device):
+        return f"devices weight={W.device}, lora_A={A.device}, lora_B={B.device} differ"
+    scaling = layer.scaling[adapter]
+    if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        return f"scaling {scaling!r} of adapter {adapter!r} is not a finite number"
+    return None
+
+
+def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    """``(reason, None)`` when the layer's current state needs PEFT's forward, else ``(None, adapter)``."""
+    if layer.disable_adapters:
+        return "adapters disabled (base layer only, PEFT's forward)", None
+    if layer.merged:
+        return f"adapters {layer.merged_adapters} merged into the base weight (base layer only)", None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if not active:
+        return "no active adapter on this layer", None
+    if len(active) > 1:
+        return f"{len(active)} active adapters {active} (the fused path takes one)", None
+    (adapter,) = active
+    why = _adapter_reason(layer, adapter)
+    if why:
+        return why, None
+    dropout = layer.lora_dropout[adapter]
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"dropout module is {type(dropout).__name__}, not nn.Dropout or nn.Identity", None
+    hooked = [n for n, m in (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
+                             ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout)) if _has_hooks(m)]
+    if hooked:
+        return f"forward hooks or a replaced forward on {hooked}", None
+    return None, adapter
+
+
+def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str]:
+    """Why this particular call needs PEFT's forward (its arguments), or None."""
+    if kwargs.get("adapter_names") is not None:
+        return "adapter_names= mixes adapters in the batch"
+    if args or any(v is not None for v in kwargs.values()):
+        return "extra forward arguments"
+    if not isinstance(x, Tensor):
+        return f"input is {type(x).__name__}, not a Tensor"
+    W = layer.base_layer.weight
+    if x.device != W.device:
+        return f"input on {x.device}, weight on {W.device}"
+    if x.dtype != W.dtype and not (torch.amp.is_autocast_available(x.device.type)
+                                    and torch.is_autocast_enabled(x.device.type)):
+        return f"input dtype {x.dtype} differs from the weight's {W.dtype} (outside autocast)"
+    if x.dim() < 1 or x.shape[-1] != W.shape[1]:
+        return f"input shape {tuple(x.shape)} does not fit in_features={W.shape[1]}"
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# The per-instance forward, merge and unmerge
+# --------------------------------------------------------------------------- #
+
+
+def _forward(layer: nn.Module, x, *args, **kwargs):
+    adapter = None
+    if _call_reason(layer, x, args, kwargs) is None:
+        adapter = _state_reason(layer)[1]
+    if adapter is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    base, dropout = layer.base_layer, layer.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return lora_linear(x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                       layer.scaling[adapter], dropout_p=p, backend=getattr(layer, _STATE).backend)
+
+
+def _merge_reason(layer: nn.Module, adapter: str) -> Optional[str]:
+    why = _adapter_reason(layer, adapter)
+    if why is None and any(_is_dtensor(t) for t in (layer.base_layer.weight, layer.lora_A[adapter].weight)):
+        why = "sharded (DTensor) parameters"
+    return why
+
+
+def _merge(layer: nn.Module, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    """PEFT's ``Linear.merge``, with the weight update done by :func:`merge_lora_` where it applies."""
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    backend = getattr(layer, _STATE).backend
+    for adapter in check_adapters_to_merge(layer, adapter_names):
+        if adapter not in layer.lora_A:
+            continue
+        if _merge_reason(layer, adapter):
+            type(layer).merge(layer, safe_merge=safe_merge, adapter_names=[adapter])
+            continue
+        weight = layer.base_layer.weight
+        A, B, s = layer.lora_A[adapter].weight.data, layer.lora_B[adapter].weight.data, layer.scaling[adapter]
+        if safe_merge:  # as PEFT: merge into a copy, check it, then swap it in
+            merged = weight.data.clone()
+            merge_lora_(merged, A, B, s, backend)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            weight.data = merged
+        else:
+            merge_lora_(weight.data, A, B, s, backend)
+        layer.merged_adapters.append(adapter)
+
+
+def _unmerge(layer: nn.Module) -> None:
+    """PEFT's ``Linear.unmerge``, with :func:`unmerge_lora_` for the adapters :func:`_merge` supports."""
+    if not layer.merged:
+        warnings.warn("Already unmerged. Nothing to do.")
+        return
+    backend = getattr(layer, _STATE).backend
+    while layer.merged_adapters:
+        adapter = layer.merged_adapters.pop()
+        if adapter not in layer.lora_A:
+            continue
+        if _merge_reason(layer, adapter):
+            # PEFT's unmerge pops every merged adapter: hand it this one alone.
+            rest, layer.merged_adapters = layer.merged_adapters, [adapter]
+            try:
+                type(layer).unmerge(layer)
+            finally:
+                layer.merged_adapters = rest
+            continue
+        unmerge_lora_(layer.base_layer.weight.data, layer.lora_A[adapter].weight.data,
+                      layer.lora_B[adapter].weight.data, layer.scaling[adapter], backend)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+# --------------------------------------------------------------------------- #
+# Public API
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class AccelerationReport:
+    """What :func:`accelerate_peft` did.
+
+    ``accelerated``: the layers whose forward and merge now go through lora_kernels
+    whenever their state allows; ``skipped``: PEFT LoRA layers left untouched, with
+    the reason (their class or base layer). Whether an accelerated layer runs fused
+    also depends on its state (merged, disabled, several active adapters, DoRA...):
+    :meth:`current` says, per layer, what a call would do now.
+    """
+
+    model: nn.Module = field(repr=False)
+    backend: str
+    accelerated: list[str]
+    skipped: dict[str, str]
+
+    def current(self) -> dict[str, str]:
+        """``{layer: "fused" or the reason PEFT's forward runs}`` for the layers' state now.
+
+        Reasons that depend on a call's arguments (``adapter_names=``, the input's
+        dtype or device) are not known without the call and are not listed.
+        """
+        out = {}
+        for name, layer in self.model.named_modules():
+            if name in self.skipped:
+                out[name] = f"not accelerated: {self.skipped[name]}"
+            elif hasattr(layer, _STATE):
+                out[name] = _state_reason(layer)[0] or "fused"
+        return out
+
+    def undo(self) -> nn.Module:
+        """Restore PEFT's forward, merge and unmerge on every layer (:func:`deaccelerate_peft`)."""
+        return deaccelerate_peft(self.model)
+
+    def __str__(self) -> str:
+        lines = [f"accelerate_peft(backend={self.backend!r}): {len(self.accelerated)} layer(s) accelerated, "
+                 f"{len(self.skipped)} left to PEFT"]
+        lines += [f"  PEFT: {n}: {why}" for n, why in self.skipped.items()]
+        now = [(n, why) for n, why in self.current().items() if n not in self.skipped and why != "fused"]
+        lines += [f"  PEFT's forward now: {n}: {why}" for n, why in now]
+        return "\n".join(lines)
+
+
+def accelerate_peft(model: nn.Module, backend: str = "auto") -> AccelerationReport:
+    """Make the PEFT LoRA ``Linear`` layers of ``model`` run on lora_kernels; the model stays PEFT's.
+
+    ``backend`` is ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"`` as in
+    :func:`lora_kernels.lora_linear`. Calling it again on an accelerated model
+    changes the backend. Raises ``ValueError`` if the model has no PEFT LoRA layer
+    and :class:`~lora_kernels.BackendUnavailableError` if a forced backend cannot
+    run on the layers' device, having modified nothing. Returns an
+    :class:`AccelerationReport`; ``report.undo()`` restores PEFT's forward.
+    """
+    lora_layer = _peft_lora()
+    if backend != "auto" and backend not in backends.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {backends.BACKENDS}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora_layer.LoraLayer)]
+    if not layers:
+        raise ValueError("accelerate_peft found no PEFT LoRA layer in the model")
+    chosen, skipped = [], {}
+    for name, layer in layers:
+        why = _static_reason(layer, lora_layer)
+        if why:
+            skipped[name] = why
+        else:
+            chosen.append((name, layer))
+    if backend != "auto":
+        for device in sorted({layer.base_layer.weight.device for _, layer in chosen}, key=str):
+            why = backends.unavailable_reason(backend, device)
+            if why:
+                raise backends.BackendUnavailableError(f"backend {backend!r} is unavailable: {why}")
+    for _, layer in chosen:
+        # NOTE: plain instance attributes; functools.partial (not a bound method) so that
+        # deepcopy and pickling of the model carry them over to the copy's own layer.
+        object.__setattr__(layer, _STATE, _Settings(backend))
+        layer.forward = functools.partial(_forward, layer)
+        layer.merge = functools.partial(_merge, layer)
+        layer.unmerge = functools.partial(_unmerge, layer)
+    return AccelerationReport(model, backend, [n for n, _ in chosen], skipped)
+
+
+def deaccelerate_peft(model: nn.Module) -> nn.Module:
+    """Undo :func:`accelerate_peft`: every layer runs PEFT's own forward, merge and unmerge again.
+
+    Merged adapters stay merged (PEFT's unmerge undoes them as well). Returns ``model``.
+    """
+    for module in model.modules():
+        if hasattr(module, _STATE):
+            for attr in _PATCHED:
+                module.__dict__.pop(attr, None)
+            object.__delattr__(module, _STATE)
+    return model
