@@ -153,3 +153,16 @@ def test_no_kernel_spills(arch):
     assert len(usage) >= len(sass(arch)) > 0
     spilled = {n[:120]: u for n, u in usage.items() if u.get("LOCAL", 0) or u.get("STACK", 0)}
     assert not spilled, f"kernels with local memory / stack (register spills): {spilled}"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_thin_products_use_tensor_cores_and_16_byte_loads(arch):
+    if not sass(arch):
+        pytest.skip(f"built without {arch}")
+    kernels = {n: s for n, s in sass(arch).items() if "skinny_tc_kernel" in n}
+    # fp16 / bf16 x 5 layouts (xa with and without mask, g, dB, dAᵀ) x 3 tile widths (r ≤ 16, 32, 64)
+    assert len(kernels) == 30, sorted(kernels)
+    for name, code in kernels.items():
+        assert "HMMA" in code, f"HMMA missing in {name[:120]}…"
+        assert "LDSM" in code, f"ldmatrix missing in {name[:120]}…"
+        assert re.search(r"LDG\.E\.128", code), f"no 16-byte global load in {name[:120]}…"
