@@ -221,11 +221,12 @@ def test_misaligned_and_strided_inputs(dtype, gemm_path):
     forward_backward_match_reference(x_mis, w_t, b, A, B, dy, 1.25, 0.2, 99, dtype)
 
 
-# Shapes the sm_90a kernels take (K, N, r multiples of 8): one k-tile or less (K = 8), ranks above
+# Shapes the sm_90a kernels take (K, N, r multiples of 8): one k-tile or less (K = 8), every
+# tile width of the tensor-core thin products (r = 8, 16, 32, 64, 72), ranks above
 # one 64-wide k-tile (72), partial tiles on every edge, and more output tiles than SMs (2048 x 4096
-# in 128 x 256 tiles) so that the persistent scheduler loops.
-SM90_SHAPES = [(1, 8, 8, 8), (7, 64, 136, 16), (65, 520, 264, 72), (300, 72, 1032, 64), (1000, 4096, 384, 8),
-               (2048, 512, 4096, 16)]
+# in 128 x 256 tiles, in the forward and in the backward) so that the persistent scheduler loops.
+SM90_SHAPES = [(1, 8, 8, 8), (7, 64, 136, 16), (65, 520, 264, 72), (300, 72, 1032, 64), (1000, 4096, 384, 32),
+               (2048, 512, 4096, 16), (2048, 4096, 512, 16)]
 
 
 @requires_gpu
