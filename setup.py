@@ -17,6 +17,8 @@ Environment switches (see docs/cuda.md):
     LORA_KERNELS_LINEINFO=1       -lineinfo (source lines in compute-sanitizer / Nsight reports)
     LORA_KERNELS_PTXAS_VERBOSE=1  ptxas register / spill report for every kernel
     MAX_JOBS                      parallel compile jobs (ninja); NVCC_THREADS: nvcc --threads
+    LORA_KERNELS_CUTLASS_DIR      CUTLASS headers for the sm_90a kernels (also CUTLASS_PATH); default:
+                                  the pinned nvidia-cutlass wheel
     CUDA_HOME / CUDA_PATH         the toolkit, when it should not be found from nvcc
 """
 
@@ -157,6 +159,82 @@ def arch_flags(spec: str) -> list[str]:
     return list(dict.fromkeys(flags))
 
 
+# --------------------------------------------------------------------------- #
+# Sources of the extension and CUTLASS (the sm_90a kernels)
+# --------------------------------------------------------------------------- #
+
+
+def find_cutlass_include() -> tuple[str | None, str]:
+    """``(CUTLASS include dir, "")`` or ``(None, why not)``: the directory holding ``cutlass/`` and ``cute/``.
+
+    Order: $LORA_KERNELS_CUTLASS_DIR, then $CUTLASS_PATH (a CUTLASS checkout or its include/ dir),
+    then the headers the pinned ``nvidia-cutlass`` wheel ships (``cutlass_library/source/include``).
+    """
+
+    def include_of(root: Path) -> Path | None:
+        for cand in (root, root / "include", root / "source" / "include"):
+            if (cand / "cutlass" / "cutlass.h").is_file() and (cand / "cute" / "tensor.hpp").is_file():
+                return cand
+        return None
+
+    tried = []
+    for var in ("LORA_KERNELS_CUTLASS_DIR", "CUTLASS_PATH"):
+        value = os.environ.get(var)
+        if value:
+            found = include_of(Path(value))
+            if found:
+                return str(found.resolve()), ""
+            # An explicit choice that does not hold the headers is an error, not a reason to look elsewhere.
+            return None, f"${var}={value} has no cutlass/cutlass.h and cute/tensor.hpp (nor under include/)"
+    try:
+        import cutlass_library
+    except ImportError as exc:
+        tried.append(f"the nvidia-cutlass wheel is not installed ({exc})")
+    else:
+        found = include_of(Path(cutlass_library.__file__).resolve().parent / "source")
+        if found:
+            return str(found), ""
+        tried.append(f"cutlass_library at {Path(cutlass_library.__file__).parent} ships no C++ headers")
+    return None, "; ".join(tried)
+
+
+def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
+    """``(sources, include dirs, extra nvcc flags)`` of the extension for the arch list ``archs``.
+
+    The sm_90a kernels (csrc/cuda/sm90/, built on CUTLASS/CuTe) are compiled when the list has
+    an sm_90a entry ("9.0a"); they need the CUTLASS headers (``pip install nvidia-cutlass==4.2.0.0``,
+    or LORA_KERNELS_CUTLASS_DIR / CUTLASS_PATH), and their absence is then an error.
+    """
+    sources = ["csrc/lora.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    include_dirs = [str(ROOT / "csrc")]
+    flags: list[str] = []
+    if not any(re.fullmatch(r"9\.0a(\+PTX)?", e, flags=re.IGNORECASE) for e in re.split(r"[;,\s]+", archs.strip())):
+        return sources, include_dirs, flags
+    cutlass_include, why = find_cutlass_include()
+    if cutlass_include is None:
+        raise SystemExit(
+            "lora_kernels setup: the sm_90a kernels (LORA_KERNELS_CUDA_ARCHS contains 9.0a) need the CUTLASS "
+            f"headers: {why}. Fix: pip install nvidia-cutlass==4.2.0.0, or set LORA_KERNELS_CUTLASS_DIR to a "
+            "CUTLASS checkout, or build without Hopper kernels (LORA_KERNELS_CUDA_ARCHS=8.0)"
+        )
+    _notice(f"sm_90a kernels: CUTLASS headers from {cutlass_include}")
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda" / "sm90").glob("*.cu"))
+    include_dirs.append(cutlass_include)
+    # NOTE: -DNDEBUG matters: an assert() in CUTLASS's mainloop is a function call, across which
+    # ptxas serialises the wgmma pipeline (warning C7510). The -U flags undo PyTorch's
+    # __CUDA_NO_HALF*__ defines, which CUTLASS's half/bfloat16 types do not expect.
+    flags += [
+        "-DLORA_KERNELS_SM90",
+        "-DNDEBUG",
+        "--expt-relaxed-constexpr",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    ]
+    return sources, include_dirs, flags
+
+
 def cuda_extensions() -> tuple[list, dict]:
     """``(ext_modules, cmdclass)`` for the extension, or empty ones with a notice."""
     if SKIP_CUDA:
@@ -200,13 +278,12 @@ def cuda_extensions() -> tuple[list, dict]:
     if os.environ.get("NVCC_THREADS"):
         nvcc += ["--threads", os.environ["NVCC_THREADS"]]
 
-    sources = ["csrc/lora.cpp"] + sorted(
-        str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu")
-    )
+    sources, include_dirs, source_flags = cuda_sources(os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
+    nvcc += source_flags
     ext = CUDAExtension(
         name="lora_kernels._C",
         sources=sources,
-        include_dirs=[str(ROOT / "csrc")],
+        include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         # Rebuild when a header changes (ninja tracks the includes of each source).
         depends=sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.h*"), recursive=True)),

@@ -14,8 +14,9 @@ module decides which names exist, which are usable for a tensor, and what
 - ``cuda``: the hand-written CUDA kernels of the compiled extension
   ``lora_kernels._C``; CUDA tensors.
 
-``auto`` picks, for CUDA tensors, the first usable backend of
-``AUTO_ORDER_CUDA``, and for every other device the reference path.
+``auto`` picks, for CUDA tensors, the first usable backend of ``auto_order``
+(the measured table ``AUTO_MEASURED_ORDER`` for the GPU's compute capability, else
+``AUTO_ORDER_CUDA``), and for every other device the reference path.
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
+
+# What "auto" tries first on a CUDA device, by compute capability ("9.0", "8.0", "8.9", ...):
+# the faster of triton and cuda as MEASURED there (docs/cuda.md, "Choosing between triton and
+# cuda", says how to fill it from bench/run.py's results.json). A capability without an entry
+# uses AUTO_ORDER_CUDA.
+# NOTE: empty on purpose: no GPU has run this version's kernels yet; no entry is a guess.
+AUTO_MEASURED_ORDER: dict[str, tuple[str, ...]] = {}
+
+
+def auto_order(device: torch.device) -> tuple[str, ...]:
+    """The backends "auto" tries, in order, on CUDA ``device`` (AUTO_MEASURED_ORDER, else AUTO_ORDER_CUDA)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return AUTO_MEASURED_ORDER.get(f"{major}.{minor}", AUTO_ORDER_CUDA)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -107,7 +121,7 @@ def resolve(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type != "cuda":
             return "reference"
-        return next(n for n in AUTO_ORDER_CUDA if not unavailable_reason(n, device))
+        return next(n for n in auto_order(device) if not unavailable_reason(n, device))
     why = unavailable_reason(name, device)
     if why:
         raise BackendUnavailableError(f"backend {name!r} is unavailable: {why}")

@@ -7,6 +7,10 @@ The kernels live in ``csrc/`` and are compiled into the extension
 :mod:`lora_kernels.reference`, so :mod:`lora_kernels.backends` can use them
 interchangeably. How the kernels work: docs/cuda.md.
 
+The kernels are chosen in C++ per call: on a compute capability 9.0 GPU the fp16/bf16
+GEMMs run the sm_90a kernels (TMA, wgmma; CUTLASS) where the shapes allow, elsewhere
+the sm_80 ones; ``LORA_KERNELS_CUDA_GEMM=auto|sm80|sm90`` overrides the choice.
+
 An ``ImportError`` from this module means the extension was not built; the
 backend registry turns it into a clear "unavailable" message.
 """

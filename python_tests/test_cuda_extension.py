@@ -27,6 +27,38 @@ except ImportError as exc:
 pytestmark = pytest.mark.skipif(not BUILT, reason=WHY_NOT or "built")
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 
+# The fp16/bf16 GEMM kernels a test runs: LORA_KERNELS_CUDA_GEMM=sm80 (cp.async + mma.sync, any
+# GPU of compute capability 8.0+) or sm90 (TMA + wgmma; a 9.0 GPU and a build with 9.0a). With sm90,
+# calls the sm_90a kernels cannot take (dropout in the backward, unaligned shapes) still run sm80.
+GEMM_PATHS = ["sm80", "sm90"]
+
+
+def _sm90_unavailable() -> str:
+    if not ON_GPU:
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability() != (9, 0):
+        return f"the sm_90a kernels need a compute capability 9.0 GPU, got {torch.cuda.get_device_capability()}"
+    return ""
+
+
+@pytest.fixture(params=GEMM_PATHS)
+def gemm_path(request, monkeypatch):
+    """Runs the test once per GEMM path (the C++ launchers read the variable on every call)."""
+    if request.param == "sm90":
+        why = _sm90_unavailable()
+        if why:
+            pytest.skip(why)
+    monkeypatch.setenv("LORA_KERNELS_CUDA_GEMM", request.param)
+    if request.param == "sm90":
+        x = torch.zeros(8, 8, device="cuda", dtype=torch.bfloat16)
+        try:
+            torch.ops.lora_kernels.cuda_lora_forward(x, x, None, x, x, 1.0, 0.0, cuda_seed(0))
+        except RuntimeError as exc:
+            if "no sm_90a kernels" in str(exc):
+                pytest.skip(str(exc))
+            raise
+    return request.param
+
 # Relative error ‖out − ref‖ / ‖ref‖ against float64.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -114,7 +146,7 @@ def cuda_seed(seed: int) -> torch.Tensor:
 def forward_backward_match_reference(x, weight, b, A, B, dy, s, p, seed, dtype):
     """The CUDA ops on these (possibly strided or misaligned) tensors against the fp64 reference."""
     ops = torch.ops.lora_kernels
-    d = lambda t: t.double()  # noqa: E731
+    d = lambda t: None if t is None else t.double()  # noqa: E731
     y, xa = ops.cuda_lora_forward(x, weight, b, A, B, s, p, cuda_seed(seed))
     y64, _ = reference.lora_forward(d(x), d(weight), d(b), d(A), d(B), s, p, seed)
     check("y", y, y64, dtype)
@@ -170,7 +202,7 @@ def test_forward_backward_match_fp64_reference(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(512, 1024, 768, 64), (257, 520, 130, 128), (3, 4096, 256, 8)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_larger_shapes(shape, dtype):
+def test_larger_shapes(shape, dtype, gemm_path):
     """Many k-tiles through the pipeline, ranks spanning several tiles, long thin reductions."""
     M, K, N, r = shape
     x, weight, b, A, B, dy = make(M, K, N, r, dtype)
@@ -179,7 +211,7 @@ def test_larger_shapes(shape, dtype):
 
 @requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_misaligned_and_strided_inputs(dtype):
+def test_misaligned_and_strided_inputs(dtype, gemm_path):
     """Tensors whose data pointer is not 16-byte aligned take the scalar-load path."""
     M, K, N, r = 33, 64, 48, 8
     x, weight, b, A, B, dy = make(M, K, N, r, dtype)
@@ -189,11 +221,52 @@ def test_misaligned_and_strided_inputs(dtype):
     forward_backward_match_reference(x_mis, w_t, b, A, B, dy, 1.25, 0.2, 99, dtype)
 
 
+# Shapes the sm_90a kernels take (K, N, r multiples of 8): one k-tile or less (K = 8), every
+# tile width of the tensor-core thin products (r = 8, 16, 32, 64, 72), ranks above
+# one 64-wide k-tile (72), partial tiles on every edge, and more output tiles than SMs (2048 x 4096
+# in 128 x 256 tiles, in the forward and in the backward) so that the persistent scheduler loops.
+SM90_SHAPES = [(1, 8, 8, 8), (7, 64, 136, 16), (65, 520, 264, 72), (300, 72, 1032, 64), (1000, 4096, 384, 32),
+               (2048, 512, 4096, 16), (2048, 4096, 512, 16)]
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SM90_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gemm_paths_match_fp64_reference(shape, bias, dtype, gemm_path):
+    """Forward and every gradient, without dropout: on sm90 both GEMMs run the sm_90a kernels."""
+    M, K, N, r = shape
+    x, weight, b, A, B, dy = make(M, K, N, r, dtype, bias=bias)
+    forward_backward_match_reference(x, weight, b, A, B, dy, 0.75, 0.0, 11, dtype)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(65, 520, 264, 16), (513, 1024, 768, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_gemm_paths_with_dropout(shape, dtype, gemm_path):
+    """With dropout the forward GEMM still runs sm_90a on sm90; the backward's runs sm_80."""
+    M, K, N, r = shape
+    x, weight, b, A, B, dy = make(M, K, N, r, dtype)
+    forward_backward_match_reference(x, weight, b, A, B, dy, 0.5, 0.1, 2**40 + 3, dtype)
+
+
+@requires_gpu
+def test_gemm_path_variable_is_checked(monkeypatch):
+    x, weight, b, A, B, _ = make(8, 8, 8, 8, torch.float16)
+    monkeypatch.setenv("LORA_KERNELS_CUDA_GEMM", "hopper")
+    with pytest.raises(RuntimeError, match="LORA_KERNELS_CUDA_GEMM must be auto, sm80 or sm90"):
+        torch.ops.lora_kernels.cuda_lora_forward(x, weight, b, A, B, 1.0, 0.0, cuda_seed(0))
+    if torch.cuda.get_device_capability() != (9, 0):
+        monkeypatch.setenv("LORA_KERNELS_CUDA_GEMM", "sm90")
+        with pytest.raises(RuntimeError, match="compute capability 9.0|no sm_90a kernels"):
+            torch.ops.lora_kernels.cuda_lora_forward(x, weight, b, A, B, 1.0, 0.0, cuda_seed(0))
+
+
 @requires_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,K", [(1, 7), (65, 130), (1000, 65), (9, 4)])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_mask_is_bit_identical_to_the_reference(M, K, p, dtype):
+def test_dropout_mask_is_bit_identical_to_the_reference(M, K, p, dtype, gemm_path):
     """Choose the factors so that the gradients reveal the mask exactly.
 
     Forward: A = I (r = K), x = 1, so xa = D. Backward: W0 = 0, A = B = dy = 1

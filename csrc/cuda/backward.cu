@@ -3,15 +3,17 @@
 //   2. dB  = dyᵀ xa                            (N, r)  thin product over the M rows (xa holds s)
 //   3. dAᵀ = (x ⊙ D)ᵀ g                        (K, r)  thin product over the M rows, mask regenerated
 //                                                      while x is loaded, written straight into dA (r, K)
-//   4. dx  = (g A) ⊙ D + dy W0                 (M, K)  the fused GEMM: the low-rank tiles first, masked
-//                                                      and scaled by 1/(1-p) in the accumulator, then the
-//                                                      base tiles (W0 read in place as W0ᵀ), one store
+//   4. dx  = (g A) ⊙ D + dy W0                 (M, K)  the fused GEMM (W0 read in place as W0ᵀ), one store:
+//                                                      without dropout on sm_90 the TMA/wgmma kernel (sm90/),
+//                                                      else the sm_80 one (gemm_tc.cuh: the low-rank tiles
+//                                                      first, masked and scaled by 1/(1-p) in the accumulator)
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common.cuh"
 #include "gemm_simt.cuh"
 #include "gemm_tc.cuh"
+#include "sm90/gemm_sm90.h"
 
 namespace lora_kernels {
 
@@ -98,6 +100,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
     p.c_vec2 = reinterpret_cast<uintptr_t>(p.c) % 4 == 0 && K % 2 == 0;
 
     LORA_DISPATCH_FLOAT_TYPES(dtype, "cuda_lora_backward", [&] {
+#ifdef LORA_KERNELS_SM90
+      // NOTE: the mask D applies to the low-rank term alone, so with dropout the two products
+      // cannot share one accumulator in the sm_90a mainloop: dropout runs the sm_80 kernel.
+      if constexpr (kTensorCoreType<scalar_t>) {
+        const sm90::GemmArgs a{p.x, p.w, p.l, p.u, nullptr, p.c, M, K, N, r};
+        if (use_sm90_gemm("cuda_lora_backward", !dropout.enabled && sm90::sm90_gemm_eligible(a))) {
+          return sm90::run_gemm<scalar_t, /*W_KMAJOR=*/false>(a, current_stream());
+        }
+      }
+#endif
       LORA_BOOL_SWITCH(dropout.enabled, kMask, [&] {
         if constexpr (kTensorCoreType<scalar_t>) {
           tc::launch_gemm<scalar_t, /*B_KMAJOR=*/false, /*BIAS=*/false, kMask>(p);

@@ -11,10 +11,15 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../lora_kernels.h"
+#include "device_once.h"
 
 namespace lora_kernels {
 
@@ -33,11 +38,58 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
+// (major, minor) compute capability of the current device, queried once per device.
+inline std::pair<int, int> device_capability() {
+  static PerDeviceOnce once;
+  static std::array<std::pair<int, int>, kMaxDevices> cc{};
+  once([&] {
+    cc[c10::cuda::current_device()] = {device_attribute(cudaDevAttrComputeCapabilityMajor),
+                                       device_attribute(cudaDevAttrComputeCapabilityMinor)};
+  });
+  return cc[c10::cuda::current_device()];
+}
+
+// The number of SMs of the current device, queried once per device.
+inline int sm_count() {
+  static PerDeviceOnce once;
+  static std::array<int, kMaxDevices> count{};
+  once([&] { count[c10::cuda::current_device()] = device_attribute(cudaDevAttrMultiProcessorCount); });
+  return count[c10::cuda::current_device()];
+}
+
+// Which GEMM kernels a fp16/bf16 call runs: the sm_90a ones (TMA, wgmma; csrc/cuda/sm90/) on a
+// compute capability 9.0 GPU when the build has them and the call is `eligible` (alignment,
+// no dropout in the backward), else the sm_80 ones (cp.async, mma.sync; gemm_tc.cuh).
+// LORA_KERNELS_CUDA_GEMM overrides the choice (tests run each path on the same GPU):
+//   auto (default) | sm80: never the sm_90a kernels | sm90: the sm_90a kernels wherever
+//   eligible, and an error when this build or GPU has none.
+inline bool use_sm90_gemm(const char* op, bool eligible) {
+  const char* env = std::getenv("LORA_KERNELS_CUDA_GEMM");
+  const std::string mode = env && *env ? env : "auto";
+  TORCH_CHECK(mode == "auto" || mode == "sm80" || mode == "sm90", op,
+              ": LORA_KERNELS_CUDA_GEMM must be auto, sm80 or sm90, got '", mode, "'");
+  if (mode == "sm80") return false;
+#ifdef LORA_KERNELS_SM90
+  constexpr bool built = true;
+#else
+  constexpr bool built = false;
+#endif
+  const auto cc = device_capability();
+  const bool hopper = cc.first == 9 && cc.second == 0;  // sm_90a code runs on 9.0 only
+  if (mode == "sm90") {
+    TORCH_CHECK(built, op, ": LORA_KERNELS_CUDA_GEMM=sm90 but this build has no sm_90a kernels "
+                "(LORA_KERNELS_CUDA_ARCHS without 9.0a)");
+    TORCH_CHECK(hopper, op, ": LORA_KERNELS_CUDA_GEMM=sm90 needs a compute capability 9.0 GPU, got ", cc.first,
+                ".", cc.second);
+  }
+  return built && hopper && eligible;
+}
+
 // The tensor-core kernels use cp.async, ldmatrix and bf16 mma.sync: compute capability 8.0+.
 inline void require_sm80(const char* op) {
-  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor);
-  TORCH_CHECK(major >= 8, op, ": float16/bfloat16 need a GPU of compute capability 8.0 or newer, got ", major, ".",
-              device_attribute(cudaDevAttrComputeCapabilityMinor));
+  const auto cc = device_capability();
+  TORCH_CHECK(cc.first >= 8, op, ": float16/bfloat16 need a GPU of compute capability 8.0 or newer, got ", cc.first,
+              ".", cc.second);
 }
 
 // --------------------------------------------------------------------------- //

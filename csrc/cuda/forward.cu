@@ -1,14 +1,17 @@
 // lora_kernels::cuda_lora_forward — two launches:
 //   1. xa = s · (x ⊙ D) Aᵀ           the thin product (skinny.cu), mask regenerated while x is loaded;
 //                                     saved for backward already scaled (reference.lora_forward)
-//   2. y  = xa Bᵀ + x W0ᵀ + b         the fused GEMM: the low-rank tiles first, then the base tiles,
-//                                     bias, one store of y
+//   2. y  = xa Bᵀ + x W0ᵀ + b         the fused GEMM, one store of y: on sm_90 the TMA/wgmma kernel
+//                                     (sm90/: base k-tiles, then the low-rank ones), else the
+//                                     sm_80 kernel (gemm_tc.cuh: low-rank k-tiles first); see
+//                                     use_sm90_gemm
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common.cuh"
 #include "gemm_simt.cuh"
 #include "gemm_tc.cuh"
+#include "sm90/gemm_sm90.h"
 
 namespace lora_kernels {
 
@@ -83,6 +86,14 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x, const 
   p.c_vec2 = reinterpret_cast<uintptr_t>(p.c) % 4 == 0 && N % 2 == 0;
 
   LORA_DISPATCH_FLOAT_TYPES(dtype, "cuda_lora_forward", [&] {
+#ifdef LORA_KERNELS_SM90
+    if constexpr (kTensorCoreType<scalar_t>) {
+      const sm90::GemmArgs a{p.x, p.w, p.l, p.u, p.bias, p.c, M, N, K, r};
+      if (use_sm90_gemm("cuda_lora_forward", sm90::sm90_gemm_eligible(a))) {
+        return sm90::run_gemm<scalar_t, /*W_KMAJOR=*/true>(a, current_stream());
+      }
+    }
+#endif
     LORA_BOOL_SWITCH(has_bias, kBias, [&] {
       if constexpr (kTensorCoreType<scalar_t>) {
         tc::launch_gemm<scalar_t, /*B_KMAJOR=*/true, kBias, /*MASK=*/false>(p);

@@ -261,7 +261,8 @@ void launch_gemm(const GemmParams& p) {
   if (p.M == 0 || p.N == 0) return;
   auto kernel = gemm_kernel<T, B_KMAJOR, BIAS, MASK>;
   constexpr int smem = smem_bytes<B_KMAJOR>();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  static PerDeviceOnce once;  // an attribute per device, set on the first launch there
+  once([&] { C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); });
   const int64_t blocks = ceil_div(p.M, kBM) * ceil_div(p.N, kBN);
   TORCH_CHECK(blocks <= INT32_MAX, "lora_kernels: output too large for one launch");
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, current_stream()>>>(p);

@@ -1,0 +1,152 @@
+// The sm_90a GEMM, composed from CUTLASS 3.x/4.x building blocks (see gemm_sm90.h for the math):
+//
+// - kernel: cutlass::gemm::kernel::GemmUniversal with KernelTmaWarpSpecializedCooperative: a
+//   persistent tile scheduler, one producer warp issuing TMA loads into a PipelineTmaAsync
+//   multi-stage shared-memory pipeline (mbarriers), two consumer warp groups sharing each
+//   128x256 output tile, wgmma from shared memory (GMMA atoms chosen by the collective builder);
+// - mainloop: LoraMainloop (lora_mainloop.hpp), CUTLASS's TMA/GMMA mainloop plus the k-tiles of
+//   the low-rank pair (L, U) from their own TMA descriptors;
+// - epilogue: the TMA warp-specialized epilogue with the LinCombPerColBias fusion,
+//   D = acc + bias[n] in fp32, one rounding, stored by TMA (a null bias reads as zeros).
+//
+// Included only by the gemm_sm90_*.cu files, one instantiation each.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+#include <array>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/device_kernel.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "cutlass/kernel_hardware_info.h"
+
+#include "../device_once.h"
+#include "gemm_sm90.h"
+#include "lora_mainloop.hpp"
+
+namespace lora_kernels::sm90 {
+
+template <typename T>
+struct CutlassType;
+template <>
+struct CutlassType<__half> {
+  using type = cutlass::half_t;
+};
+template <>
+struct CutlassType<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+
+template <typename T, bool W_KMAJOR>
+struct GemmConfig {
+  using Element = typename CutlassType<T>::type;
+  using LayoutX = cutlass::layout::RowMajor;
+  // CUTLASS's B operand is (N, K): "ColumnMajor" = K contiguous (W (N, K) row-major),
+  // "RowMajor" = N contiguous (W stored (K, N)).
+  using LayoutW = cute::conditional_t<W_KMAJOR, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+  using LayoutC = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 8;  // elements per 16 bytes
+
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_1, _1, _1>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutC, kAlign,      // no source C
+      Element, LayoutC, kAlign,   // D
+      cutlass::epilogue::TmaWarpSpecializedCooperative,
+      cutlass::epilogue::fusion::LinCombPerColBias<Element, float, Element, Element, float>>::CollectiveOp;
+
+  using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutX, kAlign, Element, LayoutW, kAlign, float,
+      TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Mainloop = LoraMainloop<BaseMainloop>;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+};
+
+// Set up once per device: the kernel's shared-memory attribute and the SM count.
+template <class Kernel>
+int prepare_device() {
+  static PerDeviceOnce once;
+  static std::array<int, kMaxDevices> sm_count{};
+  once([&] {
+    const int device = c10::cuda::current_device();
+    C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(Kernel::SharedStorageSize)));
+    sm_count[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  });
+  return sm_count[c10::cuda::current_device()];
+}
+
+template <typename T, bool W_KMAJOR>
+void run_gemm(const GemmArgs& a, cudaStream_t stream) {
+  using Config = GemmConfig<T, W_KMAJOR>;
+  using Kernel = typename Config::Kernel;
+  using Mainloop = typename Config::Mainloop;
+  using Element = typename Config::Element;
+  using StrideA = typename Kernel::StrideA;
+  using StrideB = typename Kernel::StrideB;
+  using StrideD = typename Kernel::StrideD;
+
+  const int M = static_cast<int>(a.M), N = static_cast<int>(a.N), K = static_cast<int>(a.K), R = static_cast<int>(a.R);
+  const int device = c10::cuda::current_device();
+  const int sm_count = prepare_device<Kernel>();
+
+  StrideA dX{}, dL{};
+  StrideB dW{}, dU{};
+  StrideD dC{};
+  get<0>(dX) = K;  // X (M, K): (m, k) -> m*K + k
+  get<0>(dL) = R;
+  if constexpr (W_KMAJOR) {
+    get<0>(dW) = K;  // W (N, K): (n, k) -> n*K + k
+    get<0>(dU) = R;
+  } else {
+    get<1>(dW) = N;  // W (K, N): (n, k) -> k*N + n
+    get<1>(dU) = N;
+  }
+  get<0>(dC) = N;
+
+  typename Kernel::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = make_shape(M, N, Mainloop::virtual_k(K, R), 1);
+  args.mainloop = {static_cast<Element const*>(a.x), dX, static_cast<Element const*>(a.w), dW,
+                   static_cast<Element const*>(a.l), dL, static_cast<Element const*>(a.u), dU, K, R};
+  args.epilogue.thread.alpha = 1.f;
+  args.epilogue.thread.beta = 0.f;
+  args.epilogue.thread.bias_ptr = static_cast<Element const*>(a.bias);
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = dC;
+  args.epilogue.ptr_D = static_cast<Element*>(a.c);
+  args.epilogue.dD = dC;
+  args.hw_info.device_id = device;
+  args.hw_info.sm_count = sm_count;
+
+  TORCH_CHECK(Kernel::can_implement(args), "lora_kernels: the sm_90a GEMM cannot run M=", M, " N=", N, " K=", K,
+              " R=", R, " (alignment); the launcher should have chosen the sm_80 kernels");
+  // NOTE: the persistent scheduler and the TMA epilogue need no workspace; refuse rather than
+  // launch without one if a CUTLASS update changes that.
+  TORCH_CHECK(Kernel::get_workspace_size(args) == 0, "lora_kernels: the sm_90a GEMM unexpectedly needs a workspace");
+  const typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+  const dim3 grid = Kernel::get_grid_shape(params);
+  const dim3 block = Kernel::get_block_shape();
+  cutlass::device_kernel<Kernel><<<grid, block, Kernel::SharedStorageSize, stream>>>(params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace lora_kernels::sm90
+
+// One instantiation per translation unit: LORA_SM90_INSTANTIATE(__nv_bfloat16, true) etc.
+#define LORA_SM90_INSTANTIATE(T, W_KMAJOR) \
+  template void lora_kernels::sm90::run_gemm<T, W_KMAJOR>(const lora_kernels::sm90::GemmArgs&, cudaStream_t)
