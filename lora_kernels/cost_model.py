@@ -204,8 +204,17 @@ def forward_launches(plan: str, s: Shape) -> list[Launch]:
     raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS[1:]}")
 
 
-def backward_launches(plan: str, s: Shape, need_grad_x: bool = True) -> list[Launch]:
-    """The launches of one backward (gradients of x when ``need_grad_x``, A and B; W0 frozen)."""
+BACKWARD_PLANS = ("fused_g", "g_pass")
+
+
+def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: str = "fused_g") -> list[Launch]:
+    """The launches of one backward (gradients of x when ``need_grad_x``, A and B; W0 frozen).
+
+    For our plans, ``backward`` picks the dx launch: ``"fused_g"`` (built: g = s·dy B recomputed
+    in the dx GEMM's main loop) or ``"g_pass"`` (a comparison only: a thin pass over dy first).
+    """
+    if backward not in BACKWARD_PLANS:
+        raise ValueError(f"unknown backward plan {backward!r}; expected one of {BACKWARD_PLANS}")
     M, K, N, r, e = s.M, s.K, s.N, s.r, s.e
     if plan == "frozen":
         return [_gemm("dx = dy W0", s, M, K, N)] if need_grad_x else []
@@ -220,6 +229,15 @@ def backward_launches(plan: str, s: Shape, need_grad_x: bool = True) -> list[Lau
             return [_thin("g = s·dy B, dB partials", s, M, N, r, e * (M * N + N * r + 2 * M * r) + runs_dy,
                           products=2),
                     _thin("dAᵀ partials = (x⊙D)ᵀ g", s, M, K, r, e * (M * K + M * r) + runs_x, _dropout_calls(s)),
+                    reduce]
+        if backward == "g_pass":
+            # Not built: g and the dB partials from one thin pass over dy, then the dx GEMM reads g.
+            runs_dy = BYTES_FP32 * runs * N * r
+            return [_thin("g = s·dy B, dB partials", s, M, N, r, e * (M * N + N * r + 2 * M * r) + runs_dy,
+                          products=2),
+                    _gemm("dx = dy W0 + (gA)⊙D; dA partials", s, M, K, N, extra_flops=2.0 * 2 * M * K * r,
+                          extra_bytes=e * (M * K + M * r + K * r) + BYTES_FP32 * runs * K * r,
+                          philox=_dropout_calls(s)),
                     reduce]
         # g is recomputed from the dy tiles in every column block of dx; x is read once, for dA and the mask.
         col_blocks = math.ceil(K / s.tiling.block_n)
@@ -277,12 +295,12 @@ def _shape(M, K, N, r, dtype, dropout_p, tiling) -> Shape:
     return Shape(M, K, N, r, torch.empty((), dtype=dtype).element_size(), dropout_p > 0.0, tiling)
 
 
-def _steps(plan: str, s: Shape, mode: str, need_grad_x: bool) -> list[Launch]:
+def _steps(plan: str, s: Shape, mode: str, need_grad_x: bool, backward: str = "fused_g") -> list[Launch]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     out = forward_launches(plan, s)
     if mode == "fwd+bwd":
-        out += backward_launches(plan, s, need_grad_x)
+        out += backward_launches(plan, s, need_grad_x, backward)
     return out
 
 
@@ -293,14 +311,15 @@ def _seconds(launches: Sequence[Launch], spec: DeviceSpec, dtype: torch.dtype, h
 
 def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
             mode: str = "fwd", plan: str = "auto", device=None, *, need_grad_x: bool = True,
-            host_s: float = 0.0, tiling: Tiling = DEFAULT_TILING) -> Prediction:
+            host_s: float = 0.0, tiling: Tiling = DEFAULT_TILING, backward: str = "fused_g") -> Prediction:
     """Predicted time of ``plan`` for x (M, K) through a (N, K) layer of rank ``r``, and its ratio
     to the frozen layer (``plan="frozen"``) in the same mode on the same device.
 
     ``plan``: ``"auto"`` (ours, with the forward plan :func:`choose_forward_plan` picks),
     ``"fused"``/``"two_pass"`` (ours, that forward plan forced), ``"frozen"``, ``"unsloth"``
     (cuBLAS + ``addmm_``), ``"peft"`` (PEFT's layer; also the eager formula). ``host_s``: host
-    cost per launch; a step takes the longer of its GPU and host times.
+    cost per launch; a step takes the longer of its GPU and host times. ``backward``: our dx
+    launch (:func:`backward_launches`).
     """
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS}")
@@ -308,7 +327,7 @@ def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16,
     s = _shape(M, K, N, r, dtype, dropout_p, tiling)
     if plan == "auto":
         plan = _choose(s, spec, dtype)
-    launches = _steps(plan, s, mode, need_grad_x)
+    launches = _steps(plan, s, mode, need_grad_x, backward)
     frozen = _steps("frozen", s, mode, need_grad_x)
     return Prediction(plan, mode, _seconds(launches, spec, dtype, host_s), _seconds(frozen, spec, dtype, host_s),
                       tuple(launches))
@@ -396,11 +415,13 @@ def launches_text(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfl
     spec = device_spec(device)
     s = _shape(M, K, N, r, dtype, dropout_p, DEFAULT_TILING)
     out = [f"M={M} K={K} N={N} r={r} {dtype} p={dropout_p:g} on {spec.name}"]
-    for plan in PLANS[1:]:
-        for mode, launches in (("fwd", forward_launches(plan, s)), ("bwd", backward_launches(plan, s))):
-            for l in launches:
-                out.append(f"  {plan:8} {mode}  {l.name:48} {l.flops / 1e9:9.2f} GFLOP {l.bytes / 1e6:9.2f} MB "
-                           f"{l.philox / 1e6:7.2f} M philox {l.time(spec, dtype) * 1e6:9.1f} µs")
+    runs = [(plan, mode, launches) for plan in PLANS[1:]
+            for mode, launches in (("fwd", forward_launches(plan, s)), ("bwd", backward_launches(plan, s)))]
+    runs.append(("g_pass", "bwd", backward_launches("auto", s, backward="g_pass")))
+    for plan, mode, launches in runs:
+        for l in launches:
+            out.append(f"  {plan:8} {mode}  {l.name:48} {l.flops / 1e9:9.2f} GFLOP {l.bytes / 1e6:9.2f} MB "
+                       f"{l.philox / 1e6:7.2f} M philox {l.time(spec, dtype) * 1e6:9.1f} µs")
     return "\n".join(out)
 
 
