@@ -224,11 +224,9 @@ def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: s
         partials = BYTES_FP32 * runs * (N + K) * r
         reduce = Launch("dA, dB = ordered sum of the partials", 0.0, partials + e * (N + K) * r)
         if not need_grad_x:
-            runs_dy = BYTES_FP32 * runs * N * r
-            runs_x = BYTES_FP32 * runs * K * r
-            return [_thin("g = s·dy B, dB partials", s, M, N, r, e * (M * N + N * r + 2 * M * r) + runs_dy,
-                          products=2),
-                    _thin("dAᵀ partials = (x⊙D)ᵀ g", s, M, K, r, e * (M * K + M * r) + runs_x, _dropout_calls(s)),
+            # One thin pass over the rows: g and the dB partials from dy, the dA partials from x.
+            return [Launch("g = s·dy B; dA, dB partials (no dx)", 2.0 * (2 * M * N * r + M * K * r),
+                           e * (M * N + M * K + M * r + N * r) + partials, _dropout_calls(s)),
                     reduce]
         if backward == "g_pass":
             # Not built: g and the dB partials from one thin pass over dy, then the dx GEMM reads g.
