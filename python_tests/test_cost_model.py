@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DEVICE
+from lora_kernels import backends
 from lora_kernels import cost_model as cm
 
 BF16 = torch.bfloat16
@@ -190,3 +192,54 @@ def test_cli(capsys):
     assert "fused" in out and "two_pass" in out and "µs" in out and "x⊙D (native_dropout)" in out
     assert cm.main(["--table", "--device", "A100"]) == 0
     assert "A100" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- #
+# The Triton path makes the launches the model counts
+# --------------------------------------------------------------------------- #
+
+TRITON_WHY = backends.unavailable_reason("triton", DEVICE)
+
+
+@pytest.mark.skipif(bool(TRITON_WHY), reason=TRITON_WHY or "available")
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("plan", ["fused", "two_pass"])
+def test_triton_launches_match_the_model(plan, p):
+    """Steady state: 1 launch per forward (fused) or 2 (two_pass), 2 per backward, as the model has
+    them; the only torch kernels are the dropout seed draw and autograd's zero gradient of xa."""
+    from bench import host_overhead
+
+    M, K, N, r = 7, 65, 33, 4
+    layer, x, dy = host_overhead.make_layer(M, K, N, r, p, DEVICE, torch.float32)
+    n = host_overhead.launches_per_call(layer, x, dy, plan)
+    s = cm.Shape(M, K, N, r, 4, p > 0)
+    assert len(n["fwd_triton"]) == len(cm.forward_launches(plan, s)) == {"fused": 1, "two_pass": 2}[plan], n
+    assert len(n["bwd_triton"]) == len(cm.backward_launches(plan, s)) == 2, n
+    assert n["fwd_torch"] == (["randint"] if p else []), n  # functional.draw_seed, on the device
+    # NOTE: autograd materialises a zero gradient for the non-differentiable xa output; a
+    # ctx.set_materialize_grads(False) in the Function would drop this kernel.
+    assert set(n["bwd_torch"]) <= {"zeros"}, n
+
+
+@pytest.mark.skipif(bool(TRITON_WHY), reason=TRITON_WHY or "available")
+def test_launch_counter_counts_and_suppresses_any_triton_kernel():
+    import triton
+    import triton.language as tl
+
+    from bench import host_overhead
+
+    @triton.jit
+    def _fill(ptr, value, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, value, mask=offs < n)
+
+    out = torch.zeros(40, device=DEVICE)
+    with host_overhead.counting() as c:
+        _fill[(3,)](out, 2.0, 40, BLOCK=16)
+        out.add_(1.0)
+    assert c.triton == ["_fill"] and c.torch == ["add_"] and bool((out == 3.0).all())
+    with host_overhead.counting(suppress=True) as c:
+        _fill[(3,)](out, 5.0, 40, BLOCK=16)
+    assert c.triton == ["_fill"] and bool((out == 3.0).all())  # not run
+    _fill[(3,)](out, 7.0, 40, BLOCK=16)  # the class is restored
+    assert bool((out == 7.0).all())
