@@ -555,9 +555,13 @@ def _use_tma(kernel: str, *tensors) -> bool:
         return False
     if USE_TMA:
         return True
-    x = tensors[0]
+    return _tma_by_default(tensors[0]) and _tma_case(kernel, *tensors) not in _TMA_FAILED_CASES
+
+
+def _tma_by_default(x: torch.Tensor) -> bool:
+    """Automatic mode: TMA for fp16/bf16 on Hopper and newer (compiled, not interpreted)."""
     return (not INTERPRET and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and _capability(x.device)[0] >= 9 and _tma_case(kernel, *tensors) not in _TMA_FAILED_CASES)
+            and _capability(x.device)[0] >= 9)
 
 
 def _gemm_uses_tma(x, w):
@@ -674,7 +678,7 @@ def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale,
         stride_bn=b.stride(0), stride_br=b.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_xam=xa.stride(0) if xa is not None else 0, stride_xar=xa.stride(1) if xa is not None else 0,
         xa_scale=xa_scale, **_dropout_args(dropout_p if fused else 0.0, seed, K, x.device),
-        FUSED=fused, STORE_XA=xa is not None, HAS_BIAS=bias is not None, BLOCK_R=_block_r(R),
+        FUSED=fused, STORE_XA=xa is not None, HAS_BIAS=bias is not None, BLOCK_R=_full_block_r(R),
         **_dtype_flags(x.dtype),
     )
     tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
