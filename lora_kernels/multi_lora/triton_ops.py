@@ -270,8 +270,9 @@ def _sgmv_gemm():
     """The autotuned GEMM, built on first use (some Triton versions touch the GPU driver when an
     autotuner is built). restore_value: with LOAD_C the kernel adds into C, which autotuning must
     not do twice."""
+    prune = functools.partial(prune_gemm_configs, kernel="_sgmv_gemm_kernel")
     return triton.autotune(_gemm_configs(), key=_GEMM_KEY, restore_value=["c_ptr"],
-                           prune_configs_by={"early_config_prune": prune_gemm_configs})(_sgmv_gemm_kernel)
+                           prune_configs_by={"early_config_prune": prune})(_sgmv_gemm_kernel)
 
 
 # --------------------------------------------------------------------------- #
@@ -306,7 +307,8 @@ def sgmv_shrink(p, q, scaling, coeff, order, seg, dropout_p=0.0, seed=0):
     else:
         # Rows per tile from the mean segment length: serving batches have short segments.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, n))))
-        block_t, launch = 128, dict(num_warps=4, num_stages=3)
+        # NOTE: 4-byte operands take half the reduced block: 128 spills registers with dropout.
+        block_t, launch = (128 if p.element_size() <= 2 else 64), dict(num_warps=4, num_stages=3)
     block_r = single._block_r(R)
     row_tiles = triton.cdiv(M, block_m) + min(n, M)  # at most one partial tile per adapter
     live_tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
