@@ -414,13 +414,15 @@ def _merge_kernel(
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). The compile check
 # (python_tests/triton_compile_check.py) compiles every one for sm_90a and sm_80 and fails on
-# register spills: a config that spills is dropped from these lists, not accepted.
+# register spills: a config that spills for a kernel variant is excluded from autotuning for it
+# (_EXCLUDED), not accepted. The last of each list is the fallback when none fits: it must not spill.
 _GEMM_SHAPES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
                 (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-_GEMM_SHAPES_POINTER = [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2)]
+_GEMM_SHAPES_POINTER = [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2), (64, 32, 32, 4, 4), (32, 32, 32, 3, 4)]
 # Backward: BLOCK_N is the step over dY's columns, BLOCK_K the dx tile's width (two halves).
 _BACKWARD_SHAPES = [(128, 64, 128, 3, 8), (128, 64, 256, 3, 8), (64, 64, 128, 4, 4), (64, 64, 128, 3, 8), (128, 32, 128, 4, 8),
-                    (64, 32, 64, 4, 4)]
+                    (64, 32, 64, 4, 4), (64, 32, 64, 3, 8)]
+_BACKWARD_SHAPES_POINTER = [(32, 32, 32, 3, 4)]  # fp32 FMA tiles (no wgmma below 64 rows)
 
 
 def _gemm_configs(tma: bool = False):
@@ -440,7 +442,7 @@ def _backward_configs(tma: bool = False):
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, **hook)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w, **hook)
-            for bm, bn, bk, s, w in _BACKWARD_SHAPES]
+            for bm, bn, bk, s, w in _BACKWARD_SHAPES + ([] if tma else _BACKWARD_SHAPES_POINTER)]
 
 
 def _set_tma_blocks(nargs):
@@ -582,7 +584,7 @@ def _use_tma(kernel: str, *tensors) -> bool:
         return False
     if USE_TMA:
         return True
-    return _tma_by_default(tensors[0]) and _tma_case(kernel, *tensors) not in _TMA_FAILED_CASES
+    return _tma_by_default(tensors[0]) and not (_TMA_FAILED_CASES and _tma_case(kernel, *tensors) in _TMA_FAILED_CASES)
 
 
 def _tma_by_default(x: torch.Tensor) -> bool:
