@@ -9,8 +9,12 @@ constants), once per autotuning config that survives the launcher's shared-memor
 that GPU. For each it prints registers, spill bytes (the cubin's stack frame, from cuobjdump),
 shared memory, and for the GEMMs whether the main loop uses wgmma and TMA copies (PTX).
 
-It fails on any register spill (drop such a config from the autotuning lists instead), and
-when a TMA kernel for sm_90a loses wgmma or its TMA copies.
+It fails on any register spill (fp64, a gradcheck dtype, is reported only), on shared memory
+beyond the GPU's, and when a TMA kernel for sm_90a loses wgmma or its TMA copies. The launchers
+never autotune over a config that spilled for that kernel variant: ``--update`` compiles
+everything and rewrites their exclusion table, lora_kernels/_triton_excluded.py (run it after
+changing a kernel or a config list, then commit the table). The table is made for r = 16;
+wider ranks hold more registers and are not covered.
 
 Usage: python triton_compile_check.py [--jobs N] [--update | --self-test]
 (~300 compilations, 3.5 CPU-minutes: about 2 min on 2 idle cores, 5 min on a busy machine,
