@@ -28,7 +28,7 @@ def test_every_config_compiles_without_spills():
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     assert "every config compiles without spills" in run.stdout
     # The Hopper GEMMs were compiled with TMA and use wgmma and TMA copies.
-    tma_rows = [line for line in run.stdout.splitlines() if line.startswith("sm_90a bf16") and "TMA=1" in line]
+    tma_rows = [line for line in run.stdout.splitlines() if line.startswith("sm_90a bfloat16") and "TMA=1" in line]
     assert tma_rows and all(line.rstrip().endswith("yes yes") for line in tma_rows)
 
 
