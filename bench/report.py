@@ -110,7 +110,25 @@ def _targets_cell(checks: list[dict]) -> str:
     return f"MISSED {len(missed)}/{len(checks)}: " + "; ".join(describe(c) for c in missed)
 
 
-def tables(results: list[dict], checks: list[dict], providers: list[str], on_gpu: bool) -> list[Table]:
+def _ratio_text(row: dict) -> str:
+    """The measured ratio, and the cost model's prediction in parentheses where it has one."""
+    text = f"{row['ratio']:.3f}"
+    if row.get("predicted_ratio") is not None:
+        text += f" ({row['predicted_ratio']:.3f})"
+    return text
+
+
+def prediction_note(model_device: str, cases: dict[str, dict[str, dict]], keys: list[str]) -> str:
+    plans = sorted({v["predicted_plan"] for k in keys for v in cases[k].values() if v.get("predicted_plan")})
+    note = (f"(n) = the cost model's predicted ratio (docs/cost_model.md) on {model_device or 'an H100'}; "
+            "no (n): a provider the model does not cover")
+    if plans:
+        note += f"; triton's predicted forward plan: {'/'.join(plans)} (predicted_plan per row in the JSON)"
+    return note
+
+
+def tables(results: list[dict], checks: list[dict], providers: list[str], on_gpu: bool,
+           model_device: str = "") -> list[Table]:
     out = []
     by_row: dict[tuple[str, str], list[dict]] = {}
     for c in checks:
@@ -154,10 +172,12 @@ def tables(results: list[dict], checks: list[dict], providers: list[str], on_gpu
             r = cases[k]
             ms_rows.append(_case_cells(first(k), mode) + [
                 _cell(r.get(p), lambda v: f"{v['ms']:.4f}") for p in present])
-            ratio = [_cell(r.get(p), lambda v: f"{v['ratio']:.3f}") for p in present]
+            ratio = [_cell(r.get(p), _ratio_text) for p in present]
             if on_gpu:
                 ratio.append(_targets_cell(by_row.get((mode, k), [])))
             ratio_rows.append(_case_cells(first(k), mode) + ratio)
+        if any("predicted_ratio" in v for k in keys for v in cases[k].values()):
+            notes = [prediction_note(model_device, cases, keys)] + notes
         floor = "one copy of W0 (base)" if mode in MERGE_MODES else "base"
         out.append(Table(f"[{mode}] {MODE_TITLES[mode]}: median ms", _case_headers(mode) + present, ms_rows))
         out.append(Table(f"[{mode}] × {floor} (lower is better)",
@@ -198,7 +218,7 @@ def header_lines(env: dict, config: dict) -> list[str]:
 def render_text(env: dict, config: dict, results: list[dict], checks: list[dict], providers: list[str]) -> str:
     on_gpu = env.get("gpu") is not None
     parts = ["\n".join(header_lines(env, config))]
-    parts += [t.text() for t in tables(results, checks, providers, on_gpu)]
+    parts += [t.text() for t in tables(results, checks, providers, on_gpu, config.get("model_device", ""))]
     if on_gpu:
         parts.append("\n".join(target_summary(checks)) or "Targets: none applied to these shapes.")
     else:
@@ -212,7 +232,7 @@ def render_markdown(env: dict, config: dict, results: list[dict], checks: list[d
     for h in header_lines(env, config):
         lines += [f"> {h}" if h == CPU_WARNING else h, ""]
     lines += ["Providers:", ""] + [f"- `{p}`: {DESCRIPTIONS[p]}" for p in providers] + [""]
-    for t in tables(results, checks, providers, on_gpu):
+    for t in tables(results, checks, providers, on_gpu, config.get("model_device", "")):
         lines += [t.markdown(), ""]
     if on_gpu:
         lines += ["## Targets", "", "```", *(target_summary(checks) or ["none applied"]), "```", ""]
@@ -265,6 +285,14 @@ def plot(path: Path, env: dict, config: dict, results: list[dict], providers: li
                     xs.append(i - 0.4 + bar * (j + 0.5))
                     ys.append(row[field_])
             ax.bar(xs, ys, bar, label=p, color=colors(providers.index(p) % 10))
+            if field_ == "ratio":  # the cost model's prediction: a black tick on the bar
+                pred = [(i - 0.4 + bar * (j + 0.5), cases[k][p]["predicted_ratio"]) for i, k in enumerate(keys)
+                        if cases[k].get(p, {}).get("predicted_ratio") is not None
+                        and cases[k][p]["status"] in ("ok", "wrong")]
+                if pred:
+                    labelled = "predicted" in ax.get_legend_handles_labels()[1]
+                    ax.scatter(*zip(*pred), marker="_", s=60, color="black", zorder=3,
+                               label=None if labelled else "predicted")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([k.replace(" M=", "\nM=") for k in keys], fontsize=7)

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 from bench import env as envmod  # noqa: E402
+from lora_kernels import cost_model  # noqa: E402
 from bench import providers as prov  # noqa: E402
 from bench import report, shapes, targets, timing  # noqa: E402
 
@@ -374,6 +375,27 @@ def add_ratios(results: list[dict]) -> None:
             r["peak_ratio"] = r["peak_bytes"] / b["peak_bytes"]
 
 
+# The cost model's plan for each provider it covers (lora_kernels/cost_model.py). The eager formula
+# runs PEFT's kernels; a merged layer's forward is the frozen layer's.
+MODEL_PLANS = {"base": "frozen", "merged": "frozen", "triton": "auto", "unsloth": "unsloth", "peft": "peft",
+               "eager": "peft"}
+
+
+def add_predictions(results: list[dict], device: torch.device, dtype: torch.dtype) -> str:
+    """``predicted_ratio`` (and for ``triton`` the forward ``predicted_plan``) from the cost model, on
+    every fwd / fwd+bwd row of a provider it covers; returns the name of the device it assumed."""
+    spec = cost_model.device_spec(device)
+    for r in results:
+        plan = MODEL_PLANS.get(r["provider"])
+        if plan is None or r["mode"] not in cost_model.MODES or r["tokens"] < 1:
+            continue
+        pred = cost_model.predict(r["tokens"], r["in"], r["out"], r["r"], dtype, r["dropout"], r["mode"], plan, spec)
+        r["predicted_ratio"] = pred.ratio
+        if plan == "auto":
+            r["predicted_plan"] = pred.plan
+    return spec.name
+
+
 def run_suite(config: dict, progress_enabled: bool = True) -> list[dict]:
     device, dtype = torch.device(config["device"]), DTYPES[config["dtype"]]
     layers = [shapes.Layer(l["name"], l["in"], l["out"]) for l in config["layers"]]
@@ -392,6 +414,7 @@ def run_suite(config: dict, progress_enabled: bool = True) -> list[dict]:
     finally:
         progress.close()
     add_ratios(results)
+    config["model_device"] = add_predictions(results, device, dtype)
     return results
 
 

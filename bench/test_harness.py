@@ -14,6 +14,7 @@ import torch
 
 from bench import providers as prov
 from bench import report, run, shapes, targets, timing
+from lora_kernels import cost_model
 
 CPU = torch.device("cpu")
 
@@ -174,18 +175,23 @@ def test_gpu_report_renders_targets_and_peak_memory(tmp_path):
         if r["mode"] == "memory" and r["status"] == "ok":
             r["saved_ratio"] = r["saved_bytes"] / r["bound_bytes"]
     run.add_ratios(results)
+    config = {"dtype": "bf16", "timer": "do_bench", "warmup_ms": 25, "rep_ms": 100,
+              "model_device": run.add_predictions(results, CPU, torch.bfloat16)}
     checks = targets.evaluate(results)
     env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "x", "triton": "y", "peft": "z", "git_commit": "abc",
            "git_dirty": False, "date": "today"}
-    config = {"dtype": "bf16", "timer": "do_bench", "warmup_ms": 25, "rep_ms": 100}
     providers = ["base", "merged", "peft", "unsloth", "triton", "cuda"]
     text = report.render_text(env, config, results, checks, providers)
     assert "MISSED" in text and "triton: 1.200× > 1.05×" in text
+    # The cost model's prediction beside each measured ratio it covers, and what it assumed.
+    want = cost_model.predict(8192, 80, 72, 4, torch.bfloat16, 0.0, "fwd", "peft").ratio
+    assert f"2.000 ({want:.3f})" in text and "predicted ratio (docs/cost_model.md) on H100 SXM" in text
+    assert "triton's predicted forward plan" in text
     assert "peak memory" in text and "4.0 (2.00)" in text
     assert "ERROR" in text and "cuda skipped: not built" in text
     assert report.CPU_WARNING not in text
     md = report.render_markdown(env, config, results, checks, providers)
-    assert "## Targets" in md and "| targets |" in md
+    assert "## Targets" in md and "| targets |" in md and f"2.000 ({want:.3f})" in md
     report.plot(tmp_path / "p.png", env, config, results, providers)
     assert (tmp_path / "p.png").stat().st_size > 1000
 
@@ -205,6 +211,16 @@ def test_main_cpu_end_to_end(tmp_path, capsys):
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     assert ok and all(r["rel_err"] < 2e-2 for r in ok)
     assert all(r["ratio"] > 0 for r in ok if r["mode"] != "memory")
+    timed = [r for r in ok if r["mode"] in ("fwd", "fwd+bwd")]
+    for r in timed:  # the model covers these providers, and predicts the floor for base
+        assert ("predicted_ratio" in r) == (r["provider"] in run.MODEL_PLANS), r["provider"]
+        if r["provider"] == "base":
+            assert r["predicted_ratio"] == 1.0
+        elif "predicted_ratio" in r:
+            assert r["predicted_ratio"] == cost_model.predict(
+                32, 256, 64, 4, torch.bfloat16, r["dropout"], r["mode"], run.MODEL_PLANS[r["provider"]]).ratio
+    assert {r["provider"] for r in timed if "predicted_ratio" in r} >= {"base", "peft", "eager", "unsloth"}
+    assert "predicted ratio" in out and doc["config"]["model_device"] == "H100 SXM"
     skipped = {r["provider"]: r["reason"] for r in doc["results"] if r["status"] == "skipped"}
     assert "CUDA" in skipped["cuda"] and skipped["triton"]
     assert "CPU SMOKE RUN" in (tmp_path / "results.md").read_text()

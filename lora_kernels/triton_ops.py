@@ -1,25 +1,32 @@
 """Triton kernels for the LoRA linear layer, and their launchers.
 
-Three kernels (and a Hopper variant of the first) cover the forward, the backward and merge (see
-:mod:`lora_kernels.reference` for the math and docs/design.md for the layout):
+The plan (docs/design.md, "The kernels", states what each launch reads and writes):
 
-``_gemm_lora_up_kernel``  C = X Wᵀ + b + L Uᵀ ⊙ D         the base GEMM with the low-rank term added to
-                                                           each tile before its one store:  y, dx
-                                                           (``_gemm_lora_up_tma_kernel``: the same on Hopper,
-                                                           TMA loads and a persistent grid)
-``_lora_skinny_kernel``   c · (P ⊙ D) Q  or  c · (P ⊙ D)ᵀ Q  thin products reducing over a long axis,
-                                                           split in two stages:  xa, g;  dB, dAᵀ
-``_merge_kernel``         W += c · U V                    in place, fp32 accumulation, one rounding
+``_lora_forward_kernel``   y = x W0ᵀ + b + xa Bᵀ and xa      one persistent GEMM. FUSED: its main loop over K
+                                                            also accumulates xa = s·(x ⊙ D) Aᵀ from the x tile
+                                                            it already holds (one launch). Otherwise (two_pass)
+                                                            it sums the fp32 partials of xa that
+``_lora_shrink_kernel``    partial[s] = (x ⊙ D) Aᵀ           wrote over split s of K (x read once).
+``_lora_backward_kernel``  dx = dy W0 + (g A) ⊙ D            one persistent GEMM over runs of row blocks: its main
+                                                            loop over N also accumulates g = s·dy B; it writes
+                                                            the per-run fp32 partials of dAᵀ = (x ⊙ D)ᵀ g (from
+                                                            the x tile of its output block) and dB = dyᵀ xa
+                                                            (each dy block by one program). Without need_grad_x
+                                                            the same kernel skips dx.
+``_reduce_runs_kernel``    dA, dB = Σ_runs partial            the partials summed in a fixed order, rounded once.
+``_merge_kernel``          W += c · U V                     in place, fp32 accumulation, one rounding
 
-``D`` is the dropout keep-mask scaled by ``1/(1-p)``, regenerated from
-``(seed, row, column)`` wherever it is needed and never stored. Every operand
-is addressed through explicit strides, so transposed views (``W0ᵀ``, ``Aᵀ``,
-``Bᵀ``) and non-contiguous inputs need no copies.
+Forward: one launch (fused) or two; backward: two launches; no torch kernels in between,
+deterministic (no atomics). ``D`` is the dropout keep-mask scaled by ``1/(1-p)``,
+regenerated from ``(seed, row, column)`` wherever it is needed and never stored. Every
+operand is addressed through explicit strides; on Hopper the big operands and the output
+tile move by TMA (tensor descriptors) where their alignment allows.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import warnings
 
@@ -37,6 +44,14 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 # NOTE: the interpreter truncates fp32 -> bf16 conversions (GPUs round to nearest even);
 # _round_to emulates the rounding there so results and merge/unmerge round trips match.
 _EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
+# Host-side tensor descriptors (TMA): feature-detected, never a version check.
+HAS_TENSOR_DESCRIPTOR = importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+
+# Which forward plan runs: None asks lora_kernels.cost_model.choose_forward_plan; "fused" or
+# "two_pass" force one (the fused plan still needs r <= FUSED_MAX_RANK).
+FORWARD_PLAN = None
+# The fused forward keeps xa (BLOCK_M x r, fp32) in registers beside the GEMM accumulator.
+FUSED_MAX_RANK = 64
 
 
 # --------------------------------------------------------------------------- #
@@ -73,34 +88,42 @@ def _round_to(x, dtype: tl.constexpr):
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     # NOTE: UPCAST is set under the interpreter for bf16, whose tl.dot it gets wrong.
+    # out_dtype is explicit: some Triton versions default it to fp32 even for an fp64 accumulator.
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
 @triton.jit
-def _low_rank_tile(
-    acc, l_ptr, u_ptr, offs_m, offs_n, M, N, R,
-    stride_lm, stride_lr, stride_un, stride_ur,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """``acc + Σ_r L[m, r] U[n, r]`` for one tile of rows ``offs_m`` and columns ``offs_n``."""
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        l = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-        u = tl.load(u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                    mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-        acc = _dot(l, u, acc, UPCAST, IEEE)
-    return acc
+def _load_tile(ptr, desc, row0, col0, n_rows, n_cols, stride_r, stride_c,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr):
+    """Tile ``[row0, row0 + BLOCK_R) x [col0, col0 + BLOCK_C)``, zero outside the matrix.
+
+    With TMA from ``desc`` (its block shape is (BLOCK_R, BLOCK_C); the copy engine fills the
+    ragged edges with zeros), else by pointer from ``ptr`` with masks."""
+    if TMA:
+        return desc.load([row0, col0])
+    offs_r = row0 + tl.arange(0, BLOCK_R)
+    offs_c = col0 + tl.arange(0, BLOCK_C)
+    return tl.load(ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c[None, :] * stride_c,
+                   mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
 
 
-# --------------------------------------------------------------------------- #
-# Kernels
-# --------------------------------------------------------------------------- #
+@triton.jit
+def _store_tile(ptr, desc, value, row0, col0, n_rows, n_cols, stride_r, stride_c,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr):
+    """Store ``value`` (rounded to the destination dtype) as the tile at ``(row0, col0)``."""
+    if TMA:
+        desc.store([row0, col0], _round_to(value, desc.dtype))
+    else:
+        offs_r = row0 + tl.arange(0, BLOCK_R)
+        offs_c = col0 + tl.arange(0, BLOCK_C)
+        tl.store(ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c[None, :] * stride_c,
+                 _round_to(value, ptr.dtype.element_ty),
+                 mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols))
 
 
 @triton.jit
@@ -116,150 +139,251 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     return pid_m, pid_n
 
 
-@triton.jit
-def _lora_epilogue(
-    acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
-    stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
-    inv_keep, seed_ptr, threshold, groups_per_row,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Add ``L Uᵀ ⊙ D`` and the bias to a finished GEMM tile, then store it once."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
-    if DROPOUT:
-        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        up = _low_rank_tile(up, l_ptr, u_ptr, rows, cols, M, N, R, stride_lm, stride_lr, stride_un, stride_ur,
-                            UPCAST, IEEE, BLOCK_R)
-        keep = _keep_mask(seed_ptr, threshold, offs_m, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
-        acc += tl.where(keep, up * inv_keep, 0.0)
-    else:
-        # NOTE: straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile of registers.
-        acc = _low_rank_tile(acc, l_ptr, u_ptr, rows, cols, M, N, R, stride_lm, stride_lr, stride_un, stride_ur,
-                             UPCAST, IEEE, BLOCK_R)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
-             _round_to(acc, c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+# --------------------------------------------------------------------------- #
+# Forward
+# --------------------------------------------------------------------------- #
 
 
 @triton.jit
-def _gemm_lora_up_kernel(
-    x_ptr,  # X (M, K): x, or dy
-    w_ptr,  # W (N, K): W0, or W0ᵀ as a strided view
+def _lora_forward_kernel(
+    x_ptr, x_desc,  # X (M, K): x; the descriptor (TMA only) has blocks (BLOCK_M, BLOCK_K)
+    w_ptr, w_desc,  # W (N, K): W0; blocks (BLOCK_N, BLOCK_K)
     bias_ptr,  # b (N,) (HAS_BIAS only)
-    l_ptr,  # L (M, R): xa, or g
-    u_ptr,  # U (N, R): B, or Aᵀ as a strided view
-    c_ptr,  # C (M, N) = X Wᵀ + b + L Uᵀ ⊙ D
-    M, N, K, R,
+    a_ptr,  # A (R, K) (FUSED only)
+    l_ptr,  # two_pass: fp32 partial sums of (x ⊙ keep) Aᵀ, (L_SPLITS, M, R)
+    b_ptr,  # B (N, R)
+    y_ptr, y_desc,  # Y (M, N) = X Wᵀ + b + xa Bᵀ; blocks (BLOCK_M, BLOCK_N)
+    xa_ptr,  # xa (M, R) = xa_scale · (x ⊙ keep) Aᵀ, written by the column-block-0 programs (STORE_XA)
+    M, N, K, R, L_SPLITS,
     M_BUCKET,  # next power of two of M: the autotuning key, so a new token count does not re-tune
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_lm, stride_lr, stride_un, stride_ur,
-    stride_cm, stride_cn,
-    inv_keep, seed_ptr, threshold, groups_per_row,  # D = keep / (1 - p) over C's elements (DROPOUT only)
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_ls, stride_lm, stride_lr,
+    stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar,
+    xa_scale,  # s / (1 - p)
+    seed_ptr, threshold, groups_per_row,  # keep-mask over X's elements (DROPOUT only; FUSED only)
+    FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m.to(tl.int64)
-    cols = offs_n.to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
-        acc = _dot(x, w, acc, UPCAST, IEEE)
-    _lora_epilogue(acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
-                   stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
-                   inv_keep, seed_ptr, threshold, groups_per_row, HAS_BIAS, DROPOUT,
-                   ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
+    """Persistent: program p walks tiles p, p + programs, ... in grouped order."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            x = _load_tile(x_ptr, x_desc, m0, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, TMA)
+            w = _load_tile(w_ptr, w_desc, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, TMA)
+            acc = _dot(x, w.T, acc, UPCAST, IEEE)
+            if FUSED:  # xa from the x tile already loaded: r/BLOCK_N more tensor work
+                a = _load_tile(a_ptr, a_ptr, k0, 0, K, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
+                if DROPOUT:
+                    x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
+                xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
+        if not FUSED:  # the partials of the shrink kernel, summed in split order
+            for s in range(0, L_SPLITS):
+                xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
+                                     BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+        xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
+        if STORE_XA:
+            if pid_n == 0:
+                _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+        # NOTE: xa Bᵀ goes straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile.
+        b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+        acc = _dot(xa, b.T, acc, UPCAST, IEEE)
+        if HAS_BIAS:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+        _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
-def _gemm_lora_up_tma_kernel(
-    x_desc,  # tensor descriptor of X (M, K), blocks (BLOCK_M, BLOCK_K)
-    w_desc,  # tensor descriptor of W: (N, K) blocks (BLOCK_N, BLOCK_K); with W_KN, of Wᵀ (K, N) blocks (BLOCK_K, BLOCK_N)
-    bias_ptr, l_ptr, u_ptr, c_ptr,  # as in _gemm_lora_up_kernel
-    M, N, K, R, M_BUCKET,
-    stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
+def _lora_shrink_kernel(
+    x_ptr,  # X (M, K)
+    a_ptr,  # A (R, K)
+    part_ptr,  # partial (splits, M, R), fp32: (X ⊙ keep) Aᵀ over one split of K
+    M, K, R, span,  # span: the length of K that each split covers
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_ps, stride_pm, stride_pr,
+    seed_ptr, threshold, groups_per_row,  # keep-mask over X's elements (DROPOUT only)
+    DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    k_end = tl.minimum(K, pid_s * span + span)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(pid_s * span, k_end, BLOCK_K):
+        x = _load_tile(x_ptr, x_ptr, m0, k0, M, k_end, stride_xm, stride_xk, BLOCK_M, BLOCK_K, False)
+        if DROPOUT:
+            x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
+        a = _load_tile(a_ptr, a_ptr, k0, 0, k_end, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
+        acc = _dot(x, a, acc, UPCAST, IEEE)
+    _store_tile(part_ptr + pid_s * stride_ps, part_ptr, acc, m0, 0, M, R, stride_pm, stride_pr,
+                BLOCK_M, BLOCK_R, False)
+
+
+# --------------------------------------------------------------------------- #
+# Backward
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _dx_half(
+    acc, g, da, m0, c0, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
     inv_keep, seed_ptr, threshold, groups_per_row,
-    W_KN: tl.constexpr,  # W is stored as Wᵀ, row-major (the dx GEMM reads W0 this way)
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Epilogue of one half (columns ``[c0, c0 + HALF)``) of a dx tile: add ``(g A) ⊙ D``, store
+    dx, and return ``da + (x ⊙ keep)ᵀ g`` for the same columns."""
+    a = _load_tile(a_ptr, a_ptr, 0, c0, R, K, stride_ar, stride_ak, BLOCK_R, HALF, False)
+    x = _load_tile(x_ptr, x_ptr, m0, c0, M, K, stride_xm, stride_xk, BLOCK_M, HALF, False)
+    if DROPOUT:
+        # NOTE: the masked product is a half tile, so the epilogue peaks at 1.5 accumulator tiles.
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        keep = _keep_mask(seed_ptr, threshold, offs_m, c0, groups_per_row, BLOCK_M, HALF)
+        up = _dot(g, a, tl.zeros((BLOCK_M, HALF), dtype=acc.dtype), UPCAST, IEEE)
+        acc += tl.where(keep, up * inv_keep, 0.0)
+        x = tl.where(keep, x, 0.0)
+    else:
+        acc = _dot(g, a, acc, UPCAST, IEEE)
+    _store_tile(dx_ptr, dx_desc, acc, m0, c0, M, K, stride_dxm, stride_dxk, BLOCK_M, HALF, TMA)
+    return _dot(tl.trans(x), g, da, UPCAST, IEEE)
+
+
+@triton.jit
+def _store_partial(ptr, value, row0, n_rows, R, stride_pj, stride_pr, ACCUMULATE,
+                   BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``partial[row0 + j, r] (+)= value[j, r]``: only this program touches these elements."""
+    offs_j = row0 + tl.arange(0, BLOCK_J)
+    offs_r = tl.arange(0, BLOCK_R)
+    ptrs = ptr + offs_j.to(tl.int64)[:, None] * stride_pj + offs_r[None, :] * stride_pr
+    mask = (offs_j[:, None] < n_rows) & (offs_r[None, :] < R)
+    if ACCUMULATE:
+        value += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
+def _lora_backward_kernel(
+    dy_ptr, dy_desc,  # dY (M, N); the descriptor (TMA only) has blocks (BLOCK_M, BLOCK_N)
+    w_ptr, w_desc,  # W0 (N, K); blocks (BLOCK_N, BLOCK_K // 2)  (NEED_DX only)
+    x_ptr,  # X (M, K)
+    a_ptr,  # A (R, K)
+    b_ptr,  # B (N, R)
+    xa_ptr,  # xa (M, R), saved by the forward
+    dx_ptr, dx_desc,  # dX (M, K) = dY W0 + (g A) ⊙ D; blocks (BLOCK_M, BLOCK_K // 2)  (NEED_DX only)
+    part_ptr,  # partial (runs, K + N, R), fp32: rows [0, K) Σ_run (x ⊙ keep)ᵀ g, rows [K, K + N) Σ_run dyᵀ xa
+    M, N, K, R, runs,
+    M_BUCKET,  # next power of two of M: the autotuning key
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk, stride_ar, stride_ak,
+    stride_bn, stride_br, stride_xam, stride_xar, stride_dxm, stride_dxk, stride_ps, stride_pj, stride_pr,
+    scaling, inv_keep, seed_ptr, threshold, groups_per_row,  # g = s·dY B; D over dX's elements
+    NEED_DX: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
 ):
-    """The same GEMM on Hopper: TMA tile loads (bounds handled by the copy engine) and a
-    persistent grid of NUM_PROGRAMS programs walking the tiles in grouped order."""
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
-        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        for k0 in range(0, K, BLOCK_K):
-            x = x_desc.load([pid_m * BLOCK_M, k0])
-            if W_KN:
-                w = w_desc.load([k0, pid_n * BLOCK_N])
-            else:
-                w = w_desc.load([pid_n * BLOCK_N, k0]).T
-            acc = _dot(x, w, acc, UPCAST, IEEE)
-        _lora_epilogue(acc, pid_m, pid_n, bias_ptr, l_ptr, u_ptr, c_ptr, M, N, R,
-                       stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
-                       inv_keep, seed_ptr, threshold, groups_per_row, HAS_BIAS, DROPOUT,
-                       ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
+    """Program (run, column block k) walks the row blocks of its run: for each it streams the
+    row block of dY once (dx GEMM, g, and dB for the dy column blocks j ≡ k mod the number of
+    column blocks), then finishes the dx tile and takes dAᵀ from the x tile of that block.
+    Without NEED_DX there is one column block, spanning all of K."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    if NEED_DX:
+        num_kb = tl.cdiv(K, BLOCK_K)
+    else:
+        num_kb = 1
+    pid_k = tl.program_id(0) % num_kb
+    run = tl.program_id(0) // num_kb
+    num_m = tl.cdiv(M, BLOCK_M)
+    run_len = tl.cdiv(num_m, runs)
+    m_first = run * run_len
+    m_end = tl.minimum(num_m, m_first + run_len)
+    part = part_ptr + run.to(tl.int64) * stride_ps
+    k0 = pid_k * BLOCK_K
+    da0 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
+    da1 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
+    if m_first >= m_end:  # an empty run (few row blocks): its partial slots are zero
+        for n0 in range(pid_k * BLOCK_N, N, num_kb * BLOCK_N):
+            _store_partial(part, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), K + n0, K + N, R,
+                           stride_pj, stride_pr, False, BLOCK_N, BLOCK_R)
+        if not NEED_DX:
+            for c0 in range(0, K, HALF):
+                _store_partial(part, da0, c0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+    for pid_m in range(m_first, m_end):
+        m0 = pid_m * BLOCK_M
+        xa = _load_tile(xa_ptr, xa_ptr, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+        acc0 = tl.zeros((BLOCK_M, HALF), dtype=ACC_DTYPE)
+        acc1 = tl.zeros((BLOCK_M, HALF), dtype=ACC_DTYPE)
+        g = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+        for n0 in range(0, N, BLOCK_N):
+            dy = _load_tile(dy_ptr, dy_desc, m0, n0, M, N, stride_dym, stride_dyn, BLOCK_M, BLOCK_N, TMA)
+            if NEED_DX:
+                w0 = _load_tile(w_ptr, w_desc, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, HALF, TMA)
+                w1 = _load_tile(w_ptr, w_desc, n0, k0 + HALF, N, K, stride_wn, stride_wk, BLOCK_N, HALF, TMA)
+                acc0 = _dot(dy, w0, acc0, UPCAST, IEEE)
+                acc1 = _dot(dy, w1, acc1, UPCAST, IEEE)
+            b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+            g = _dot(dy, b, g, UPCAST, IEEE)
+            if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
+                db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+                _store_partial(part, db, K + n0, K + N, R, stride_pj, stride_pr, pid_m > m_first, BLOCK_N, BLOCK_R)
+        g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
+        if NEED_DX:
+            da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
+                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                           inv_keep, seed_ptr, threshold, groups_per_row,
+                           DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+            da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
+                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                           inv_keep, seed_ptr, threshold, groups_per_row,
+                           DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+        else:  # x once, after g is complete: dAᵀ partials for every column block of this run
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            for c0 in range(0, K, HALF):
+                x = _load_tile(x_ptr, x_ptr, m0, c0, M, K, stride_xm, stride_xk, BLOCK_M, HALF, False)
+                if DROPOUT:
+                    x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, c0, groups_per_row, BLOCK_M, HALF), x, 0.0)
+                da = _dot(tl.trans(x), g, tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+                _store_partial(part, da, c0, K, R, stride_pj, stride_pr, pid_m > m_first, HALF, BLOCK_R)
+    if NEED_DX:  # dAᵀ accumulated over the run in registers
+        _store_partial(part, da0, k0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+        _store_partial(part, da1, k0 + HALF, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
 
 
 @triton.jit
-def _lora_skinny_kernel(
-    p_ptr,  # P (M, N): x or dy
-    q_ptr,  # Q (T, R), T the reduced axis: N (Aᵀ, B) or M (xa, g)
-    out_ptr,  # out[split] (rows of the kept axis, R) = scale · Σ_{t in split} (P ⊙ keep) Q
-    M, N, R, span,  # span: length of the reduced axis that each split covers
-    stride_pm, stride_pn, stride_qt, stride_qr, stride_os, stride_oa, stride_or,
-    scale,
-    seed_ptr, threshold, groups_per_row,  # dropout mask of P (DROPOUT only)
-    REDUCE_ROWS: tl.constexpr,  # False: out = (P ⊙ keep) Q, (M, R); True: out = (P ⊙ keep)ᵀ Q, (N, R)
-    DROPOUT: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+def _reduce_runs_kernel(
+    part_ptr,  # partial (runs, K + N, R) from _lora_backward_kernel
+    da_ptr,  # dA (R, K) = inv_keep · Σ_runs partial[:, :K]ᵀ
+    db_ptr,  # dB (N, R) = Σ_runs partial[:, K:]
+    runs, K, N, R,
+    stride_ps, stride_pj, stride_pr, stride_ar, stride_ak, stride_bn, stride_br,
+    inv_keep,
+    ACC_DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_a = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    A_LEN = N if REDUCE_ROWS else M
-    T_LEN = M if REDUCE_ROWS else N
-    t_start = pid_s * span
-    t_end = tl.minimum(T_LEN, t_start + span)
-    acc = tl.zeros((BLOCK_A, BLOCK_R), dtype=ACC_DTYPE)
-    for t0 in range(t_start, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        q = tl.load(q_ptr + offs_t.to(tl.int64)[:, None] * stride_qt + offs_r[None, :] * stride_qr,
-                    mask=(offs_t[:, None] < t_end) & (offs_r[None, :] < R), other=0.0)
-        if REDUCE_ROWS:  # P tile (BLOCK_T, BLOCK_A): rows t, columns a
-            p = tl.load(p_ptr + offs_t.to(tl.int64)[:, None] * stride_pm + offs_a[None, :] * stride_pn,
-                        mask=(offs_t[:, None] < t_end) & (offs_a[None, :] < A_LEN), other=0.0)
-            if DROPOUT:
-                keep = _keep_mask(seed_ptr, threshold, offs_t, pid_a * BLOCK_A, groups_per_row, BLOCK_T, BLOCK_A)
-                p = tl.where(keep, p, 0.0)
-            acc = _dot(tl.trans(p), q, acc, UPCAST, IEEE)
-        else:  # P tile (BLOCK_A, BLOCK_T): rows a, columns t
-            p = tl.load(p_ptr + offs_a.to(tl.int64)[:, None] * stride_pm + offs_t[None, :] * stride_pn,
-                        mask=(offs_a[:, None] < A_LEN) & (offs_t[None, :] < t_end), other=0.0)
-            if DROPOUT:
-                keep = _keep_mask(seed_ptr, threshold, offs_a, t0, groups_per_row, BLOCK_A, BLOCK_T)
-                p = tl.where(keep, p, 0.0)
-            acc = _dot(p, q, acc, UPCAST, IEEE)
-    acc = acc * scale
-    tl.store(out_ptr + pid_s * stride_os + offs_a.to(tl.int64)[:, None] * stride_oa + offs_r[None, :] * stride_or,
-             _round_to(acc, out_ptr.dtype.element_ty), mask=(offs_a[:, None] < A_LEN) & (offs_r[None, :] < R))
+    offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = (offs_j[:, None] < K + N) & (offs_r[None, :] < R)
+    ptrs = part_ptr + offs_j.to(tl.int64)[:, None] * stride_pj + offs_r[None, :] * stride_pr
+    acc = tl.zeros((BLOCK_J, BLOCK_R), dtype=ACC_DTYPE)
+    for s in range(0, runs):  # a fixed order: deterministic
+        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
+    is_a = (offs_j < K)[:, None]
+    tl.store(da_ptr + offs_r[None, :] * stride_ar + offs_j.to(tl.int64)[:, None] * stride_ak,
+             _round_to(acc * inv_keep, da_ptr.dtype.element_ty), mask=mask & is_a)
+    tl.store(db_ptr + (offs_j - K).to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
+             _round_to(acc, db_ptr.dtype.element_ty), mask=mask & ~is_a)
+
+
+# --------------------------------------------------------------------------- #
+# Merge
+# --------------------------------------------------------------------------- #
 
 
 @triton.jit
@@ -273,115 +397,246 @@ def _merge_kernel(
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    # U V = Σ_r U[n, r] (Vᵀ)[k, r]: the same low-rank tile as the GEMM epilogue.
+    n0 = tl.program_id(0) * BLOCK_N
+    k0 = tl.program_id(1) * BLOCK_K
     delta = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
-    delta = _low_rank_tile(delta, u_ptr, v_ptr, offs_n, offs_k, N, K, R, stride_un, stride_ur, stride_vk, stride_vr,
-                           UPCAST, IEEE, BLOCK_R)
-    ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
-    tl.store(ptrs, _round_to(w + delta * scale, w_ptr.dtype.element_ty), mask=mask)
+    for r0 in range(0, R, BLOCK_R):
+        u = _load_tile(u_ptr, u_ptr, n0, r0, N, R, stride_un, stride_ur, BLOCK_N, BLOCK_R, False)
+        v = _load_tile(v_ptr, v_ptr, r0, k0, R, K, stride_vr, stride_vk, BLOCK_R, BLOCK_K, False)
+        delta = _dot(u, v, delta, UPCAST, IEEE)
+    w = _load_tile(w_ptr, w_ptr, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, False).to(ACC_DTYPE)
+    _store_tile(w_ptr, w_ptr, w + delta * scale, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, False)
 
 
 # --------------------------------------------------------------------------- #
 # Launch configuration
 # --------------------------------------------------------------------------- #
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). The compile check
+# (python_tests/triton_compile_check.py) compiles every one for sm_90a and sm_80 and fails on
+# register spills: a config that spills for a kernel variant is excluded from autotuning for it
+# (_EXCLUDED), not accepted. The last of each list is the fallback when none fits: it must not spill.
+_GEMM_SHAPES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
+                (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+_GEMM_SHAPES_POINTER = [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2), (64, 32, 32, 4, 4), (32, 32, 32, 3, 4)]
+# Backward: BLOCK_N is the step over dY's columns, BLOCK_K the dx tile's width (two halves).
+_BACKWARD_SHAPES = [(128, 64, 128, 3, 8), (128, 64, 256, 3, 8), (64, 64, 128, 4, 4), (64, 64, 128, 3, 8), (128, 32, 128, 4, 8),
+                    (64, 32, 64, 4, 4), (64, 32, 64, 3, 8)]
+_BACKWARD_SHAPES_POINTER = [(32, 32, 32, 3, 4)]  # fp32 FMA tiles (no wgmma below 64 rows)
+
 
 def _gemm_configs(tma: bool = False):
+    """The forward GEMM's autotuning configs (also the multi-adapter GEMM's)."""
     hook = dict(pre_hook=_set_tma_blocks) if tma else {}
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, **hook)]
-    shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
-              (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-    if not tma:
-        shapes += [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2)]
+    shapes = _GEMM_SHAPES + ([] if tma else _GEMM_SHAPES_POINTER)
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w, **hook)
         for bm, bn, bk, s, w in shapes
     ]
 
 
+def _backward_configs(tma: bool = False):
+    hook = dict(pre_hook=_set_tma_blocks) if tma else {}
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, **hook)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w, **hook)
+            for bm, bn, bk, s, w in _BACKWARD_SHAPES + ([] if tma else _BACKWARD_SHAPES_POINTER)]
+
+
 def _set_tma_blocks(nargs):
-    """Autotuning pre-hook: give the tensor descriptors the block shape of the config being run."""
+    """Autotuning pre-hook: give the tensor descriptors the block shapes of the config being run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["x_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bk, bn] if nargs["W_KN"] else [bn, bk]
+    if "dy_desc" in nargs:  # backward
+        nargs["dy_desc"].block_shape = [bm, bn]
+        if nargs["w_desc"] is not None:
+            nargs["w_desc"].block_shape = [bn, bk // 2]
+            nargs["dx_desc"].block_shape = [bm, bk // 2]
+    else:
+        nargs["x_desc"].block_shape = [bm, bk]
+        nargs["w_desc"].block_shape = [bn, bk]
+        nargs["y_desc"].block_shape = [bm, bn]
 
 
 @functools.lru_cache(maxsize=None)
+def _device_properties(device: torch.device):
+    """(capability, SM count, shared memory per block) of a CUDA device, queried once."""
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor), props.multi_processor_count, props.shared_memory_per_block_optin
+
+
 def _shared_memory_limit(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1 << 30
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return _device_properties(device)[2] if device.type == "cuda" else 1 << 30
 
 
-def prune_gemm_configs(configs, named_args, **kwargs):
-    """Autotuning pre-filter: drop configs whose pipelined tiles cannot fit in shared memory for
-    the operand dtype (fp32 and fp64 tiles are 2-4x larger); keep only the first without AUTOTUNE."""
-    c = named_args["c_ptr"]
-    limit = _shared_memory_limit(c.device)
-    fitting = [
-        cfg for cfg in configs
-        if cfg.num_stages * (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * cfg.kwargs["BLOCK_K"]
-        * c.element_size() <= limit
-    ] or configs[-1:]
+def _num_sms(device: torch.device) -> int:
+    return 4 if INTERPRET or device.type != "cuda" else _device_properties(device)[1]
+
+
+def _stage_elements(cfg, backward: bool) -> int:
+    """Operand elements one pipeline stage holds in shared memory."""
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    return bn * (bm + bk) if backward else bk * (bm + bn)
+
+
+VARIANT_FLAGS = ("FUSED", "NEED_DX", "LOAD_C", "DROPOUT", "TMA")
+
+
+def config_key(kernel: str, arch: int, element_size: int, named_args: dict, cfg) -> tuple:
+    """How _EXCLUDED names a config of a kernel variant for an architecture and operand size."""
+    variant = tuple(int(bool(named_args[k])) if k in named_args else -1 for k in VARIANT_FLAGS)
+    shape = tuple(cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    return (kernel, arch, element_size, variant, shape + (cfg.num_stages, cfg.num_warps))
+
+
+def _target_arch(device: torch.device):
+    """The architecture whose compile-check results apply: 90 (Hopper and newer), 80, or None."""
+    if INTERPRET or device.type != "cuda":
+        return None
+    return 90 if _capability(device)[0] >= 9 else 80
+
+
+def _prune(configs, named_args, backward, kernel=None):
+    out = named_args.get("c_ptr", named_args.get("y_ptr", named_args.get("dy_ptr")))
+    limit = _shared_memory_limit(out.device)
+    arch = _target_arch(out.device) if kernel else None
+    fitting = [cfg for cfg in configs
+               if cfg.num_stages * _stage_elements(cfg, backward) * out.element_size() <= limit
+               and (arch is None or config_key(kernel, arch, out.element_size(), named_args, cfg) not in _EXCLUDED)]
+    fitting = fitting or configs[-1:]
     return fitting if AUTOTUNE else fitting[:1]
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "HAS_BIAS"]
-_PRUNE = dict(prune_configs_by={"early_config_prune": prune_gemm_configs})
-_gemm_lora_up = triton.autotune(_gemm_configs(), key=_GEMM_KEY, **_PRUNE)(_gemm_lora_up_kernel)
-_gemm_lora_up_tma = triton.autotune(_gemm_configs(tma=True), key=_GEMM_KEY + ["W_KN"], **_PRUNE)(
-    _gemm_lora_up_tma_kernel
-)
-
-# Which GEMM kernel runs: None picks the TMA kernel on Hopper (and newer) for fp16/bf16
-# operands that TMA can address; True/False force it on or off where it can run at all.
-USE_TMA = None
+def prune_gemm_configs(configs, named_args, kernel=None, **kwargs):
+    """Autotuning pre-filter: drop configs whose pipelined tiles cannot fit in shared memory for
+    the operand dtype (fp32 and fp64 tiles are 2-4x larger) and, given the ``kernel``'s name, the
+    configs that the compile check found spilling for this variant (``_EXCLUDED``); keep only the
+    first without AUTOTUNE."""
+    return _prune(configs, named_args, False, kernel)
 
 
-def _tma_orientation(x, w):
-    """``W_KN`` for the TMA kernel (is W stored as Wᵀ?), or None where TMA cannot read X and W."""
-    def rows_aligned(t, unit_dim):
-        other = 1 - unit_dim
-        return t.stride(unit_dim) == 1 and (t.stride(other) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-    if not rows_aligned(x, 1):
-        return None
-    if rows_aligned(w, 1):
-        return False
-    if rows_aligned(w, 0):
-        return True
-    return None
+def prune_backward_configs(configs, named_args, **kwargs):
+    """:func:`prune_gemm_configs` for the backward kernel's tiles."""
+    return _prune(configs, named_args, True, "_lora_backward_kernel")
 
 
-_TMA_FAILED = False  # set when the TMA kernel failed to build here; auto mode then stays off it
+# Configs that spill registers or overflow shared memory, per (kernel, arch, operand bytes,
+# variant, config): generated by `python python_tests/triton_compile_check.py --update`.
+from ._triton_excluded import EXCLUDED as _EXCLUDED  # noqa: E402
 
-
-def _gemm_uses_tma(x, w):
-    w_kn = _tma_orientation(x, w)
-    if w_kn is None or USE_TMA is False or (USE_TMA is None and _TMA_FAILED):
-        return None
-    if USE_TMA is None and (INTERPRET or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
-                            or torch.cuda.get_device_capability(x.device)[0] < 9):
-        return None
-    return w_kn
+_FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "FUSED", "DROPOUT", "HAS_BIAS", "TMA"]
+_BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "NEED_DX", "DROPOUT", "TMA"]
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if INTERPRET or device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _autotuned(name: str, tma: bool):
+    """The autotuned kernels, built on first use: some Triton versions touch the GPU driver when an
+    autotuner is built, which must not happen at import on a machine without a GPU."""
+    if name == "forward":
+        prune = functools.partial(prune_gemm_configs, kernel="_lora_forward_kernel")
+        return triton.autotune(_gemm_configs(tma), key=_FORWARD_KEY,
+                               prune_configs_by={"early_config_prune": prune})(_lora_forward_kernel)
+    return triton.autotune(_backward_configs(tma), key=_BACKWARD_KEY,
+                           prune_configs_by={"early_config_prune": prune_backward_configs})(_lora_backward_kernel)
+
+
+# --------------------------------------------------------------------------- #
+# TMA: where it runs, and what happens when it cannot
+# --------------------------------------------------------------------------- #
+
+# Which GEMM kernels run: None uses TMA on Hopper (and newer) for fp16/bf16 operands that TMA
+# can address; True/False force it on or off where it can run at all.
+USE_TMA = None
+# Cases (kernel, dtype, shapes, strides) whose TMA build failed: only these use the pointer GEMM.
+_TMA_FAILED_CASES: set = set()
+_WARNED: set = set()
+
+
+def _warn_once(key, message):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """TMA reads a 2-D tensor with unit inner stride, 16-byte aligned base and row pitch."""
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
+def _capability(device: torch.device):
+    return _device_properties(device)[0]
+
+
+def _tma_case(kernel: str, *tensors) -> tuple:
+    return (kernel,) + tuple((t.dtype, tuple(t.shape), tuple(t.stride())) for t in tensors)
+
+
+def _use_tma(kernel: str, *tensors) -> bool:
+    """Whether ``kernel`` runs with tensor descriptors for ``tensors`` (its TMA operands)."""
+    if USE_TMA is False or not all(_tma_addressable(t) for t in tensors):
+        return False
+    if not HAS_TENSOR_DESCRIPTOR:
+        if USE_TMA or (tensors[0].is_cuda and _capability(tensors[0].device)[0] >= 9):
+            _warn_once("no-tma", "lora_kernels: this Triton has no triton.tools.tensor_descriptor; "
+                                 "the GEMMs use pointer loads (slower on Hopper)")
+        return False
+    if USE_TMA:
+        return True
+    return _tma_by_default(tensors[0]) and not (_TMA_FAILED_CASES and _tma_case(kernel, *tensors) in _TMA_FAILED_CASES)
+
+
+def _tma_by_default(x: torch.Tensor) -> bool:
+    """Automatic mode: TMA for fp16/bf16 on Hopper and newer (compiled, not interpreted)."""
+    return (not INTERPRET and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and _capability(x.device)[0] >= 9)
+
+
+def _gemm_uses_tma(x, w):
+    """Whether the forward GEMM of ``x`` (M, K) and ``w`` (N, K) runs with TMA (the multi-adapter
+    launcher asks). Returns None when it does not (kept for its callers' truth tests)."""
+    return True if _use_tma("forward", x, w) else None
+
+
+def _descriptor(t: torch.Tensor):
+    """A host tensor descriptor (block shape set per config by _set_tma_blocks). NOTE: built per
+    call (a small object, no device work, no sync); caching it would keep ``t`` alive."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, [1] * t.dim())
+
+
+def _launch(kernel: str, tma_tensors, launch_tma, launch_pointer):
+    """Run ``launch_tma`` where TMA applies; if it fails to build or run, warn once for this case
+    (shapes, strides, dtype), remember it, and run the pointer GEMM for it from now on."""
+    if _use_tma(kernel, *tma_tensors):
+        try:
+            return launch_tma()
+        except Exception as exc:  # a toolchain without TMA support for these operands
+            if USE_TMA:
+                raise
+            case = _tma_case(kernel, *tma_tensors)
+            _TMA_FAILED_CASES.add(case)
+            _warn_once(case, f"lora_kernels: the TMA {kernel} kernel failed for (dtype, shape, strides) = "
+                             f"{case[1:]} ({exc!r}); this case uses the pointer kernel from now on")
+    return launch_pointer()
+
+
+# --------------------------------------------------------------------------- #
+# Host helpers
+# --------------------------------------------------------------------------- #
 
 
 def _block_r(R: int) -> int:
-    # tl.dot needs every dimension ≥ 16; wider ranks loop over chunks of 64.
-    return min(64, max(16, triton.next_power_of_2(R)))
+    """Rank chunk of kernels that loop over r (merge, multi-adapter): tl.dot needs every
+    dimension ≥ 16; wider ranks loop over chunks of 64."""
+    return min(64, _full_block_r(R))
+
+
+def _full_block_r(R: int) -> int:
+    """Rank block of the single-adapter GEMMs, which hold all of r in one block."""
+    return max(16, triton.next_power_of_2(R))
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
@@ -392,6 +647,10 @@ def _dtype_flags(dtype: torch.dtype) -> dict:
         UPCAST=upcast,
         IEEE=dtype in (torch.float32, torch.float64) or upcast,
     )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @functools.lru_cache(maxsize=None)
@@ -406,124 +665,165 @@ def _dropout_args(dropout_p: float, seed, cols: int, device: torch.device) -> di
                 DROPOUT=dropout_p > 0.0)
 
 
-# --------------------------------------------------------------------------- #
-# Launchers: the two building blocks, then the backend's entry points
-# --------------------------------------------------------------------------- #
-
-
-def gemm_lora_up(x, w, bias, l, u, dropout_p=0.0, seed=0):
-    """``X Wᵀ + b + L Uᵀ ⊙ D`` for X (M, K), W (N, K), L (M, R), U (N, R); any strides."""
-    global _TMA_FAILED
-    M, K = x.shape
-    N, R = w.shape[0], l.shape[1]
-    c = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    if M == 0 or N == 0:
-        return c
-    common = dict(
-        HAS_BIAS=bias is not None, BLOCK_R=_block_r(R), inv_keep=1.0 / (1.0 - dropout_p),
-        **_dropout_args(dropout_p, seed, N, x.device), **_dtype_flags(x.dtype),
-    )
-    operands = (bias if bias is not None else c, l, u, c, M, N, K, R, triton.next_power_of_2(M))
-    epilogue_strides = (l.stride(0), l.stride(1), u.stride(0), u.stride(1), c.stride(0), c.stride(1))
-    w_kn = _gemm_uses_tma(x, w)
-    if w_kn is not None:
-        try:
-            _launch_tma_gemm(x, w, w_kn, operands, epilogue_strides, common)
-            return c
-        except Exception as exc:  # a toolchain without TMA support for these operands
-            if USE_TMA:
-                raise
-            _TMA_FAILED = True
-            warnings.warn(f"lora_kernels: the TMA GEMM could not run ({exc!r}); using the pointer GEMM")
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_lora_up[grid](
-        x, w, *operands, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *epilogue_strides, **common,
-    )
-    return c
-
-
-def _launch_tma_gemm(x, w, w_kn, operands, epilogue_strides, common):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    M, N = x.shape[0], w.shape[0]
-    # Block shapes are set per autotuning config by _set_tma_blocks.
-    x_desc = TensorDescriptor.from_tensor(x, [1, 1])
-    w_desc = TensorDescriptor.from_tensor(w.t() if w_kn else w, [1, 1])
-    programs = _num_sms(x.device)
-    grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
-    _gemm_lora_up_tma[grid](
-        x_desc, w_desc, *operands, *epilogue_strides, W_KN=w_kn, NUM_PROGRAMS=programs, **common,
-    )
-
-
-def skinny_product(p, q, out, scale, reduce_rows=False, dropout_p=0.0, seed=0):
-    """``out = scale · (P ⊙ keep) Q`` (or ``(P ⊙ keep)ᵀ Q`` with ``reduce_rows``); any strides.
-
-    P is (M, N) and the mask is P's; Q is (N, R), or (M, R) with ``reduce_rows``;
-    ``out`` is (M, R), or (N, R). These products are thin (R ≤ a few hundred) and
-    reduce over a long axis: when the output tiles alone cannot fill the GPU,
-    the reduction is split across programs and the fp32 partials are summed in
-    a second stage.
-    """
-    M, N = p.shape
-    R = q.shape[1]
-    kept, reduced = (N, M) if reduce_rows else (M, N)
-    if reduced == 0 or kept == 0:
-        return out.zero_()
-    if INTERPRET:
-        block_a, block_t, launch = 32, 32, {}
-    else:
-        block_a, block_t = (128, 64) if reduce_rows else (64, 128)
-        launch = dict(num_warps=4, num_stages=3)
-        if p.element_size() == 8:  # fp64 tiles: half the reduced block, two stages, to fit shared memory
-            block_t, launch["num_stages"] = block_t // 2, 2
-    block_r = _block_r(R)
-    tiles = triton.cdiv(kept, block_a) * triton.cdiv(R, block_r)
-    t_blocks = triton.cdiv(reduced, block_t)
-    splits = max(1, min(t_blocks, triton.cdiv(2 * _num_sms(p.device), tiles)))
-    span = triton.cdiv(t_blocks, splits) * block_t
-    splits = triton.cdiv(reduced, span)
-    if splits == 1:
-        target = out.unsqueeze(0)
-    else:
-        acc_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        target = torch.empty(splits, kept, R, device=p.device, dtype=acc_dtype)
-    _lora_skinny_kernel[(triton.cdiv(kept, block_a), triton.cdiv(R, block_r), splits)](
-        p, q, target, M, N, R, span,
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        target.stride(0), target.stride(1), target.stride(2),
-        scale, REDUCE_ROWS=reduce_rows, BLOCK_A=block_a, BLOCK_T=block_t, BLOCK_R=block_r,
-        **_dropout_args(dropout_p, seed, N, p.device), **_dtype_flags(p.dtype), **launch,
-    )
-    if splits > 1:
-        out.copy_(target.sum(0))
-    return out
-
-
 def _inv_keep(dropout_p: float) -> float:
     return 1.0 / (1.0 - dropout_p)
 
 
+def forward_plan(M, K, N, R, dtype, dropout_p, device) -> str:
+    """``"fused"`` or ``"two_pass"``: FORWARD_PLAN if set, else the cost model's choice."""
+    plan = FORWARD_PLAN
+    if plan is None:
+        try:
+            from .cost_model import choose_forward_plan
+        except ImportError:
+            plan = "two_pass"
+        else:
+            plan = choose_forward_plan(M, K, N, R, dtype, dropout_p, device)
+    if plan not in ("fused", "two_pass"):
+        raise ValueError(f"unknown forward plan {plan!r}; expected 'fused' or 'two_pass'")
+    return "fused" if plan == "fused" and R <= FUSED_MAX_RANK else "two_pass"
+
+
+# --------------------------------------------------------------------------- #
+# Launchers
+# --------------------------------------------------------------------------- #
+
+
+def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale, dropout_p=0.0, seed=0):
+    """The forward kernel: ``y = x wᵀ + bias + xa bᵀ`` with xa from ``lora_A`` (fused) or from the
+    fp32 ``partials`` (S, M, R) of the shrink kernel, times ``xa_scale``; xa is stored when given."""
+    M, K = x.shape
+    N, R = w.shape[0], b.shape[1]
+    fused = partials is None
+    a = lora_A if fused else b  # an unused pointer operand still needs a tensor
+    part = partials if not fused else y.new_empty(1, 1, 1, dtype=_acc_dtype(y.dtype))
+    args = dict(
+        bias_ptr=bias if bias is not None else y, a_ptr=a, l_ptr=part, b_ptr=b, y_ptr=y,
+        xa_ptr=xa if xa is not None else y,
+        M=M, N=N, K=K, R=R, L_SPLITS=part.shape[0], M_BUCKET=triton.next_power_of_2(M),
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
+        stride_ar=a.stride(0), stride_ak=a.stride(1),
+        stride_ls=part.stride(0), stride_lm=part.stride(1), stride_lr=part.stride(2),
+        stride_bn=b.stride(0), stride_br=b.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_xam=xa.stride(0) if xa is not None else 0, stride_xar=xa.stride(1) if xa is not None else 0,
+        xa_scale=xa_scale, **_dropout_args(dropout_p if fused else 0.0, seed, K, x.device),
+        FUSED=fused, STORE_XA=xa is not None, HAS_BIAS=bias is not None, BLOCK_R=_full_block_r(R),
+        **_dtype_flags(x.dtype),
+    )
+    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+
+    def tma():
+        programs = _num_sms(x.device)
+        _autotuned("forward", True)[lambda meta: (min(programs, tiles(meta)),)](
+            x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y), TMA=True, **args)
+
+    def pointer():
+        _autotuned("forward", False)[lambda meta: (tiles(meta),)](
+            x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, **args)
+
+    _launch("forward", (x, w, y), tma, pointer)
+    return y
+
+
+def gemm_lora_up(x, w, bias, l, u):
+    """``X Wᵀ + b + L Uᵀ`` for X (M, K), W (N, K), L (M, R), U (N, R); any strides (the
+    multi-adapter launcher runs its base GEMM through this, with R = 0)."""
+    M, N = x.shape[0], w.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return y
+    return _forward_gemm(x, w, bias, y, None, partials=l.unsqueeze(0), b=u, xa_scale=1.0)
+
+
+def _shrink_splits(M: int, K: int, block_m: int, block_k: int, device) -> int:
+    """Splits of K for the shrink kernel: only when its row blocks alone leave the GPU idle."""
+    row_blocks = triton.cdiv(M, block_m)
+    return max(1, min(triton.cdiv(K, block_k), _num_sms(device) // row_blocks))
+
+
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """``(y, xa)``: xa = s·(x ⊙ D) Aᵀ, then the base GEMM with xa Bᵀ added in its epilogue."""
-    xa = x.new_empty(x.shape[0], lora_A.shape[0])
-    skinny_product(x, lora_A.t(), xa, scaling * _inv_keep(dropout_p), dropout_p=dropout_p, seed=seed)
-    y = gemm_lora_up(x, weight, bias, xa, lora_B)
+    """``(y, xa)``: one fused launch, or the shrink kernel then the GEMM (see forward_plan)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    y = x.new_empty(M, N)
+    xa = x.new_empty(M, R)
+    if M == 0 or N == 0:
+        return y, xa.zero_()
+    xa_scale = scaling * _inv_keep(dropout_p)
+    if forward_plan(M, K, N, R, x.dtype, dropout_p, x.device) == "fused":
+        _forward_gemm(x, weight, bias, y, xa, lora_A=lora_A, b=lora_B, xa_scale=xa_scale,
+                      dropout_p=dropout_p, seed=seed)
+        return y, xa
+    block_m, block_k, launch = (32, 32, {}) if INTERPRET else (64, 128, dict(num_warps=4, num_stages=3))
+    if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
+        block_k, launch["num_stages"] = block_k // 2, 2
+    splits = _shrink_splits(M, K, block_m, block_k, x.device)
+    span = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    splits = max(1, triton.cdiv(K, span))
+    part = torch.empty(splits, M, R, device=x.device, dtype=_acc_dtype(x.dtype))
+    _lora_shrink_kernel[(triton.cdiv(M, block_m), splits)](
+        x, lora_A, part, M, K, R, span,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        **_dropout_args(dropout_p, seed, K, x.device), **_dtype_flags(x.dtype),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch,
+    )
+    _forward_gemm(x, weight, bias, y, xa, partials=part, b=lora_B, xa_scale=xa_scale)
     return y, xa
 
 
+def _backward_runs(M: int, K: int, R: int, element_size: int, need_grad_x: bool, device) -> int:
+    """How many runs of row blocks the backward splits M into: enough programs to fill the GPU
+    (one per (run, dx column block)), no more, and no more than keeps the partials (a (K + N) x r
+    fp32 block per run, written once and read once) within 1/8 of the bytes of x and dy."""
+    column_blocks = triton.cdiv(K, 128) if need_grad_x else 1
+    partial_cap = M * element_size // (32 * max(R, 1))
+    return max(1, min(_num_sms(device) // column_blocks, triton.cdiv(M, 64), partial_cap))
+
+
 def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
-    """``(dx, dA, dB)`` as in reference.lora_backward; dx's GEMM carries (g A) ⊙ D in its epilogue."""
+    """``(dx, dA, dB)`` as in reference.lora_backward: the backward kernel, then the reduction."""
     dy = grad_out
-    g = skinny_product(dy, lora_B, dy.new_empty(dy.shape[0], lora_B.shape[1]), scaling)  # s · dy B
-    grad_B = skinny_product(dy, xa, torch.empty_like(lora_B), 1.0, reduce_rows=True)  # dyᵀ xa
-    grad_A = torch.empty_like(lora_A)
-    skinny_product(x, g, grad_A.t(), _inv_keep(dropout_p), reduce_rows=True,  # dAᵀ = (x ⊙ D)ᵀ g
-                   dropout_p=dropout_p, seed=seed)
-    if need_grad_x:
-        grad_x = gemm_lora_up(dy, weight.t(), None, g, lora_A.t(), dropout_p, seed)
-    else:
-        grad_x = x.new_empty(0)
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    grad_A, grad_B = torch.empty_like(lora_A), torch.empty_like(lora_B)
+    grad_x = x.new_empty(M, K) if need_grad_x else x.new_empty(0)
+    if M == 0 or R == 0 or (K == 0 and N == 0):
+        return (grad_x.zero_(), grad_A.zero_(), grad_B.zero_())
+    runs = _backward_runs(M, K, R, x.element_size(), need_grad_x, x.device)
+    part = torch.empty(runs, K + N, R, device=x.device, dtype=_acc_dtype(x.dtype))
+    dx = grad_x if need_grad_x else x  # an unused pointer operand still needs a tensor
+    args = dict(
+        x_ptr=x, a_ptr=lora_A, b_ptr=lora_B, xa_ptr=xa, dx_ptr=dx, part_ptr=part,
+        M=M, N=N, K=K, R=R, runs=runs, M_BUCKET=triton.next_power_of_2(M),
+        stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1),
+        stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
+        stride_ps=part.stride(0), stride_pj=part.stride(1), stride_pr=part.stride(2),
+        scaling=scaling, inv_keep=_inv_keep(dropout_p), **_dropout_args(dropout_p, seed, K, x.device),
+        NEED_DX=need_grad_x, BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
+    )
+    column_blocks = lambda meta: triton.cdiv(K, meta["BLOCK_K"]) if need_grad_x else 1  # noqa: E731
+    grid = lambda meta: (runs * column_blocks(meta),)  # noqa: E731
+
+    def tma():
+        descs = (dict(w_desc=_descriptor(weight), dx_desc=_descriptor(grad_x)) if need_grad_x
+                 else dict(w_desc=None, dx_desc=None))
+        _autotuned("backward", True)[grid](dy_ptr=dy, dy_desc=_descriptor(dy), w_ptr=weight, TMA=True,
+                                           **descs, **args)
+
+    def pointer():
+        _autotuned("backward", False)[grid](dy_ptr=dy, dy_desc=None, w_ptr=weight, w_desc=None, dx_desc=None,
+                                            TMA=False, **args)
+
+    _launch("backward", (dy, weight, grad_x) if need_grad_x else (dy,), tma, pointer)
+    block_j, block_r = (32, 16) if INTERPRET else (128, 16)
+    _reduce_runs_kernel[(triton.cdiv(K + N, block_j), triton.cdiv(R, block_r))](
+        part, grad_A, grad_B, runs, K, N, R,
+        part.stride(0), part.stride(1), part.stride(2), grad_A.stride(0), grad_A.stride(1),
+        grad_B.stride(0), grad_B.stride(1), _inv_keep(dropout_p),
+        ACC_DTYPE=_dtype_flags(x.dtype)["ACC_DTYPE"], BLOCK_J=block_j, BLOCK_R=block_r,
+    )
     return grad_x, grad_A, grad_B
 
 
@@ -535,7 +835,7 @@ def lora_merge_(weight, lora_A, lora_B, scaling):
         return
     if weight.dtype == torch.float64:  # an fp64 accumulator needs fp64 operands for tl.dot
         lora_A, lora_B = lora_A.double(), lora_B.double()
-    block_n, block_k = (32, 32) if INTERPRET else (64, 128)
+    block_n, block_k = (32, 32) if INTERPRET else (64, 128 if weight.element_size() < 8 else 64)
     _merge_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
         weight, lora_B, lora_A, N, K, R,
         weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),

@@ -244,10 +244,12 @@ def test_same_seed_same_output_and_gradients(backend):
     assert torch.equal(layer(x), layer(x))
 
 
+@pytest.mark.parametrize("plan", ["fused", "two_pass"])
 @pytest.mark.parametrize("use_tma", [False, True], ids=["pointer-gemm", "tma-gemm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_triton_gemm_kernels_both_ways(monkeypatch, use_tma, dtype):
-    """The pointer GEMM and the Hopper TMA + persistent GEMM, each forced, on TMA-addressable shapes."""
+def test_triton_gemm_kernels_both_ways(monkeypatch, use_tma, dtype, plan):
+    """Pointer loads and the Hopper TMA loads/stores, each forced, for each forward plan and the
+    backward kernel, on TMA-addressable shapes."""
     if backends.unavailable_reason("triton", DEVICE):
         pytest.skip(backends.unavailable_reason("triton", DEVICE))
     from lora_kernels import triton_ops
@@ -255,9 +257,11 @@ def test_triton_gemm_kernels_both_ways(monkeypatch, use_tma, dtype):
     if use_tma and ON_GPU and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90 or newer")
     monkeypatch.setattr(triton_ops, "USE_TMA", use_tma)
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
     for M, K, N, r, p in [(7, 64, 40, 4, 0.0), (65, 40, 72, 16, 0.25), (300, 24, 16, 3, 0.1)]:
         x, weight, bias, A, B = make_layer(M, K, N, r, dtype)
         assert (triton_ops._gemm_uses_tma(x, weight) is not None) == use_tma
+        assert triton_ops._use_tma("backward", torch.empty(M, N, dtype=dtype, device=DEVICE), weight, x) == use_tma
         grad_out = torch.randn(M, N, dtype=dtype, device=DEVICE)
         got = run(x, weight, bias, A, B, 0.5, p, 9, "triton", grad_out)
         ref = reference_fp64(x, weight, bias, A, B, 0.5, p, 9, grad_out)
@@ -281,3 +285,177 @@ def test_gemm_config_pruning_fits_shared_memory(monkeypatch):
         assert triton_ops.prune_gemm_configs(configs, {"c_ptr": c}) == expected
         monkeypatch.setattr(triton_ops, "AUTOTUNE", False)
         assert triton_ops.prune_gemm_configs(configs, {"c_ptr": c}) == expected[:1]
+
+
+# --------------------------------------------------------------------------- #
+# The Triton plans, each forced (docs/design.md, "The kernels")
+# --------------------------------------------------------------------------- #
+
+PLANS = ["fused", "two_pass"]
+# (M, K, N, r, p): M = 1, 7, 65; K and N not multiples of 16; r = 1, 7, 16, 65.
+PLAN_SHAPES = [(1, 7, 9, 1, 0.0), (7, 65, 33, 7, 0.2), (65, 40, 70, 16, 0.3), (33, 50, 18, 65, 0.1)]
+
+
+@pytest.fixture
+def triton_ops():
+    why = backends.unavailable_reason("triton", DEVICE)
+    if why:
+        pytest.skip(why)
+    from lora_kernels import triton_ops
+
+    return triton_ops
+
+
+def _check_against_reference(M, K, N, r, p, dtype, need_grad_x, x=None, seed=13):
+    x_, weight, bias, A, B = make_layer(M, K, N, r, dtype, bias=(M % 2 == 1))
+    x = x_ if x is None else x
+    grad_out = torch.randn(*x.shape[:-1], N, dtype=dtype, device=DEVICE)
+    A_, B_ = A.detach().requires_grad_(True), B.detach().requires_grad_(True)
+    x_in = x.detach().requires_grad_(need_grad_x)
+    y = lk.lora_linear(x_in, weight, bias, A_, B_, 0.75, dropout_p=p, backend="triton", seed=seed)
+    y.backward(grad_out)
+    ref = reference_fp64(x, weight, bias, A, B, 0.75, p, seed, grad_out)
+    got = (y, x_in.grad if need_grad_x else None, A_.grad, B_.grad)
+    for name, out, expected in zip(("y", "dx", "dA", "dB"), got, ref):
+        if out is not None:
+            assert_close(f"{(M, K, N, r, p)} {name}", out, expected, dtype)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no-dx"])
+def test_triton_plans_match_fp64_reference(triton_ops, monkeypatch, plan, dtype, need_grad_x):
+    """Forward by each plan; the backward kernel with and without dx (first layer), with and
+    without dropout, on awkward shapes."""
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    for M, K, N, r, p in PLAN_SHAPES:
+        _check_against_reference(M, K, N, r, p, dtype, need_grad_x)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_triton_plans_3d_and_non_contiguous(triton_ops, monkeypatch, plan):
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    base = torch.randn(3, 40, 11, device=DEVICE)
+    for x in (torch.randn(2, 5, 40, device=DEVICE), base.transpose(1, 2),
+              torch.randn(6, 80, device=DEVICE)[::2, 20:60]):
+        _check_against_reference(x.shape[0], 40, 24, 4, 0.1, torch.float32, True, x=x)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_triton_plans_gradcheck_fp64(triton_ops, monkeypatch, plan, p):
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    x, weight, bias, A, B = make_layer(5, 9, 6, 3, torch.float64)
+    args = [t.requires_grad_(True) for t in (x, A, B)]
+    fn = lambda x, A, B: lk.lora_linear(x, weight, bias, A, B, 1.5, dropout_p=p, backend="triton", seed=3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_triton_forward_mask_is_the_specified_one(triton_ops, monkeypatch, plan):
+    """The forward's mask (inside the GEMM for the fused plan), read off xa with A = I."""
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    M, K, p, seed = 37, 45, 0.3, 2**40 + 5
+    x = torch.rand(M, K, device=DEVICE) + 0.5
+    xa = triton_ops.lora_forward(x, torch.zeros(3, K, device=DEVICE), None, torch.eye(K, device=DEVICE),
+                                 torch.zeros(3, K, device=DEVICE), 1.0, p, seed)[1]
+    assert torch.equal(xa != 0, reference.dropout_keep_mask(M, K, p, seed, device=DEVICE))
+
+
+def test_triton_backward_is_deterministic(triton_ops, monkeypatch):
+    """Two backward runs are bitwise equal, partials over many runs of row blocks included."""
+    monkeypatch.setattr(triton_ops, "_backward_runs", lambda *shape: 3)
+    x, weight, _, A, B = make_layer(300, 40, 50, 8, torch.float32)
+    dy = torch.randn(300, 50, device=DEVICE)
+    _, xa = triton_ops.lora_forward(x, weight, None, A, B, 0.5, 0.2, 9)
+    first = triton_ops.lora_backward(dy, x, weight, A, B, xa, 0.5, 0.2, 9, True)
+    again = triton_ops.lora_backward(dy, x, weight, A, B, xa, 0.5, 0.2, 9, True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no-dx"])
+def test_triton_backward_with_more_runs_than_row_blocks(triton_ops, monkeypatch, need_grad_x):
+    """Runs without row blocks write zero partials (the reduction sums every run)."""
+    monkeypatch.setattr(triton_ops, "_backward_runs", lambda *shape: 7)
+    _check_against_reference(65, 40, 70, 5, 0.2, torch.float32, need_grad_x)
+
+
+class _CountingKernel:
+    """Stands in for a kernel (``kernel[grid](...)``), counting launches."""
+
+    def __init__(self, kernel, launches, fail=False):
+        self.kernel, self.launches, self.fail = kernel, launches, fail
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.fail:
+                raise RuntimeError("simulated TMA failure")
+            self.launches.append(grid)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _count_launches(monkeypatch, triton_ops, fail_tma=False):
+    launches = []
+    autotuned = triton_ops._autotuned
+    monkeypatch.setattr(triton_ops, "_autotuned",
+                        lambda name, tma: _CountingKernel(autotuned(name, tma), launches, fail_tma and tma))
+    for name in ("_lora_shrink_kernel", "_reduce_runs_kernel"):
+        monkeypatch.setattr(triton_ops, name, _CountingKernel(getattr(triton_ops, name), launches))
+    return launches
+
+
+@pytest.mark.parametrize("plan, forward_launches", [("fused", 1), ("two_pass", 2)])
+def test_triton_launch_counts(triton_ops, monkeypatch, plan, forward_launches):
+    """One launch per forward (fused plan), two per backward, with or without dx."""
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    launches = _count_launches(monkeypatch, triton_ops)
+    x, weight, bias, A, B = make_layer(70, 40, 50, 8, torch.float32)
+    _, xa = triton_ops.lora_forward(x, weight, bias, A, B, 0.5, 0.1, 4)
+    assert len(launches) == forward_launches
+    for need_grad_x in (True, False):
+        del launches[:]
+        triton_ops.lora_backward(torch.randn(70, 50, device=DEVICE), x, weight, A, B, xa, 0.5, 0.1, 4, need_grad_x)
+        assert len(launches) == 2
+
+
+def test_triton_forward_plan_choice(triton_ops, monkeypatch):
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", "fused")
+    assert triton_ops.forward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, DEVICE) == "fused"
+    assert triton_ops.forward_plan(64, 64, 64, triton_ops.FUSED_MAX_RANK + 1, torch.bfloat16, 0.0, DEVICE) == "two_pass"
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", "one_pass")
+    with pytest.raises(ValueError, match="unknown forward plan 'one_pass'"):
+        triton_ops.forward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, DEVICE)
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", None)
+    try:
+        from lora_kernels.cost_model import choose_forward_plan
+    except ImportError:  # no cost model: the two-pass plan
+        assert triton_ops.forward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, DEVICE) == "two_pass"
+    else:
+        for p in (0.0, 0.1):
+            assert triton_ops.forward_plan(4096, 4096, 4096, 16, torch.bfloat16, p, DEVICE) == \
+                choose_forward_plan(4096, 4096, 4096, 16, torch.bfloat16, p, DEVICE)
+
+
+def test_triton_tma_failure_falls_back_for_that_case_only(triton_ops, monkeypatch):
+    """A TMA kernel that fails warns once naming its case; only that case uses the pointer GEMM."""
+    monkeypatch.setattr(triton_ops, "_tma_by_default", lambda x: True)
+    monkeypatch.setattr(triton_ops, "_TMA_FAILED_CASES", set())
+    monkeypatch.setattr(triton_ops, "_WARNED", set())
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", "fused")
+    launches = _count_launches(monkeypatch, triton_ops, fail_tma=True)
+    x, weight, bias, A, B = make_layer(16, 32, 24, 4, torch.float32)
+    with pytest.warns(UserWarning, match=r"TMA forward kernel failed for .*\(16, 32\)"):
+        y, _ = triton_ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, 1)
+    assert_close("y", y, reference.lora_forward(*(t.double() for t in (x, weight, bias, A, B)), 0.5, 0.0, 1)[0],
+                 torch.float32)
+    assert len(triton_ops._TMA_FAILED_CASES) == 1 and len(launches) == 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same case again: no second warning, straight to pointers
+        triton_ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, 1)
+    assert triton_ops._use_tma("forward", x, weight, y) is False
+    other = torch.randn(8, 32, device=DEVICE)  # another case still tries TMA
+    assert triton_ops._use_tma("forward", other, weight, torch.empty(8, 24, device=DEVICE)) is True

@@ -1,80 +1,264 @@
-"""Compile every Triton kernel for a real GPU target, without a GPU (run by test_triton_compile.py).
+"""Compile every autotune config of every Triton kernel for sm_90a and sm_80, as the JIT would,
+without a GPU (run by test_triton_compile.py; CI runs it on the CPU).
 
-The interpreter that runs the kernels on the CPU is lenient about types that the GPU compiler
-rejects (an fp64 accumulator with fp32 operands, say), so CI also compiles each kernel for
-sm_90 and sm_80, down to PTX and cubin, and checks that the Hopper GEMM really uses wgmma and
-TMA. Usage: python triton_compile_check.py ARCH DTYPE   (e.g. 90 bf16)
+The launchers themselves run, on small CPU tensors, with the launches intercepted: each
+``kernel[grid](...)`` records its arguments instead of running. Every recorded launch is then
+compiled for the target the way ``JITFunction.run`` compiles it (the same binder: sizes and
+strides divisible by 16 marked as such, unit strides as the constant 1, ``None`` operands as
+constants), once per autotuning config that survives the launcher's shared-memory pruning for
+that GPU. For each it prints registers, spill bytes (the cubin's stack frame, from cuobjdump),
+shared memory, and for the GEMMs whether the main loop uses wgmma and TMA copies (PTX).
+
+It fails on any register spill (fp64, a gradcheck dtype, is reported only), on shared memory
+beyond the GPU's, and when a TMA kernel for sm_90a loses wgmma or its TMA copies. The launchers
+never autotune over a config that spilled for that kernel variant: ``--update`` compiles
+everything and rewrites their exclusion table, lora_kernels/_triton_excluded.py (run it after
+changing a kernel or a config list, then commit the table). The table is made for r = 16;
+wider ranks hold more registers and are not covered.
+
+Usage: python triton_compile_check.py [--jobs N] [--update | --self-test]
+(~300 compilations, 3.5 CPU-minutes: about 2 min on 2 idle cores, 5 min on a busy machine,
+seconds with a warm Triton cache.)
 """
 
+import argparse
+import itertools
+import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from lora_kernels import triton_ops as T  # noqa: E402
+from lora_kernels.multi_lora import reference as multi_reference  # noqa: E402
 from lora_kernels.multi_lora import triton_ops as MT  # noqa: E402
 
-arch, dt = int(sys.argv[1]), sys.argv[2]
-TARGET = GPUTarget("cuda", arch, 32)
-HALF = dt in ("fp16", "bf16")
-FLAGS = dict(ACC_DTYPE=tl.float64 if dt == "fp64" else tl.float32, UPCAST=False, IEEE=not HALF)
+# shared_memory_per_block_optin of the H100 and the A100: what the launchers prune configs by.
+SHARED_MEMORY = {90: 232448, 80: 166912}
+# (arch, dtype, the GEMMs' load modes): the dtypes each GPU's users run; on Hopper bf16 runs the
+# TMA kernels, and the pointer ones for operands that TMA cannot address.
+# fp16 compiles to the same registers as bf16 (it shares their exclusions); fp64 is for gradcheck:
+# its spills are reported, not failed.
+TARGETS = [(90, torch.bfloat16, (True, False)), (90, torch.float32, (False,)), (90, torch.float64, (False,)),
+           (80, torch.bfloat16, (False,))]
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def build(fn, types, consts, num_stages=3):
-    """Compile ``fn`` (pointer/scalar types by name, the rest i32) and return its PTX."""
-    names = fn.arg_names
-    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=TARGET, options=dict(num_stages=num_stages)).asm["ptx"]
+# --------------------------------------------------------------------------- #
+# Recording the launches of the real launchers
+# --------------------------------------------------------------------------- #
+
+LAUNCHES = []  # (kernel JITFunction, named arguments, configs or None)
 
 
-def ptrs(*names, dtype=dt):
-    return {n: f"*{dtype}" for n in names}
+def _record_jit(self, *args, grid, warmup, **kwargs):
+    named = dict(zip(self.arg_names, args), **kwargs)
+    LAUNCHES.append((self, named, None))
 
 
-# The launch parameters the launchers use (largest tiles of the autotuning lists for half types).
-bm, bn, bk = (128, 256, 64) if HALF else (128, 64, 32)
-for dropout in (False, True):
-    gemm = dict(HAS_BIAS=True, DROPOUT=dropout, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=8, **FLAGS)
-    build(T._gemm_lora_up_kernel,
-          dict(ptrs("x_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "c_ptr"), inv_keep="fp32", seed_ptr="*i64"), gemm)
-    for reduce_rows in (False, True):
-        block_a, block_t = (128, 64) if reduce_rows else (64, 128)
-        stages = 2 if dt == "fp64" else 3
-        build(T._lora_skinny_kernel, dict(ptrs("p_ptr", "q_ptr", "out_ptr"), scale="fp32", seed_ptr="*i64"),
-              dict(REDUCE_ROWS=reduce_rows, DROPOUT=dropout, BLOCK_A=block_a,
-                   BLOCK_T=block_t // (2 if dt == "fp64" else 1), BLOCK_R=16, **FLAGS), num_stages=stages)
-    if HALF and arch >= 90:
-        for w_kn in (False, True):
-            w_block = f"[{bk}, {bn}]" if w_kn else f"[{bn}, {bk}]"
-            ptx = build(T._gemm_lora_up_tma_kernel,
-                        dict(ptrs("bias_ptr", "l_ptr", "u_ptr", "c_ptr"), x_desc=f"tensordesc<{dt}[{bm}, {bk}]>",
-                             w_desc=f"tensordesc<{dt}{w_block}>", inv_keep="fp32", seed_ptr="*i64"),
-                        dict(gemm, W_KN=w_kn, NUM_PROGRAMS=132))
-            assert "wgmma" in ptx and "cp.async.bulk.tensor" in ptx, "the Hopper GEMM lost wgmma or TMA"
-    # Multi-adapter kernels.
-    build(MT._sgmv_shrink_kernel,
-          dict(ptrs("p_ptr", "q_ptr", "out_ptr"), scale_ptr="*fp32", order_ptr="*i64", seg_ptr="*i64",
-               coeff="fp32", seed_ptr="*i64"),
-          dict(DROPOUT=dropout, BLOCK_M=64, BLOCK_T=128, BLOCK_R=16, BLOCK_S=16, **FLAGS))
-    build(MT._sgmv_reduce_kernel,
-          dict(ptrs("p_ptr", "q_ptr"), order_ptr="*i64", seg_ptr="*i64", part_ptr="*fp32", seed_ptr="*i64"),
-          dict(DROPOUT=dropout, BLOCK_J=128, BLOCK_T=64, BLOCK_R=16, BLOCK_S=16, **FLAGS))
-    for load_c in (False, True):
-        build(MT._sgmv_gemm_kernel,
-              dict(ptrs("x_ptr", "w_ptr", "bias_ptr", "l_ptr", "u_ptr", "c_ptr"), ids_ptr="*i64", order_ptr="*i64",
-                   inv_keep="fp32", seed_ptr="*i64"),
-              dict(HAS_BIAS=True, DROPOUT=dropout, LOAD_C=load_c, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16,
-                   GROUP_M=8, **FLAGS))
-factor = "fp64" if dt == "fp64" else "fp32"
-build(T._merge_kernel, dict(w_ptr=f"*{dt}", u_ptr=f"*{factor}", v_ptr=f"*{factor}", scale="fp32"),
-      dict(ACC_DTYPE=tl.float64 if dt == "fp64" else tl.float32, UPCAST=False, IEEE=True,
-           BLOCK_N=64, BLOCK_K=128, BLOCK_R=16))
-build(MT._segment_sum_kernel, dict(part_ptr="*fp32", seg_ptr="*i64", out_ptr=f"*{dt}", coeff="fp32"),
-      dict(ACC_DTYPE=tl.float32, BLOCK_J=64, BLOCK_R=64, BLOCK_S=16))
-print(f"compiled every kernel for sm_{arch} {dt}")
+def _record_autotuned(self, *args, grid=None, warmup=False, **kwargs):
+    named = dict(zip(self.arg_names, args), **kwargs)
+    configs = self.configs
+    if self.early_config_prune:
+        configs = self.early_config_prune(configs, named)
+    LAUNCHES.append((self.fn, named, configs))
+
+
+def record(dtype, arch, tma):
+    """Run every launcher on small CPU tensors of ``dtype`` and return the launches they make."""
+    JITFunction.run, Autotuner.run = _record_jit, _record_autotuned
+    T._shared_memory_limit = lambda device: SHARED_MEMORY[arch]
+    T._target_arch = lambda device: arch
+    T.USE_TMA = tma
+    del LAUNCHES[:]
+    torch.manual_seed(0)
+    # Sizes divisible by 16 (the common case, and what the JIT specialises on); r = 16.
+    M, K, N, r, n = 256, 512, 384, 16, 3
+    x, dy = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype)
+    w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+    A, B, xa = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype), torch.randn(M, r, dtype=dtype)
+    seed = torch.tensor(7)
+    for p, plan in itertools.product((0.0, 0.1), ("fused", "two_pass")):
+        T.FORWARD_PLAN = plan
+        T.lora_forward(x, w, b, A, B, 0.5, p, seed)
+    for p, need_grad_x in itertools.product((0.0, 0.1), (True, False)):
+        T.lora_backward(dy, x, w, A, B, xa, 0.5, p, seed, need_grad_x)
+    T.lora_merge_(w, A.to(torch.float64 if dtype == torch.float64 else torch.float32), B.float(), 0.5)
+    ids = torch.arange(M) % (n + 1) - 1
+    order, seg = multi_reference.segments(ids, n)
+    As, Bs, s = torch.randn(n, r, K, dtype=dtype), torch.randn(n, N, r, dtype=dtype), torch.rand(n)
+    for p, fused in itertools.product((0.0, 0.1), (True, False)):
+        MT.FUSED_GEMM = fused
+        MT.multi_lora_forward(x, w, b, As, Bs, s, ids, order, seg, p, seed)
+        MT.multi_lora_backward(dy, x, w, As, Bs, s, xa, ids, order, seg, p, seed, True)
+    return list(LAUNCHES)
+
+
+# --------------------------------------------------------------------------- #
+# Compiling as the JIT does
+# --------------------------------------------------------------------------- #
+
+
+def compile_as_jit(fn, named, arch):
+    """``fn`` compiled for ``arch`` with the arguments ``named`` (and launch options), through the
+    binder and argument packing that ``JITFunction.run`` uses."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(**named)
+    options, signature, constexprs, attrs = fn._pack_args(backend, named, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def resources(cubin: bytes):
+    """(registers, spill bytes) of the kernel in ``cubin``, from cuobjdump's resource usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    stack = int(re.search(r"STACK:(\d+)", out).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return regs, stack + local
+
+
+def _flags(named):
+    keys = ("FUSED", "NEED_DX", "LOAD_C", "REDUCE_ROWS", "DROPOUT", "TMA")
+    return " ".join(f"{k}={int(bool(named[k]))}" for k in keys if k in named)
+
+
+def jobs_for(arch, dtype, tma_modes):
+    """Distinct (name, flags, config, named arguments) compilations for one target."""
+    jobs, seen = [], set()
+    launches = [launch for tma in tma_modes for launch in record(dtype, arch, tma)]
+    for fn, named, configs in launches:
+        for cfg in configs or [None]:
+            args = dict(named)
+            if cfg is not None:
+                args.update(cfg.all_kwargs())
+                if cfg.pre_hook is not None:
+                    cfg.pre_hook(args)
+                args = {k: v for k, v in args.items() if k != "pre_hook"}
+                label = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + \
+                    f" s{cfg.num_stages} w{cfg.num_warps}"
+            else:
+                blocks = [f"{k}={v}" for k, v in args.items() if k.startswith("BLOCK_")]
+                opts = [f"{k[4]}{args[k]}" for k in ("num_stages", "num_warps") if k in args]
+                label = " ".join(blocks + opts)
+            key = (fn.__name__, _flags(args), label, str(dtype))
+            if key not in seen:
+                seen.add(key)
+                # Descriptors are shared between configs: freeze this config's block shapes.
+                args = {k: (_copy_descriptor(v) if _is_descriptor(v) else v) for k, v in args.items()}
+                exclusion = None if cfg is None else T.config_key(
+                    fn.__name__, arch, torch.empty((), dtype=dtype).element_size(), named, cfg)
+                jobs.append((arch, dtype, fn.__name__, _flags(args), label, fn, args, exclusion))
+    return jobs
+
+
+def _is_descriptor(v):
+    return type(v).__name__ == "TensorDescriptor"
+
+
+def _copy_descriptor(d):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(d.base, d.shape, d.strides, list(d.block_shape))
+
+
+JOBS = []
+
+
+def run_job(i):
+    arch, dtype, name, flags, label, fn, args, _ = JOBS[i]
+    start = time.time()
+    try:
+        kernel = compile_as_jit(fn, args, arch)
+    except Exception as exc:  # reported as a failure below
+        return i, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", time.time() - start
+    regs, spill = resources(kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
+    return i, (regs, spill, kernel.metadata.shared, "wgmma" in ptx, "cp.async.bulk.tensor" in ptx), "", \
+        time.time() - start
+
+
+def self_test():
+    """The check can fail: a config far too big for its warps must report spills."""
+    fn, named, configs = next(launch for launch in record(torch.bfloat16, 90, False)
+                              if launch[0] is T._lora_forward_kernel and launch[1]["FUSED"])
+    args = dict(named, BLOCK_M=256, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    regs, spill = resources(compile_as_jit(fn, args, 90).asm["cubin"])
+    print(f"256x256x64 with 4 warps: {regs} registers, {spill} bytes of spills")
+    sys.exit(0 if spill > 0 else 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--self-test", action="store_true", help="check that a spilling config is caught")
+    parser.add_argument("--update", action="store_true",
+                        help="compile every config and rewrite lora_kernels/_triton_excluded.py with the "
+                             "autotuning configs that spill or overflow shared memory")
+    opts = parser.parse_args()
+    if opts.self_test:
+        self_test()
+    if opts.update:
+        T._EXCLUDED = set()
+    start = time.time()
+    for arch, dtype, tma_modes in TARGETS:
+        JOBS.extend(jobs_for(arch, dtype, tma_modes))
+    with multiprocessing.get_context("fork").Pool(opts.jobs) as pool:
+        results = sorted(pool.imap_unordered(run_job, range(len(JOBS))))
+    failures, excluded = [], set()
+    print(f"{'target':<15} {'kernel':<22} {'variant':<28} {'config':<18} {'regs':>4} {'spill':>5} "
+          f"{'smem':>6} wgmma tma")
+    for i, res, error, _ in results:
+        arch, dtype, name, flags, label, fn, args, exclusion = JOBS[i]
+        target = f"sm_{arch}{'a' if arch == 90 else ''} {str(dtype)[6:]}"
+        if res is None:
+            failures.append(f"{target} {name} {flags} {label}: does not compile: {error}")
+            print(f"{target:<15} {name:<22} {flags:<28} {label:<18} FAILED: {error}")
+            continue
+        regs, spill, smem, wgmma, tma = res
+        print(f"{target:<15} {name:<22} {flags:<28} {label:<18} {regs:>4} {spill:>5} {smem:>6} "
+              f"{'yes' if wgmma else 'no':<5} {'yes' if tma else 'no'}")
+        too_big = smem > SHARED_MEMORY[arch]
+        if (spill or too_big) and exclusion is not None:
+            excluded.add(exclusion)
+        if spill and dtype != torch.float64:
+            failures.append(f"{target} {name} {flags} {label}: {spill} bytes of register spills")
+        if too_big:
+            failures.append(f"{target} {name} {flags} {label}: {smem} bytes of shared memory")
+        if args.get("TMA") and arch == 90 and not (wgmma and tma):
+            failures.append(f"{target} {name} {flags} {label}: the TMA kernel lost wgmma or its TMA copies")
+    print(f"{len(results)} compilations in {time.time() - start:.0f} s with {opts.jobs} processes")
+    if opts.update:
+        path = os.path.join(os.path.dirname(T.__file__), "_triton_excluded.py")
+        with open(path, "w") as f:
+            f.write("# Generated by `python python_tests/triton_compile_check.py --update`; do not edit.\n"
+                    "# (kernel, arch, operand bytes, (FUSED, NEED_DX, LOAD_C, DROPOUT, TMA), "
+                    "(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)):\n"
+                    "# autotuning configs that spill registers or overflow shared memory there.\n"
+                    "EXCLUDED = {\n" + "".join(f"    {key!r},\n" for key in sorted(excluded)) + "}\n")
+        print(f"wrote {len(excluded)} excluded configs to {path}")
+        return
+    if failures:
+        print("FAILED:\n  " + "\n  ".join(failures))
+        sys.exit(1)
+    print("every config compiles without spills")
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,8 @@ The helpers, dtype switches and the dropout mask are those of ``lora_kernels.tri
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -261,9 +263,16 @@ def _sgmv_gemm_kernel(
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "HAS_BIAS", "LOAD_C"]
-# restore_value: with LOAD_C the kernel adds into C, which autotuning must not do twice.
-_sgmv_gemm = triton.autotune(_gemm_configs(), key=_GEMM_KEY, restore_value=["c_ptr"],
-                             prune_configs_by={"early_config_prune": prune_gemm_configs})(_sgmv_gemm_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _sgmv_gemm():
+    """The autotuned GEMM, built on first use (some Triton versions touch the GPU driver when an
+    autotuner is built). restore_value: with LOAD_C the kernel adds into C, which autotuning must
+    not do twice."""
+    prune = functools.partial(prune_gemm_configs, kernel="_sgmv_gemm_kernel")
+    return triton.autotune(_gemm_configs(), key=_GEMM_KEY, restore_value=["c_ptr"],
+                           prune_configs_by={"early_config_prune": prune})(_sgmv_gemm_kernel)
 
 
 # --------------------------------------------------------------------------- #
@@ -298,7 +307,8 @@ def sgmv_shrink(p, q, scaling, coeff, order, seg, dropout_p=0.0, seed=0):
     else:
         # Rows per tile from the mean segment length: serving batches have short segments.
         block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, n))))
-        block_t, launch = 128, dict(num_warps=4, num_stages=3)
+        # NOTE: 4-byte operands take half the reduced block: 128 spills registers with dropout.
+        block_t, launch = (128 if p.element_size() <= 2 else 64), dict(num_warps=4, num_stages=3)
     block_r = single._block_r(R)
     row_tiles = triton.cdiv(M, block_m) + min(n, M)  # at most one partial tile per adapter
     live_tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
@@ -383,7 +393,7 @@ def sgmv_gemm(x, w, bias, l, u, adapter_ids, order, dropout_p=0.0, seed=0):
     if n == 0 and not fused:
         return c
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _sgmv_gemm[grid](
+    _sgmv_gemm()[grid](
         x, w, bias if bias is not None else c, l, u, c, adapter_ids, order,
         M, N, K, R, n, triton.next_power_of_2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1),

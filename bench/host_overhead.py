@@ -1,0 +1,257 @@
+"""Host overhead per call of the Triton path, and the launches each forward and backward makes.
+
+    python bench/host_overhead.py                 # on the CPU: Triton launches replaced by no-ops
+    python bench/host_overhead.py --real          # on a GPU: real launches, CPU-side timer
+
+Without a GPU, every Triton kernel launch (``JITFunction.run`` / the interpreter's
+``InterpretedFunction.run``, which every ``kernel[grid](...)`` and every autotuner
+reaches) is replaced by a no-op that only counts it, so the time per call is the
+package's own host path: module, checks, autograd, the registered op, the
+launcher's argument building and the autotuner's dispatch; Triton's own launcher
+(argument binding, cache lookup, driver call) is not in it. Torch kernels on the
+path (a seed draw, a partial sum) are counted with a dispatch mode. The shapes are
+tiny: the times are host time, not GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # before Triton is imported: CPU tensors run under its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+# Ops that allocate or make views: no kernel runs.
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+              "lift_fresh", "_unsafe_view", "view", "reshape", "t", "transpose", "permute", "expand",
+              "as_strided", "unsqueeze", "squeeze", "select", "slice", "_reshape_alias", "set_"}
+
+
+def _kernel_classes() -> list[type]:
+    """The classes whose ``run`` launches a Triton kernel (compiled, and under the interpreter)."""
+    from triton.runtime.jit import JITFunction
+
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        classes.append(InterpretedFunction)
+    except ImportError:
+        pass
+    return classes
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts Triton kernel launches (by kernel name) and, with ``torch_ops``, torch kernels.
+
+    ``suppress=True`` turns every Triton launch into a no-op (outputs stay unwritten).
+    Triton launches are caught on the kernel classes themselves, so any ``@triton.jit``
+    kernel counts, autotuned or not, whatever module launches it.
+    """
+
+    def __init__(self, suppress: bool = False, torch_ops: bool = True) -> None:
+        super().__init__()
+        self.suppress, self.torch_ops = suppress, torch_ops
+        self.triton: list[str] = []
+        self.torch: list[str] = []
+        self._depth = 0  # inside a Triton launch (the interpreter runs torch ops of its own)
+        self._saved: list[tuple[type, Callable]] = []
+
+    def reset(self) -> None:
+        self.triton, self.torch = [], []
+
+    def __enter__(self):
+        counter = self
+        for cls in _kernel_classes():
+            self._saved.append((cls, cls.__dict__.get("run")))
+
+            def run(fn_self, *args, _original=cls.run, **kwargs):
+                if kwargs.get("warmup"):  # a compile-only call, not a launch
+                    return _original(fn_self, *args, **kwargs)
+                name = getattr(fn_self, "__name__", None) or getattr(getattr(fn_self, "fn", None), "__name__", "?")
+                counter.triton.append(name)
+                if counter.suppress:
+                    return None
+                counter._depth += 1
+                try:
+                    return _original(fn_self, *args, **kwargs)
+                finally:
+                    counter._depth -= 1
+
+            cls.run = run
+        if self.torch_ops:
+            # NOTE: with a dispatch mode active, lora_kernels.ops takes the registered op (its tracing
+            # path), which would hide the launcher's torch ops from the mode: keep the eager path.
+            from lora_kernels import ops
+
+            self._tracing = ops.tracing
+            ops.tracing = lambda: torch.compiler.is_compiling()
+            super().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.torch_ops:
+            super().__exit__(*exc)
+            from lora_kernels import ops
+
+            ops.tracing = self._tracing
+        for cls, original in reversed(self._saved):
+            if original is None:
+                del cls.run
+            else:
+                cls.run = original
+        self._saved = []
+        return False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._depth == 0 and func.overloadpacket.__name__ not in _NO_KERNEL and not func.is_view:
+            self.torch.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counting(suppress: bool = False, torch_ops: bool = True) -> Iterator[LaunchCounter]:
+    with LaunchCounter(suppress, torch_ops) as c:
+        yield c
+
+
+def make_layer(M: int, K: int, N: int, r: int, dropout: float, device: torch.device, dtype: torch.dtype):
+    from lora_kernels import LoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+    layer = LoRALinear.from_linear(base, r=r, alpha=16.0, dropout=dropout, backend="triton").train()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    return layer, x, dy
+
+
+def _clear(layer, x) -> None:
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
+def launches_per_call(layer, x, dy, plan: Optional[str] = None) -> dict:
+    """Triton launches and torch kernels of one steady-state forward and one backward."""
+    from lora_kernels import triton_ops
+
+    before, triton_ops.FORWARD_PLAN = triton_ops.FORWARD_PLAN, plan
+    try:
+        layer(x).backward(dy)  # warm: autotuning, caches
+        _clear(layer, x)
+        with counting() as c:
+            y = layer(x)
+            fwd = (list(c.triton), list(c.torch))
+            c.reset()
+            y.backward(dy)
+            bwd = (list(c.triton), list(c.torch))
+        _clear(layer, x)
+    finally:
+        triton_ops.FORWARD_PLAN = before
+    return {"fwd_triton": fwd[0], "fwd_torch": fwd[1], "bwd_triton": bwd[0], "bwd_torch": bwd[1]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_times(layer, x, dy, reps: int, suppress: bool, plan: Optional[str] = None) -> dict:
+    """Median (and 20th/80th percentile) host µs of one forward and one backward."""
+    from lora_kernels import triton_ops
+
+    before, triton_ops.FORWARD_PLAN = triton_ops.FORWARD_PLAN, plan
+    fwd, bwd = [], []
+    try:
+        with counting(suppress=suppress, torch_ops=False):
+            for i in range(reps + 5):
+                _sync(x.device)
+                t0 = time.perf_counter_ns()
+                y = layer(x)
+                t1 = time.perf_counter_ns()
+                y.backward(dy)
+                t2 = time.perf_counter_ns()
+                _clear(layer, x)
+                if i >= 5:
+                    fwd.append((t1 - t0) / 1e3)
+                    bwd.append((t2 - t1) / 1e3)
+    finally:
+        triton_ops.FORWARD_PLAN = before
+
+    def stats(v):
+        q = statistics.quantiles(v, n=5)
+        return {"us": statistics.median(v), "p20": q[0], "p80": q[3]}
+
+    return {"fwd": stats(fwd), "bwd": stats(bwd)}
+
+
+def frozen_times(M: int, K: int, N: int, device, dtype, reps: int) -> dict:
+    """The same timer around a frozen nn.Linear (on the CPU it computes its tiny GEMM)."""
+    lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    fwd, bwd = [], []
+    for i in range(reps + 5):
+        _sync(device)
+        t0 = time.perf_counter_ns()
+        y = lin(x)
+        t1 = time.perf_counter_ns()
+        y.backward(dy)
+        t2 = time.perf_counter_ns()
+        x.grad = None
+        if i >= 5:
+            fwd.append((t1 - t0) / 1e3)
+            bwd.append((t2 - t1) / 1e3)
+    return {"fwd": {"us": statistics.median(fwd)}, "bwd": {"us": statistics.median(bwd)}}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python bench/host_overhead.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="16,64,48,8", help="M,K,N,r (tiny: host time only)")
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--real", action="store_true", help="GPU only: time real launches (host time, CPU-side timer)")
+    args = p.parse_args(argv)
+    M, K, N, r = (int(v) for v in args.shape.split(","))
+    gpu = torch.cuda.is_available()
+    if args.real and not gpu:
+        raise SystemExit("--real needs a GPU: under the CPU interpreter a launch runs the kernel in Python")
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    torch.set_num_threads(1)
+    how = "real launches" if args.real else "Triton launches replaced by no-ops"
+    print(f"Host time per call, {device} ({how}); M={M} K={K} N={N} r={r} {dtype}; median of {args.reps} "
+          f"[p20-p80] µs")
+    fr = frozen_times(M, K, N, device, dtype, args.reps)
+    print(f"  frozen nn.Linear: fwd {fr['fwd']['us']:.1f}  bwd {fr['bwd']['us']:.1f}"
+          + ("" if gpu else "  (computes its tiny GEMM on the CPU)"))
+    for p_drop in (0.0, 0.1):
+        for plan in ("fused", "two_pass"):
+            layer, x, dy = make_layer(M, K, N, r, p_drop, device, dtype)
+            n = launches_per_call(layer, x, dy, plan)
+            t = host_times(layer, x, dy, args.reps, suppress=not args.real, plan=plan)
+            print(f"  {plan:8} p={p_drop:g}: fwd {t['fwd']['us']:6.1f} [{t['fwd']['p20']:.1f}-{t['fwd']['p80']:.1f}]"
+                  f"  bwd {t['bwd']['us']:6.1f} [{t['bwd']['p20']:.1f}-{t['bwd']['p80']:.1f}]"
+                  f"  launches fwd {len(n['fwd_triton'])} triton {n['fwd_torch'] or ''}"
+                  f" bwd {len(n['bwd_triton'])} triton {n['bwd_torch'] or ''}")
+            print(f"           fwd kernels: {', '.join(n['fwd_triton'])}; bwd kernels: {', '.join(n['bwd_triton'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""A roofline cost model of the LoRA layer, its plans, and the layers it is compared with.
+
+Every launch is described by its tensor-core FLOPs, its HBM bytes and its SIMT
+work (Philox calls for the dropout mask), and costs
+
+    time = max(flops / (tensor rate · wave efficiency) + simt / SIMT rate,  bytes / bandwidth) + launch gap
+
+with achievable (not peak) rates looked up per device (:data:`DEVICES`). The
+assumptions, written once (docs/cost_model.md has the formulas and the table):
+
+- Re-reads that hit L2 are free: a GEMM reads each operand from HBM once
+  (grouped tile order), and small operands (A, B, xa, g, partials read back by
+  the same launch) are read once per launch.
+- Tensor work runs at the GEMM rate whatever its shape (the rank-r products
+  included); SIMT work (Philox) does not overlap the tensor work of its launch
+  (conservative: Hopper's asynchronous wgmma could hide part of it).
+- GEMM-shaped launches lose a wave-quantisation factor (tiles / (waves · SMs));
+  thin launches split their reduction until they fill the GPU.
+- Each launch pays a fixed GPU-side gap (``launch_s``); host cost per launch is
+  a parameter (``host_s``): a step takes ``max(GPU time, host time)``.
+
+:func:`choose_forward_plan` is what the Triton launcher calls on every forward:
+pure arithmetic behind an ``lru_cache``, device numbers cached per device.
+
+``python -m lora_kernels.cost_model --table`` prints the predicted ratios for the
+default benchmark shapes (the table in docs/cost_model.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+FORWARD_PLANS = ("fused", "two_pass")
+# Every plan predict() knows: ours ("auto" is the forward plan choose_forward_plan picks), the frozen
+# layer (the floor) and the peers.
+PLANS = ("auto", "fused", "two_pass", "frozen", "unsloth", "peft")
+MODES = ("fwd", "fwd+bwd")
+
+# Philox-4x32-10 call (4 mask elements): 10 rounds of 2 wide multiplies, 2 three-way xors and 2 key
+# bumps, plus the four threshold compares and selects: ~100 SIMT instructions.
+PHILOX_OPS = 100
+BYTES_FP32 = 4
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Achievable rates of one GPU (not datasheet peaks)."""
+
+    name: str
+    tensor_flops: float  # fp16/bf16 dense tensor-core FLOP/s
+    fp32_flops: float  # fp32 FMA (SIMT) FLOP/s: fp32 GEMMs run here (IEEE, no TF32)
+    fp64_flops: float  # fp64 FLOP/s (tensor cores where the GPU has them)
+    simt_ops: float  # 32-bit SIMT instructions per second (Philox)
+    bandwidth: float  # HBM copy bandwidth, bytes/s
+    sms: int
+    launch_s: float = 4e-6  # GPU-side cost of one launch (gap, prologue, tail)
+
+    def matmul_flops(self, dtype: torch.dtype) -> float:
+        if dtype in (torch.float16, torch.bfloat16):
+            return self.tensor_flops
+        return self.fp64_flops if dtype == torch.float64 else self.fp32_flops
+
+
+# NOTE: ~75 % of the dense bf16 peak and ~90 % of the HBM peak are what a tuned GEMM and a copy
+# reach; fp32 FMA at 80 % of peak; SIMT instructions at the fp32 FMA instruction rate.
+DEVICES = {
+    "H100": DeviceSpec("H100 SXM", 750e12, 54e12, 54e12, 27e12, 3.0e12, 132),
+    "H100 PCIe": DeviceSpec("H100 PCIe", 570e12, 41e12, 41e12, 20e12, 1.8e12, 114),
+    "H200": DeviceSpec("H200 SXM", 750e12, 54e12, 54e12, 27e12, 4.3e12, 132),
+    "A100": DeviceSpec("A100 SXM", 240e12, 15.6e12, 15.6e12, 7.8e12, 1.75e12, 108),
+}
+DEFAULT_DEVICE = "H100"
+
+
+def spec_for(name: str = "", capability: tuple[int, int] = (0, 0)) -> DeviceSpec:
+    """The table entry for a device name (``"NVIDIA H100 80GB HBM3"``), else by compute capability,
+    else the H100's."""
+    upper = name.upper()
+    for key in ("H100 PCIe", "H200", "H100", "A100"):
+        if all(part.upper() in upper for part in key.split()):
+            return DEVICES[key]
+    if capability[0] == 8:
+        return DEVICES["A100"]
+    return DEVICES[DEFAULT_DEVICE]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_spec(index: int) -> DeviceSpec:
+    props = torch.cuda.get_device_properties(index)
+    return replace(spec_for(props.name, (props.major, props.minor)), sms=props.multi_processor_count)
+
+
+def device_spec(device=None) -> DeviceSpec:
+    """Numbers for ``device`` (a ``torch.device``, a string, a :class:`DeviceSpec`, or None):
+    a CUDA device's by its name (cached per device); anything else gets the H100's."""
+    if isinstance(device, DeviceSpec):
+        return device
+    if isinstance(device, str) and device in DEVICES:
+        return DEVICES[device]
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available():
+            return _cuda_spec(device.index if device.index is not None else torch.cuda.current_device())
+    return DEVICES[DEFAULT_DEVICE]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Block sizes the model assumes for the GEMM-shaped launches (ours and cuBLAS's alike)."""
+
+    block_m: int = 128
+    block_n: int = 256
+    run_length: int = 8  # row blocks per fp32 partial of dA/dB in the fused backward
+
+
+DEFAULT_TILING = Tiling()
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: tensor-core FLOPs, HBM bytes, Philox calls, and its output tiles (0: a
+    thin or elementwise launch that fills the GPU)."""
+
+    name: str
+    flops: float
+    bytes: float
+    philox: float = 0.0
+    tiles: int = 0
+
+    def time(self, spec: DeviceSpec, dtype: torch.dtype) -> float:
+        waves = math.ceil(self.tiles / spec.sms) if self.tiles else 1
+        efficiency = self.tiles / (waves * spec.sms) if self.tiles else 1.0
+        compute = self.flops / (spec.matmul_flops(dtype) * efficiency) + self.philox * PHILOX_OPS / spec.simt_ops
+        return max(compute, self.bytes / spec.bandwidth) + spec.launch_s
+
+
+@dataclass(frozen=True)
+class Shape:
+    M: int
+    K: int
+    N: int
+    r: int
+    e: int  # bytes per element
+    dropout: bool
+    tiling: Tiling = DEFAULT_TILING
+
+    def tiles(self, rows: int, cols: int) -> int:
+        return math.ceil(rows / self.tiling.block_m) * math.ceil(cols / self.tiling.block_n)
+
+
+def _gemm(name: str, s: Shape, rows: int, cols: int, inner: int, extra_flops: float = 0.0,
+          extra_bytes: float = 0.0, philox: float = 0.0, c_read: bool = False) -> Launch:
+    """C (rows, cols) = P (rows, inner) Qᵀ: reads P and Q once, writes C (reads it too for beta=1)."""
+    e = s.e
+    bytes_ = e * (rows * inner + cols * inner + rows * cols * (2 if c_read else 1)) + extra_bytes
+    return Launch(name, 2.0 * rows * cols * inner + extra_flops, bytes_, philox, s.tiles(rows, cols))
+
+
+def _thin(name: str, s: Shape, rows: int, long: int, r: int, bytes_: float, philox: float = 0.0,
+          products: int = 1) -> Launch:
+    """A memory-bound rank-r pass over a (rows, long) operand: ``products`` thin products of 2·rows·long·r."""
+    return Launch(name, 2.0 * products * rows * long * r, bytes_, philox)
+
+
+def _dropout_calls(s: Shape) -> float:
+    return s.M * s.K / 4 if s.dropout else 0.0
+
+
+def forward_launches(plan: str, s: Shape) -> list[Launch]:
+    """The launches of one forward under ``plan`` (see :data:`PLANS`; not ``"auto"``)."""
+    M, K, N, r, e = s.M, s.K, s.N, s.r, s.e
+    col_blocks = math.ceil(N / s.tiling.block_n)
+    if plan == "frozen":
+        return [_gemm("y = x W0ᵀ", s, M, N, K)]
+    if plan == "fused":
+        # xa accumulated from the x tiles of the main loop, redundantly in every column block.
+        return [_gemm("y = x W0ᵀ + s·(x⊙D)Aᵀ Bᵀ (xa in the main loop)", s, M, N, K,
+                      extra_flops=2.0 * M * K * r * col_blocks + 2.0 * M * N * r,
+                      extra_bytes=e * (K * r + N * r + M * r), philox=_dropout_calls(s) * col_blocks)]
+    if plan == "two_pass":
+        return [_thin("xa = s·(x⊙D)Aᵀ", s, M, K, r, e * (M * K + K * r + M * r), _dropout_calls(s)),
+                _gemm("y = x W0ᵀ + xa Bᵀ", s, M, N, K, extra_flops=2.0 * M * N * r,
+                      extra_bytes=e * (M * r + N * r))]
+    if plan in ("unsloth", "peft"):
+        out = []
+        if s.dropout:  # native_dropout: reads x, writes x⊙D and the bool mask
+            out.append(Launch("x⊙D (native_dropout)", 0.0, M * K * (2 * e + 1), M * K / 4))
+        out.append(_gemm("y = x W0ᵀ", s, M, N, K))
+        out.append(_thin("xa = (x⊙D) Aᵀ", s, M, K, r, e * (M * K + K * r + M * r)))
+        if plan == "unsloth":
+            out.append(_gemm("y.addmm_(xa, Bᵀ, alpha=s)", s, M, N, r, c_read=True))
+        else:
+            out.append(_gemm("t = xa Bᵀ", s, M, N, r))
+            out.append(Launch("t * s", 0.0, 2 * e * M * N))
+            out.append(Launch("y + t", 0.0, 3 * e * M * N))
+        return out
+    raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS[1:]}")
+
+
+BACKWARD_PLANS = ("fused_g", "g_pass")
+
+
+def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: str = "fused_g") -> list[Launch]:
+    """The launches of one backward (gradients of x when ``need_grad_x``, A and B; W0 frozen).
+
+    For our plans, ``backward`` picks the dx launch: ``"fused_g"`` (built: g = s·dy B recomputed
+    in the dx GEMM's main loop) or ``"g_pass"`` (a comparison only: a thin pass over dy first).
+    """
+    if backward not in BACKWARD_PLANS:
+        raise ValueError(f"unknown backward plan {backward!r}; expected one of {BACKWARD_PLANS}")
+    M, K, N, r, e = s.M, s.K, s.N, s.r, s.e
+    if plan == "frozen":
+        return [_gemm("dx = dy W0", s, M, K, N)] if need_grad_x else []
+    if plan in ("auto", "fused", "two_pass"):
+        row_blocks = math.ceil(M / s.tiling.block_m)
+        runs = math.ceil(row_blocks / s.tiling.run_length)
+        partials = BYTES_FP32 * runs * (N + K) * r
+        reduce = Launch("dA, dB = ordered sum of the partials", 0.0, partials + e * (N + K) * r)
+        if not need_grad_x:
+            # One thin pass over the rows: g and the dB partials from dy, the dA partials from x.
+            return [Launch("g = s·dy B; dA, dB partials (no dx)", 2.0 * (2 * M * N * r + M * K * r),
+                           e * (M * N + M * K + M * r + N * r) + partials, _dropout_calls(s)),
+                    reduce]
+        if backward == "g_pass":
+            # Not built: g and the dB partials from one thin pass over dy, then the dx GEMM reads g.
+            runs_dy = BYTES_FP32 * runs * N * r
+            return [_thin("g = s·dy B, dB partials", s, M, N, r, e * (M * N + N * r + 2 * M * r) + runs_dy,
+                          products=2),
+                    _gemm("dx = dy W0 + (gA)⊙D; dA partials", s, M, K, N, extra_flops=2.0 * 2 * M * K * r,
+                          extra_bytes=e * (M * K + M * r + K * r) + BYTES_FP32 * runs * K * r,
+                          philox=_dropout_calls(s)),
+                    reduce]
+        # g is recomputed from the dy tiles in every column block of dx; x is read once, for dA and the mask.
+        col_blocks = math.ceil(K / s.tiling.block_n)
+        dx = _gemm("dx = dy W0 + (gA)⊙D; g, dA and dB partials", s, M, K, N,
+                   extra_flops=2.0 * M * N * r * col_blocks + 2.0 * 2 * M * K * r + 2.0 * M * N * r,
+                   extra_bytes=e * (M * K + M * r + N * r + K * r) + partials, philox=_dropout_calls(s))
+        return [dx, reduce]
+    if plan in ("unsloth", "peft"):
+        xd = "x⊙D" if s.dropout else "x"
+        out = []
+        if plan == "peft":
+            out.append(Launch("dt = dy * s", 0.0, 2 * e * M * N))
+        out += [_thin("dB = dyᵀ xa", s, M, N, r, e * (M * N + M * r + N * r)),
+                _thin("g = dy B", s, M, N, r, e * (M * N + N * r + M * r)),
+                _thin(f"dA = gᵀ {xd}", s, M, K, r, e * (M * r + M * K + K * r))]
+        if not need_grad_x:
+            return out
+        out.append(_gemm("dx = dy W0", s, M, K, N))
+        if plan == "unsloth" and not s.dropout:
+            out.append(_gemm("dx.addmm_(g, A, alpha=s)", s, M, K, r, c_read=True))
+            return out
+        out.append(_gemm("g A", s, M, K, r))
+        if s.dropout:
+            out.append(Launch("(g A) ⊙ mask", 0.0, M * K * (2 * e + 1)))
+        out.append(Launch("dx += lora term", 0.0, 3 * e * M * K))
+        return out
+    raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS}")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted time of one plan in one mode, and its ratio to the frozen layer in the same mode."""
+
+    plan: str
+    mode: str
+    seconds: float
+    frozen_seconds: float
+    launches: tuple[Launch, ...] = field(repr=False)
+
+    @property
+    def ratio(self) -> float:
+        return self.seconds / self.frozen_seconds
+
+    @property
+    def launch_count(self) -> int:
+        return len(self.launches)
+
+
+def _shape(M, K, N, r, dtype, dropout_p, tiling) -> Shape:
+    for name, v in (("M", M), ("K", K), ("N", N), ("r", r)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return Shape(M, K, N, r, torch.empty((), dtype=dtype).element_size(), dropout_p > 0.0, tiling)
+
+
+def _steps(plan: str, s: Shape, mode: str, need_grad_x: bool, backward: str = "fused_g") -> list[Launch]:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    out = forward_launches(plan, s)
+    if mode == "fwd+bwd":
+        out += backward_launches(plan, s, need_grad_x, backward)
+    return out
+
+
+def _seconds(launches: Sequence[Launch], spec: DeviceSpec, dtype: torch.dtype, host_s: float) -> float:
+    gpu = sum(l.time(spec, dtype) for l in launches)
+    return max(gpu, host_s * len(launches))
+
+
+def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
+            mode: str = "fwd", plan: str = "auto", device=None, *, need_grad_x: bool = True,
+            host_s: float = 0.0, tiling: Tiling = DEFAULT_TILING, backward: str = "fused_g") -> Prediction:
+    """Predicted time of ``plan`` for x (M, K) through a (N, K) layer of rank ``r``, and its ratio
+    to the frozen layer (``plan="frozen"``) in the same mode on the same device.
+
+    ``plan``: ``"auto"`` (ours, with the forward plan :func:`choose_forward_plan` picks),
+    ``"fused"``/``"two_pass"`` (ours, that forward plan forced), ``"frozen"``, ``"unsloth"``
+    (cuBLAS + ``addmm_``), ``"peft"`` (PEFT's layer; also the eager formula). ``host_s``: host
+    cost per launch; a step takes the longer of its GPU and host times. ``backward``: our dx
+    launch (:func:`backward_launches`).
+    """
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS}")
+    spec = device_spec(device)
+    s = _shape(M, K, N, r, dtype, dropout_p, tiling)
+    if plan == "auto":
+        plan = _choose(s, spec, dtype)
+    launches = _steps(plan, s, mode, need_grad_x, backward)
+    frozen = _steps("frozen", s, mode, need_grad_x)
+    return Prediction(plan, mode, _seconds(launches, spec, dtype, host_s), _seconds(frozen, spec, dtype, host_s),
+                      tuple(launches))
+
+
+def _choose(s: Shape, spec: DeviceSpec, dtype: torch.dtype) -> str:
+    # The backward does not depend on the forward plan (both save x and xa): the forward decides.
+    # Ties go to "fused" (one launch: less host work).
+    times = {p: _seconds(forward_launches(p, s), spec, dtype, 0.0) for p in FORWARD_PLANS}
+    return min(FORWARD_PLANS, key=lambda p: (times[p], p != "fused"))
+
+
+_FORCED_PLAN: Optional[str] = None
+
+
+@contextlib.contextmanager
+def forced_forward_plan(plan: Optional[str]) -> Iterator[None]:
+    """Make :func:`choose_forward_plan` return ``plan`` inside the block (tests, benchmarks)."""
+    global _FORCED_PLAN
+    if plan is not None and plan not in FORWARD_PLANS:
+        raise ValueError(f"unknown forward plan {plan!r}; expected one of {FORWARD_PLANS}")
+    before, _FORCED_PLAN = _FORCED_PLAN, plan
+    try:
+        yield
+    finally:
+        _FORCED_PLAN = before
+
+
+def choose_forward_plan(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout_p: float,
+                        device=None) -> str:
+    """``"fused"`` or ``"two_pass"``: the forward plan the model predicts faster on ``device``
+    (H100 numbers on a CPU or an unknown device). Cheap: cached on its arguments."""
+    if _FORCED_PLAN is not None:
+        return _FORCED_PLAN
+    return _choose_cached(M, K, N, r, dtype, float(dropout_p), device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_cached(M, K, N, r, dtype, dropout_p, device) -> str:
+    return _choose(_shape(max(M, 1), K, N, r, dtype, dropout_p, DEFAULT_TILING), device_spec(device), dtype)
+
+
+# --------------------------------------------------------------------------- #
+# The table of docs/cost_model.md
+# --------------------------------------------------------------------------- #
+
+TABLE_TOKENS = (512, 2048, 4096, 8192)
+TABLE_LAYERS = ((4096, 4096), (4096, 14336))
+TABLE_RANKS = (16, 64)
+TABLE_DROPOUTS = (0.0, 0.1)
+TABLE_BEGIN = "<!-- cost-model-table: generated by `python -m lora_kernels.cost_model --table`; do not edit -->"
+TABLE_END = "<!-- cost-model-table end -->"
+
+
+def table(device=DEFAULT_DEVICE, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Markdown: predicted ratios to the frozen layer for the default benchmark shapes."""
+    spec = device_spec(device)
+    lines = [
+        f"Predicted × frozen layer on {spec.name}, {str(dtype).replace('torch.', '')}; "
+        "frozen ms = the floor's predicted time.",
+        "",
+        "| K→N | M | r | p | plan | fused fwd | two_pass fwd | ours fwd | ours fwd+bwd | unsloth fwd | "
+        "unsloth fwd+bwd | peft fwd | peft fwd+bwd | frozen fwd ms | frozen fwd+bwd ms |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, n in TABLE_LAYERS:
+        for m in TABLE_TOKENS:
+            for r in TABLE_RANKS:
+                for p in TABLE_DROPOUTS:
+                    def f(plan, mode):
+                        return predict(m, k, n, r, dtype, p, mode, plan, spec)
+                    ours = f("auto", "fwd")
+                    cells = [f"{k}→{n}", str(m), str(r), f"{p:g}", ours.plan]
+                    cells += [f"{f(pl, md).ratio:.3f}" for pl, md in
+                              (("fused", "fwd"), ("two_pass", "fwd"), ("auto", "fwd"), ("auto", "fwd+bwd"),
+                               ("unsloth", "fwd"), ("unsloth", "fwd+bwd"), ("peft", "fwd"), ("peft", "fwd+bwd"))]
+                    cells += [f"{ours.frozen_seconds * 1e3:.4f}", f"{f('auto', 'fwd+bwd').frozen_seconds * 1e3:.4f}"]
+                    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def launches_text(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
+                  device=DEFAULT_DEVICE) -> str:
+    """Every launch of every plan for one shape: FLOPs, bytes, Philox calls and predicted µs."""
+    spec = device_spec(device)
+    s = _shape(M, K, N, r, dtype, dropout_p, DEFAULT_TILING)
+    out = [f"M={M} K={K} N={N} r={r} {dtype} p={dropout_p:g} on {spec.name}"]
+    runs = [(plan, mode, launches) for plan in PLANS[1:]
+            for mode, launches in (("fwd", forward_launches(plan, s)), ("bwd", backward_launches(plan, s)))]
+    runs.append(("g_pass", "bwd", backward_launches("auto", s, backward="g_pass")))
+    for plan, mode, launches in runs:
+        for l in launches:
+            out.append(f"  {plan:8} {mode}  {l.name:48} {l.flops / 1e9:9.2f} GFLOP {l.bytes / 1e6:9.2f} MB "
+                       f"{l.philox / 1e6:7.2f} M philox {l.time(spec, dtype) * 1e6:9.1f} µs")
+    return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lora_kernels.cost_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--table", action="store_true", help="the Markdown table of docs/cost_model.md")
+    p.add_argument("--device", default=DEFAULT_DEVICE, choices=list(DEVICES))
+    p.add_argument("--launches", metavar="M,K,N,r[,p]", help="every launch of every plan for one shape")
+    args = p.parse_args(argv)
+    if args.launches:
+        vals = args.launches.split(",")
+        M, K, N, r = (int(v) for v in vals[:4])
+        print(launches_text(M, K, N, r, dropout_p=float(vals[4]) if len(vals) > 4 else 0.0, device=args.device))
+    if args.table or not args.launches:
+        print(table(args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
