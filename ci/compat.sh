@@ -7,20 +7,24 @@
 #   bash ci/compat.sh                 # every row of the matrix
 #   bash ci/compat.sh 2.11.0          # one row (others keep their last results in the table)
 #
-# Environment: PYTHON (default python3.11), COMPAT_DIR (venvs, logs and per-row results;
-# default build/compat), KEEP_VENVS=1 keeps each row's venv. The CUDA extension is not built
+# Environment: PYTHON (default python3.11), COMPAT_DIR (venvs, the source copy, logs and per-row
+# results; default build/compat), KEEP_VENVS=1 keeps each row's venv. The CUDA extension is not built
 # (LORA_KERNELS_SKIP_CUDA=1): the rows test the Python package and the Triton kernels under
 # Triton's CPU interpreter; the extension is built and tested by .ci/run's first stage.
 # Exits non-zero if any row failed any step. See docs/compatibility.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
+DOC="$REPO/docs/compatibility.md"
 
 ROWS=("$@")
 [ ${#ROWS[@]} -gt 0 ] || ROWS=(2.8.0 2.11.0 2.14.1 2.15.0)
 PYTHON=${PYTHON:-python3.11}
 COMPAT_DIR=$(mkdir -p "${COMPAT_DIR:-build/compat}" && cd "${COMPAT_DIR:-build/compat}" && pwd)
 
+# Each row installs from a copy of the tracked files as they are in the work tree (uncommitted
+# edits included, untracked files not): no build output of another torch (lora_kernels/_C*.so,
+# build/) leaks into a row.
 # The README's test command, the one line that installs and runs the suite.
 README_CMD=$(grep -m1 -E '^pip install torch==[^ ]+ .* && python -m pytest python_tests' README.md) || {
     echo "compat: README.md has no 'pip install torch==... && python -m pytest python_tests' line" >&2; exit 2; }
@@ -37,6 +41,9 @@ for row in "${ROWS[@]}"; do
     rm -rf "$venv" "$res" "$COMPAT_DIR/junit-$row.xml"
     : > "$log"
     note=""
+    SRC="$COMPAT_DIR/src-$row"
+    rm -rf "$SRC" && mkdir -p "$SRC" && (cd "$REPO" && git ls-files -z | tar --null -T - -cf -) | tar -xf - -C "$SRC"
+    cd "$SRC"
     (
         set -e
         "$PYTHON" -m venv "$venv"
@@ -93,7 +100,13 @@ PY
     fi
     echo "note=$note" >> "$res"
     echo "row=$row" >> "$res"
-    [ "${KEEP_VENVS:-0}" = 1 ] || rm -rf "$venv"
-    python3 ci/compat_table.py "$COMPAT_DIR" "$res" "docs/compatibility.md" || failed=1
+    [ "${KEEP_VENVS:-0}" = 1 ] || rm -rf "$venv" "$SRC"
+    if ! grep -qx "install=ok" "$res" || ! grep -qx "suite=ok" "$res" || ! grep -qx "smoke=ok" "$res"; then
+        echo "--- compat row torch $row failed; the end of its log:"; tail -n 80 "$log"
+    fi
+    # The row's closing lines (pytest's, then the smoke test's), for whoever reads this output.
+    grep -E '^(suite_line|smoke_line)=' "$res" | cut -d= -f2- || true
+    cd "$REPO"
+    python3 ci/compat_table.py "$COMPAT_DIR" "$res" "$DOC" || failed=1
 done
 exit $failed
