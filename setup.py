@@ -90,6 +90,10 @@ FORCE_CUDA = _env_flag("LORA_KERNELS_FORCE_CUDA")
 SKIP_CUDA = _env_flag("LORA_KERNELS_SKIP_CUDA")
 
 
+# The setup.py commands that build (pip's: editable_wheel, bdist_wheel; by hand: build_ext, ...).
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+
+
 def _notice(message: str) -> None:
     """One line for the person installing.
 
@@ -98,6 +102,8 @@ def _notice(message: str) -> None:
     captured, so the line goes there; otherwise (CI logs, no terminal) to stderr, which
     ``pip -v`` and a direct ``python setup.py`` show.
     """
+    if not BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return  # pip also runs setup.py for metadata only: the line is said once, by the build
     line = f"lora_kernels setup: {message}\n"
     try:
         with open("/dev/tty", "w") as tty:

@@ -182,9 +182,15 @@ def _toolkit_and_cuda_torch() -> bool:
     return "EXT True" in run.stdout
 
 
+def test_setup_says_nothing_when_pip_only_asks_for_metadata():
+    run = _setup_py("--name", env_extra={"LORA_KERNELS_FORCE_CUDA": "0"})
+    assert run.returncode == 0 and "lora_kernels setup:" not in run.stderr, run.stderr
+
+
 def test_setup_prints_one_line_on_the_extension():
     env = {"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "0", "LORA_KERNELS_CUDA_ARCHS": "8.0;9.0a"}
-    run = _setup_py("--name", env_extra=env)
+    # (build_ext --help: setup.py runs as for a build, and setuptools stops before compiling)
+    run = _setup_py("build_ext", "--help", env_extra=env)
     lines = [l for l in run.stderr.splitlines() if l.startswith("lora_kernels setup:")]
     assert run.returncode == 0 and len(lines) == 1, run.stderr
     if _toolkit_and_cuda_torch():
@@ -192,7 +198,7 @@ def test_setup_prints_one_line_on_the_extension():
         assert "LORA_KERNELS_SKIP_CUDA=1" in lines[0]
     else:
         assert "not building the CUDA extension" in lines[0] and "LORA_KERNELS_FORCE_CUDA=1" in lines[0]
-    skipped = _setup_py("--name", env_extra={**env, "LORA_KERNELS_SKIP_CUDA": "1"})
+    skipped = _setup_py("build_ext", "--help", env_extra={**env, "LORA_KERNELS_SKIP_CUDA": "1"})
     assert [l for l in skipped.stderr.splitlines() if l.startswith("lora_kernels setup:")] == [
         "lora_kernels setup: not building the CUDA extension lora_kernels._C (LORA_KERNELS_SKIP_CUDA is set); "
         "the Triton and reference backends install as usual"]
