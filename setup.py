@@ -5,7 +5,13 @@ The CUDA extension ``lora_kernels._C`` (csrc/, the "cuda" backend) is built
 too when a CUDA toolkit and a CUDA-enabled PyTorch are present; otherwise the
 package installs without it and says so in one line.
 
+    pip install setuptools wheel packaging ninja pybind11 nvidia-cutlass==4.2.0.0   # build requirements
     pip install --no-build-isolation -e .
+
+Compiled objects are kept in build/temp.<platform>-<python>-torch<version>/ (one directory per
+Python and torch), so a reinstall with unchanged sources only relinks: seconds, not minutes.
+Whether the extension is built is said in one line (on the terminal where there is one; pip
+shows the build's own output only with ``pip install -v``).
 
 Environment switches (see docs/cuda.md):
 
@@ -31,7 +37,48 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+# --------------------------------------------------------------------------- #
+# Build requirements
+# --------------------------------------------------------------------------- #
+
+BUILD_REQUIREMENTS_HINT = (
+    "pip install setuptools wheel packaging ninja pybind11 nvidia-cutlass==4.2.0.0 "
+    "(then pip install --no-build-isolation -e .)"
+)
+
+
+def missing_build_requirements() -> list[str]:
+    """The Python packages this build needs that are not importable.
+
+    ``packaging`` compares versions; ``wheel`` provides ``bdist_wheel``, which pip's editable
+    install calls, for setuptools older than 70.1 (newer ones carry their own).
+    """
+    import importlib.util
+
+    def importable(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:  # a parent package is missing
+            return False
+
+    missing = [name for name in ("setuptools", "packaging") if not importable(name)]
+    if not importable("wheel") and not importable("setuptools.command.bdist_wheel"):
+        missing.append("wheel")
+    return missing
+
+
+def check_build_requirements() -> None:
+    missing = missing_build_requirements()
+    if missing:
+        raise SystemExit(
+            f"lora_kernels setup: missing build requirement(s): {', '.join(missing)}. "
+            f"With --no-build-isolation pip does not install them; run {BUILD_REQUIREMENTS_HINT}"
+        )
+
+
+check_build_requirements()
+
+from setuptools import find_packages, setup  # noqa: E402  (after the check: it names what is missing)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;9.0a"
@@ -45,8 +92,30 @@ FORCE_CUDA = _env_flag("LORA_KERNELS_FORCE_CUDA")
 SKIP_CUDA = _env_flag("LORA_KERNELS_SKIP_CUDA")
 
 
+# The setup.py commands that build (pip's: editable_wheel, bdist_wheel; by hand: build_ext, ...).
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+
+
 def _notice(message: str) -> None:
-    print(f"lora_kernels setup: {message}", file=sys.stderr, flush=True)
+    """One line for the person installing.
+
+    NOTE: pip captures a build backend's stdout and stderr and shows them only when the build
+    fails or with ``pip install -v``. The controlling terminal, where there is one, is not
+    captured, so the line goes there; otherwise (CI logs, no terminal) to stderr, which
+    ``pip -v`` and a direct ``python setup.py`` show.
+    """
+    if not BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return  # pip also runs setup.py for metadata only: the line is said once, by the build
+    line = f"lora_kernels setup: {message}\n"
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line)
+        return
+    except OSError:
+        pass
+    sys.stderr.write(line)
+    sys.stderr.flush()
+
 
 
 # --------------------------------------------------------------------------- #
@@ -238,13 +307,15 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
 def cuda_extensions() -> tuple[list, dict]:
     """``(ext_modules, cmdclass)`` for the extension, or empty ones with a notice."""
     if SKIP_CUDA:
-        _notice("LORA_KERNELS_SKIP_CUDA is set: installing without the CUDA extension lora_kernels._C")
+        _notice("not building the CUDA extension lora_kernels._C (LORA_KERNELS_SKIP_CUDA is set); "
+                "the Triton and reference backends install as usual")
         return [], {}
 
     def unavailable(why: str):
         if FORCE_CUDA:
             raise SystemExit(f"lora_kernels setup: LORA_KERNELS_FORCE_CUDA=1 but the CUDA extension cannot be built: {why}")
-        _notice(f"installing without the CUDA extension lora_kernels._C ({why})")
+        _notice(f"not building the CUDA extension lora_kernels._C ({why}); the Triton and reference "
+                "backends install as usual; LORA_KERNELS_FORCE_CUDA=1 makes this an error")
         return [], {}
 
     cuda_home, why = find_cuda_home()
@@ -254,9 +325,9 @@ def cuda_extensions() -> tuple[list, dict]:
     os.environ["CUDA_HOME"] = cuda_home
     try:
         import torch
-        from packaging.version import Version
     except ImportError as exc:
-        return unavailable(f"{exc}; install torch first and build with --no-build-isolation")
+        return unavailable(f"PyTorch cannot be imported ({exc}); install torch first and build with --no-build-isolation")
+    from packaging.version import Version
     if torch.version.cuda is None:
         return unavailable(f"PyTorch {torch.__version__} is not a CUDA build")
     tk = toolkit_version(cuda_home)
@@ -288,8 +359,51 @@ def cuda_extensions() -> tuple[list, dict]:
         # Rebuild when a header changes (ninja tracks the includes of each source).
         depends=sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.h*"), recursive=True)),
     )
-    _notice(f"building the CUDA extension lora_kernels._C with the toolkit at {cuda_home} (CUDA {tk})")
-    return [ext], {"build_ext": BuildExtension}
+    _notice(
+        f"building the CUDA extension lora_kernels._C for {describe_archs(nvcc)} with CUDA {tk} "
+        f"({cuda_home}) in {build_dir(torch).relative_to(ROOT)}/ (unchanged objects are reused); "
+        "LORA_KERNELS_SKIP_CUDA=1 skips it, LORA_KERNELS_CUDA_ARCHS chooses the GPUs"
+    )
+    return [ext], {"build_ext": fixed_build_dir(BuildExtension, build_dir(torch))}
+
+
+# --------------------------------------------------------------------------- #
+# A fixed build directory and the build's one line
+# --------------------------------------------------------------------------- #
+
+
+def build_dir(torch) -> Path:
+    """Where the compiled objects live: one directory per platform, Python and torch.
+
+    NOTE: pip's editable install points build_temp at a fresh temporary directory, which made
+    every reinstall recompile everything; ninja, given the same directory, rebuilds only what
+    changed (sources, headers, flags), so a reinstall with nothing changed only relinks.
+    """
+    import sysconfig
+
+    tag = f"{sysconfig.get_platform()}-cp{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+    return ROOT / "build" / f"temp.{re.sub(r'[^A-Za-z0-9._-]', '_', tag)}"
+
+
+def fixed_build_dir(build_ext_class, directory: Path):
+    """``build_ext_class`` with its ``build_temp`` fixed to ``directory``, whatever pip set."""
+
+    class FixedBuildDir(build_ext_class):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(directory)
+
+    return FixedBuildDir
+
+
+def describe_archs(nvcc_flags: list[str]) -> str:
+    """"sm_80, sm_90a (+PTX compute_90)" from the -gencode flags."""
+    sass, ptx = [], []
+    for flag in nvcc_flags:
+        match = re.fullmatch(r"-gencode=arch=compute_\w+,code=(sm|compute)_(\w+)", flag)
+        if match:
+            (sass if match.group(1) == "sm" else ptx).append(f"{match.group(1)}_{match.group(2)}")
+    return ", ".join(sass) + (f" (+PTX {', '.join(ptx)})" if ptx else "")
 
 
 ext_modules, cmdclass = cuda_extensions()
@@ -300,9 +414,9 @@ setup(
     description="Fused Triton and CUDA kernels for LoRA linear layers",
     packages=find_packages(include=["lora_kernels", "lora_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.8"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.4"],
         "integration": ["peft", "transformers", "safetensors"],
         "analysis": ["safetensors", "matplotlib"],
         "bench": ["peft", "matplotlib", "tqdm"],

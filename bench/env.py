@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import importlib.metadata
+import logging
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -14,6 +17,28 @@ import torch
 from lora_kernels import backends
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def quiet_cuda_home_notice() -> None:
+    """Import ``torch.utils.cpp_extension`` without its "No CUDA runtime is found" warning.
+
+    NOTE: that module logs the warning when it is imported on a machine that has a CUDA toolkit
+    (CUDA_HOME, or nvcc on PATH) but no GPU, and torch.compile's CPU backend imports it, so a
+    CPU benchmark run opened with it. On such a machine no CUDA runtime is expected: the one
+    import is done here with that logger raised to ERROR, and its level restored.
+    """
+    if torch.cuda.is_available() or "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")
+    finally:
+        logger.setLevel(level)
+
+
+quiet_cuda_home_notice()
 
 
 def _version(dist: str) -> str | None:

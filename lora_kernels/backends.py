@@ -78,8 +78,10 @@ def _load(name: str) -> tuple[Optional[Backend], str]:
     elif name == "triton":
         try:
             module = importlib.import_module("lora_kernels.triton_ops")
-        except ImportError as exc:  # triton missing or broken
-            return None, f"Triton could not be imported ({exc})"
+        except Exception as exc:  # noqa: BLE001
+            # NOTE: not only ImportError: a Triton without a usable driver can raise at import
+            # (Triton 3.2 without a GPU: RuntimeError "0 active drivers"); the package must still load.
+            return None, f"Triton could not be imported ({type(exc).__name__}: {exc})"
     elif name == "cuda":
         try:
             module = importlib.import_module("lora_kernels.cuda_ops")

@@ -111,6 +111,14 @@ def seed_tensor(seed: int, device: torch.device | str) -> Tensor:
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
+# NOTE: torch.amp.is_autocast_available is asked outside the graph (its result is a constant per
+# device type): Dynamo refuses the call itself on torch 2.8–2.11, which broke fullgraph compilation.
+@torch.compiler.assume_constant_result
+def _autocast_available(device_type: str) -> bool:
+    """Whether ``torch.autocast`` exists for ``device_type`` (``torch.is_autocast_enabled`` raises otherwise)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def _autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
     """Under ``torch.autocast``, the inputs cast as ``F.linear`` casts them (fp64 is left alone).
 
@@ -119,7 +127,7 @@ def _autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]
     gradients flow back to each tensor in its own dtype.
     """
     device_type = tensors[0].device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if not (_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(

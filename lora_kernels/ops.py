@@ -18,7 +18,8 @@ every call inside the graph instead of being baked into it as a constant, and
 the kernels read it from device memory, so CUDA-graph replays draw new masks.
 """
 
-from __future__ import annotations
+# NOTE: no `from __future__ import annotations` in this file: torch.library.custom_op reads the
+# annotations below as types, and torch 2.4's infer_schema refuses them as strings.
 
 from typing import Optional
 

@@ -51,31 +51,44 @@ def dropout_threshold(p: float) -> int:
     return int(round(p * (1 << 24)))
 
 
-def _mulhilo32(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
-    # a holds uint32 values in int64; b is a 32-bit constant. The 64-bit product
-    # does not fit int64, so multiply by b's 16-bit halves.
-    p0 = a * (b & 0xFFFF)
-    p1 = a * (b >> 16)
-    lo = (p0 + ((p1 & 0xFFFF) << 16)) & _M32
-    hi = ((p0 >> 16) + p1) >> 16
-    return hi, lo
+# NOTE: on the CPU the counters go through the rounds in chunks whose working tensors stay in
+# the caches (a mask is ~100 elementwise passes); a chunk is also below PyTorch's grain for
+# splitting an elementwise op across threads, which on a loaded machine only adds contention.
+_PHILOX_CHUNK = 1 << 14
+
+
+def _philox_rounds(c0: Tensor, c1: Tensor, k0: int, k1: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox-4x32-10 of counters ``(c0, c1, 0, 0)`` under key ``(k0, k1)``; uint32 values in int64 tensors.
+
+    A 32×32-bit product is computed as one int64 multiply, which wraps modulo 2**64 (as
+    PyTorch's integer multiply does on the CPU and on CUDA; the mask tests compare the two bit
+    for bit): with both factors below 2**32 the wrapped product holds the true product's bits,
+    so ``lo`` is its low word and ``hi = (p >> 32) & (2**32 - 1)`` its high word. Only the words
+    multiplied in the next round (c0, c2) must be exact 32-bit values; c1 and c3 carry the high
+    bits along and are masked once, at the end.
+    """
+    # Round 1, for the counter's zero high words: mulhilo(0, B) = (0, 0).
+    p_a = c0 * _PHILOX_ROUND_A
+    c0, c2, c3 = c1.bitwise_xor(k0), (p_a >> 32).bitwise_xor_(k1).bitwise_and_(_M32), p_a
+    c1 = None  # lo(0 · B) = 0
+    for _ in range(PHILOX_ROUNDS - 1):
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+        p_b = c2 * _PHILOX_ROUND_B
+        p_a = c0 * _PHILOX_ROUND_A
+        hi_b = p_b >> 32
+        if c1 is not None:
+            hi_b.bitwise_xor_(c1)
+        c0 = hi_b.bitwise_xor_(k0).bitwise_and_(_M32)
+        c2 = (p_a >> 32).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_M32)
+        c1, c3 = p_b, p_a
+    return c0, c1.bitwise_and_(_M32), c2, c3.bitwise_and_(_M32)
 
 
 def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The four words of Philox-4x32-10 for each int64 ``counter``; uint32 values in int64 tensors."""
-    c0 = counter & _M32
-    c1 = (counter >> 32) & _M32
-    c2 = torch.zeros_like(counter)
-    c3 = torch.zeros_like(counter)
-    k0 = seed & _M32
-    k1 = (seed >> 32) & _M32
-    for _ in range(PHILOX_ROUNDS):
-        hi_b, lo_b = _mulhilo32(c2, _PHILOX_ROUND_B)
-        hi_a, lo_a = _mulhilo32(c0, _PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + _PHILOX_KEY_A) & _M32
-        k1 = (k1 + _PHILOX_KEY_B) & _M32
-    return c0, c1, c2, c3
+    seed = int(seed)
+    return _philox_rounds(counter & _M32, (counter >> 32) & _M32, seed & _M32, (seed >> 32) & _M32)
 
 
 def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device=None) -> Tensor:
@@ -84,17 +97,28 @@ def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device=None) ->
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
     seed = int(seed)  # an int, or the ops' 0-dim seed tensor (read on the host: the reference is no fast path)
     groups = (cols + 3) // 4
-    counter = torch.arange(rows * groups, device=device, dtype=torch.int64).view(rows, groups)
-    words = torch.stack(philox4x32(seed, counter), dim=-1).view(rows, 4 * groups)[:, :cols]
-    return (words >> 8) >= dropout_threshold(p)
+    # (words[j] >> 8) >= t  <=>  words[j] >= t << 8, for 32-bit words.
+    threshold = dropout_threshold(p) << 8
+    keep = torch.empty(rows * groups, 4, dtype=torch.bool, device=device)
+    chunk = _PHILOX_CHUNK if keep.device.type == "cpu" else rows * groups
+    for start in range(0, rows * groups, max(chunk, 1)):
+        counter = torch.arange(start, min(start + chunk, rows * groups), device=device, dtype=torch.int64)
+        for j, word in enumerate(philox4x32(seed, counter)):
+            torch.ge(word, threshold, out=keep[start:start + counter.numel(), j])
+    return keep.view(rows, 4 * groups)[:, :cols]
 
 
-def dropout_scale(x2d: Tensor, p: float, seed: int) -> Tensor:
-    """``x * D``: ``x2d`` with the dropout mask applied and the survivors scaled by ``1/(1-p)``."""
+def dropout_scale(x2d: Tensor, p: float, seed: int, keep: Optional[Tensor] = None) -> Tensor:
+    """``x * D``: ``x2d`` with the dropout mask applied and the survivors scaled by ``1/(1-p)``.
+
+    ``keep`` is the mask of :func:`dropout_keep_mask` for this shape and seed, when the caller
+    already has it (backward applies the one mask twice).
+    """
     if p == 0.0:
         return x2d
-    keep = dropout_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, x2d.device)
-    return x2d * keep.to(x2d.dtype) * (1.0 / (1.0 - p))
+    if keep is None:
+        keep = dropout_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, x2d.device)
+    return x2d.mul(keep).mul_(1.0 / (1.0 - p))
 
 
 def lora_linear_reference(
@@ -147,9 +171,10 @@ def lora_backward(
     dy = grad_out
     grad_B = dy.t() @ xa
     g = scaling * (dy @ lora_B)
-    grad_A = g.t() @ dropout_scale(x, dropout_p, seed)
+    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p else None
+    grad_A = g.t() @ dropout_scale(x, dropout_p, seed, keep)
     if need_grad_x:
-        grad_x = dy @ weight + dropout_scale(g @ lora_A, dropout_p, seed)
+        grad_x = dy @ weight + dropout_scale(g @ lora_A, dropout_p, seed, keep)
     else:
         grad_x = x.new_empty(0)
     return grad_x, grad_A, grad_B

@@ -16,7 +16,8 @@ C++ multi-LoRA kernels: ``backend="auto"`` resolves as for the single-adapter la
 to ``reference`` where that would pick ``cuda``.
 """
 
-from __future__ import annotations
+# NOTE: no `from __future__ import annotations` in this file: torch.library.custom_op reads the
+# annotations below as types, and torch 2.4's infer_schema refuses them as strings.
 
 import functools
 import importlib
@@ -41,8 +42,8 @@ def _load(name: str):
     module = "reference" if name == "reference" else "triton_ops"
     try:
         return importlib.import_module(f"lora_kernels.multi_lora.{module}")
-    except ImportError as exc:
-        raise BackendUnavailableError(f"backend {name!r} is unavailable: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001  (as in lora_kernels.backends: a driverless Triton raises RuntimeError)
+        raise BackendUnavailableError(f"backend {name!r} is unavailable: {type(exc).__name__}: {exc}") from exc
 
 
 @torch.compiler.assume_constant_result
