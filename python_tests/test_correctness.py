@@ -459,3 +459,20 @@ def test_triton_tma_failure_falls_back_for_that_case_only(triton_ops, monkeypatc
     assert triton_ops._use_tma("forward", x, weight, y) is False
     other = torch.randn(8, 32, device=DEVICE)  # another case still tries TMA
     assert triton_ops._use_tma("forward", other, weight, torch.empty(8, 24, device=DEVICE)) is True
+
+
+@pytest.mark.skipif(not backends.triton_interpreted(), reason="flips a compile-time switch: interpreter only")
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fp64_without_native_dot(monkeypatch, p):
+    """Tritons whose tl.dot refuses fp64 (3.4, 3.5) take the emulated product: gradcheck still passes."""
+    import triton.language as tl
+
+    from lora_kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "_NATIVE_FP64_DOT", tl.constexpr(False))
+    x, weight, bias, A, B = make_layer(5, 9, 6, 3, torch.float64)
+    fn = lambda x, A, B: lk.lora_linear(x, weight, bias, A, B, 1.5, dropout_p=p, backend="triton", seed=3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(t.requires_grad_(True) for t in (x, A, B)))
+    W = weight.clone()
+    lk.merge_lora_(W, A.detach(), B.detach(), 0.5, backend="triton")
+    assert relative_error(W, weight + 0.5 * B.detach() @ A.detach()) < 1e-12
