@@ -124,6 +124,86 @@ def test_cuda_backend_loads():
 
 
 # --------------------------------------------------------------------------- #
+# Host-side plans (CPU): the launchers' own functions, through test-only ops
+# --------------------------------------------------------------------------- #
+
+# _cuda_gemm_plan(backward, M, N, K, r, misalign, dropout, cc_major, cc_minor, built, mode)
+#   misalign: byte offsets of [x, w, l, u, c, bias] from 16-byte aligned addresses (bias < 0: none)
+#   -> [sm90, eligible, gemm M, N, K, R, k-tiles of (X, W), k-tiles of (L, U)]
+ALIGNED = [0, 0, 0, 0, 0, 0]
+
+
+def gemm_plan(backward=False, M=300, N=512, K=1024, r=16, misalign=ALIGNED, dropout=False, cc=(9, 0),
+              built=True, mode=None):
+    return torch.ops.lora_kernels._cuda_gemm_plan(backward, M, N, K, r, misalign, dropout, cc[0], cc[1], built,
+                                                  mode)
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("M,N,K,r", [(1, 8, 8, 8), (300, 512, 1024, 16), (129, 264, 520, 72), (5, 4096, 14336, 64)])
+def test_sm90_gemm_plan_maps_the_operands_and_counts_k_tiles(backward, M, N, K, r):
+    """Forward: C (M, N) reducing over K then r. Backward: dx (M, K) reducing over N (dy's columns) then r."""
+    sm90, eligible, gM, gN, gK, gR, kt_base, kt_lora = gemm_plan(backward, M, N, K, r)
+    assert (sm90, eligible) == (1, 1)
+    assert (gM, gN, gK, gR) == ((M, K, N, r) if backward else (M, N, K, r))
+    # The producer loads ceil(K'/64) k-tiles of (X, W), then ceil(r/64) of (L, U) from k = 0 of L, U.
+    assert (kt_base, kt_lora) == (cdiv(gK, 64), cdiv(r, 64))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("operand", range(5), ids=["x", "w", "l", "u", "c"])
+@pytest.mark.parametrize("offset", [2, 8])
+def test_sm90_gemm_needs_every_tma_operand_16_byte_aligned(backward, operand, offset):
+    misalign = list(ALIGNED)
+    misalign[operand] = offset
+    assert gemm_plan(backward, misalign=misalign)[:2] == [0, 0]
+
+
+def test_sm90_gemm_bias_alignment_and_no_bias():
+    assert gemm_plan(misalign=[0, 0, 0, 0, 0, 8])[:2] == [0, 0]
+    assert gemm_plan(misalign=[0, 0, 0, 0, 0, -1])[:2] == [1, 1]  # no bias
+    # The backward has no bias: its entry is ignored.
+    assert gemm_plan(True, misalign=[0, 0, 0, 0, 0, 8])[:2] == [1, 1]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("field,value", [("r", 4), ("r", 12), ("K", 1020), ("N", 130), ("M", 2**31), ("r", 2**30)])
+def test_sm90_gemm_refuses_strides_tma_cannot_take(backward, field, value):
+    """Every row stride is a multiple of 8 elements (16 bytes) and the extents fit TMA's int32."""
+    assert gemm_plan(backward, **{field: value})[:2] == [0, 0]
+
+
+def test_sm90_gemm_backward_with_dropout_runs_sm80():
+    assert gemm_plan(True, dropout=True)[:2] == [0, 0]
+    assert gemm_plan(False, dropout=True)[:2] == [1, 1]  # the forward's mask is in the thin product
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6), (8, 9), (10, 0), (10, 3), (12, 0)], ids=str)
+def test_only_compute_capability_9_0_runs_sm90a_code(cc):
+    """sm_90a cubins run on 9.0 only; every other GPU takes the sm_80 kernels (JIT from compute_90 PTX on 10.x/12.x)."""
+    assert gemm_plan(cc=cc)[:2] == [0, 1]
+    assert gemm_plan(cc=cc, mode="auto")[0] == 0
+    with pytest.raises(RuntimeError, match="needs a compute capability 9.0 GPU"):
+        gemm_plan(cc=cc, mode="sm90")
+
+
+def test_gemm_path_modes():
+    assert gemm_plan(mode="sm80")[0] == 0
+    assert gemm_plan(mode="sm90")[0] == 1
+    assert gemm_plan(mode="")[0] == 1  # empty = auto
+    assert gemm_plan(r=4, mode="sm90")[:2] == [0, 0]  # ineligible calls still run sm_80
+    assert gemm_plan(built=False)[0] == 0
+    with pytest.raises(RuntimeError, match="no sm_90a kernels"):
+        gemm_plan(built=False, mode="sm90")
+    with pytest.raises(RuntimeError, match="must be auto, sm80 or sm90, got 'fast'"):
+        gemm_plan(mode="fast")
+
+
+# --------------------------------------------------------------------------- #
 # Kernels against the float64 reference (GPU)
 # --------------------------------------------------------------------------- #
 

@@ -54,7 +54,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
   at::Tensor grad_B = at::empty({N, r}, x_c.options());
   at::Tensor grad_x = need_grad_x ? at::empty({M, K}, x_c.options()) : at::empty({0}, x_c.options());
   at::Tensor g = at::empty({M, r}, x_c.options());
-  if ((dtype == at::kHalf || dtype == at::kBFloat16) && need_grad_x && M > 0) {
+  // NOTE: not only the dx GEMM: the fp16/bf16 thin products run mma.sync as well.
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
     require_sm80("cuda_lora_backward");
   }
   const Dropout no_dropout{};
@@ -101,11 +102,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
 
     LORA_DISPATCH_FLOAT_TYPES(dtype, "cuda_lora_backward", [&] {
 #ifdef LORA_KERNELS_SM90
-      // NOTE: the mask D applies to the low-rank term alone, so with dropout the two products
-      // cannot share one accumulator in the sm_90a mainloop: dropout runs the sm_80 kernel.
+      // With dropout the sm_80 kernel runs (sm90_backward_eligible says why).
       if constexpr (kTensorCoreType<scalar_t>) {
-        const sm90::GemmArgs a{p.x, p.w, p.l, p.u, nullptr, p.c, M, K, N, r};
-        if (use_sm90_gemm("cuda_lora_backward", !dropout.enabled && sm90::sm90_gemm_eligible(a))) {
+        const sm90::GemmArgs a = sm90::backward_args(p.x, p.w, p.l, p.u, p.c, M, N, K, r);
+        if (use_sm90_gemm("cuda_lora_backward", sm90::sm90_backward_eligible(a, dropout.enabled))) {
           return sm90::run_gemm<scalar_t, /*W_KMAJOR=*/false>(a, current_stream());
         }
       }
