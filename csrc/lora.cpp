@@ -51,6 +51,15 @@ std::vector<int64_t> cuda_gemm_plan(bool backward, int64_t M, int64_t N, int64_t
   return {sm90, eligible, a.M, a.N, a.K, a.R, sm90::k_tiles_base(a.K), sm90::k_tiles_lora(a.R)};
 }
 
+// Test-only: plan_dy_pass (cuda/host_plan.h) for dy (M, N), rank r, on a GPU with `sms` SMs.
+// Returns [bj, row_blocks, col_tiles, grid_m, grid_n, grid_j, rb, cb, acc_smem_bytes, g_partial,
+// db_partial, one_pass_bytes, two_pass_bytes, one_pass].
+std::vector<int64_t> cuda_dy_pass_plan(int64_t M, int64_t N, int64_t r, int64_t sms) {
+  const lora_kernels::DyPassPlan p = lora_kernels::plan_dy_pass(M, N, r, sms);
+  return {p.bj,     p.row_blocks, p.col_tiles,      p.grid_m,     p.grid_n,         p.grid_j,        p.rb,
+          p.cb,     p.acc_smem_bytes, p.g_partial, p.db_partial, p.one_pass_bytes, p.two_pass_bytes, p.one_pass};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lora_kernels, m) {
@@ -70,4 +79,5 @@ TORCH_LIBRARY(lora_kernels, m) {
       "_cuda_gemm_plan(bool backward, int M, int N, int K, int r, int[] misalign, bool dropout, int cc_major, "
       "int cc_minor, bool built, str? mode) -> int[]",
       &cuda_gemm_plan);
+  m.def("_cuda_dy_pass_plan(int M, int N, int r, int sms) -> int[]", &cuda_dy_pass_plan);
 }

@@ -1,6 +1,7 @@
-// lora_kernels::cuda_lora_backward — four launches (three thin products, one GEMM):
-//   1. g   = s · dy B                          (M, r)  thin product over the N columns of dy
-//   2. dB  = dyᵀ xa                            (N, r)  thin product over the M rows (xa holds s)
+// lora_kernels::cuda_lora_backward — one pass over dy (or two thin products), one thin product, one GEMM:
+//   1. g   = s · dy B                          (M, r)  fp16/bf16: one pass over dy computes both g and
+//   2. dB  = dyᵀ xa                            (N, r)  dB (skinny.cu, launch_dy_pass; + a small ordered
+//                                                      reduction of partials); else two thin products
 //   3. dAᵀ = (x ⊙ D)ᵀ g                        (K, r)  thin product over the M rows, mask regenerated
 //                                                      while x is loaded, written straight into dA (r, K)
 //   4. dx  = (g A) ⊙ D + dy W0                 (M, K)  the fused GEMM (W0 read in place as W0ᵀ), one store:
@@ -60,10 +61,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
   }
   const Dropout no_dropout{};
 
-  // 1. g = s · dy B: P = dy (M, N), Q[j, l] = B[l, j].
-  launch_skinny(dy_c, N, 1, B_c, 1, r, g, r, 1, M, r, N, scaling, no_dropout, true);
-  // 2. dB = dyᵀ xa (xa already holds s): P[i, l] = dy[l, i], Q[j, l] = xa[l, j].
-  launch_skinny(dy_c, 1, N, xa_c, 1, r, grad_B, r, 1, N, r, M, 1.0, no_dropout, true);
+  // 1+2. g = s · dy B and dB = dyᵀ xa (xa already holds s): one pass over dy for fp16/bf16 where
+  // the cost model says so (launch_dy_pass), else two thin products:
+  if (!launch_dy_pass(dy_c, B_c, xa_c, g, grad_B, scaling)) {
+    // g: P = dy (M, N), Q[j, l] = B[l, j].
+    launch_skinny(dy_c, N, 1, B_c, 1, r, g, r, 1, M, r, N, scaling, no_dropout, true);
+    // dB: P[i, l] = dy[l, i], Q[j, l] = xa[l, j].
+    launch_skinny(dy_c, 1, N, xa_c, 1, r, grad_B, r, 1, N, r, M, 1.0, no_dropout, true);
+  }
   // 3. dAᵀ = (x ⊙ D)ᵀ g: P[i, l] = x[l, i] (mask element (l, i)), Q[j, l] = g[l, j]; out[i, j] = dA[j, i].
   launch_skinny(x_c, 1, K, g, 1, r, grad_A, 1, K, K, r, M, 1.0, dropout, /*mask_col_is_l=*/false);
 
