@@ -159,6 +159,13 @@ void launch_skinny(const at::Tensor& p, int64_t psi, int64_t psl, const at::Tens
                    int64_t qsl, at::Tensor& out, int64_t osi, int64_t osj, int64_t I, int64_t R,
                    int64_t L, double scale, const Dropout& dropout, bool mask_col_is_l);
 
+// The backward's g = s · dy B (M, r) and dB = dyᵀ xa (N, r) from one pass over dy (fp16/bf16, all
+// contiguous; plan_dy_pass in cuda/host_plan.h). Returns false, launching nothing, where the
+// launcher should run the two thin products instead (other dtypes, empty sums, or where the cost
+// model prefers two passes).
+bool launch_dy_pass(const at::Tensor& dy, const at::Tensor& lora_B, const at::Tensor& xa, at::Tensor& g,
+                    at::Tensor& grad_B, double scaling);
+
 inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace lora_kernels

@@ -10,6 +10,9 @@ interchangeably. How the kernels work: docs/cuda.md.
 The kernels are chosen in C++ per call: on a compute capability 9.0 GPU the fp16/bf16
 GEMMs run the sm_90a kernels (TMA, wgmma; CUTLASS) where the shapes allow, elsewhere
 the sm_80 ones; ``LORA_KERNELS_CUDA_GEMM=auto|sm80|sm90`` overrides the choice.
+In the backward, fp16/bf16 ``g`` and ``dB`` come from one pass over ``dy`` where the cost
+model of ``plan_dy_pass`` (csrc/cuda/host_plan.h) says it moves fewer bytes than two thin
+products; the choice depends only on the shapes and the SM count, never on the values.
 
 An ``ImportError`` from this module means the extension was not built; the
 backend registry turns it into a clear "unavailable" message.

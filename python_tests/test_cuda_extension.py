@@ -124,6 +124,177 @@ def test_cuda_backend_loads():
 
 
 # --------------------------------------------------------------------------- #
+# Host-side plans (CPU): the launchers' own functions, through test-only ops
+# --------------------------------------------------------------------------- #
+
+# _cuda_gemm_plan(backward, M, N, K, r, misalign, dropout, cc_major, cc_minor, built, mode)
+#   misalign: byte offsets of [x, w, l, u, c, bias] from 16-byte aligned addresses (bias < 0: none)
+#   -> [sm90, eligible, gemm M, N, K, R, k-tiles of (X, W), k-tiles of (L, U)]
+ALIGNED = [0, 0, 0, 0, 0, 0]
+
+
+def gemm_plan(backward=False, M=300, N=512, K=1024, r=16, misalign=ALIGNED, dropout=False, cc=(9, 0),
+              built=True, mode=None):
+    return torch.ops.lora_kernels._cuda_gemm_plan(backward, M, N, K, r, misalign, dropout, cc[0], cc[1], built,
+                                                  mode)
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("M,N,K,r", [(1, 8, 8, 8), (300, 512, 1024, 16), (129, 264, 520, 72), (5, 4096, 14336, 64)])
+def test_sm90_gemm_plan_maps_the_operands_and_counts_k_tiles(backward, M, N, K, r):
+    """Forward: C (M, N) reducing over K then r. Backward: dx (M, K) reducing over N (dy's columns) then r."""
+    sm90, eligible, gM, gN, gK, gR, kt_base, kt_lora = gemm_plan(backward, M, N, K, r)
+    assert (sm90, eligible) == (1, 1)
+    assert (gM, gN, gK, gR) == ((M, K, N, r) if backward else (M, N, K, r))
+    # The producer loads ceil(K'/64) k-tiles of (X, W), then ceil(r/64) of (L, U) from k = 0 of L, U.
+    assert (kt_base, kt_lora) == (cdiv(gK, 64), cdiv(r, 64))
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("operand", range(5), ids=["x", "w", "l", "u", "c"])
+@pytest.mark.parametrize("offset", [2, 8])
+def test_sm90_gemm_needs_every_tma_operand_16_byte_aligned(backward, operand, offset):
+    misalign = list(ALIGNED)
+    misalign[operand] = offset
+    assert gemm_plan(backward, misalign=misalign)[:2] == [0, 0]
+
+
+def test_sm90_gemm_bias_alignment_and_no_bias():
+    assert gemm_plan(misalign=[0, 0, 0, 0, 0, 8])[:2] == [0, 0]
+    assert gemm_plan(misalign=[0, 0, 0, 0, 0, -1])[:2] == [1, 1]  # no bias
+    # The backward has no bias: its entry is ignored.
+    assert gemm_plan(True, misalign=[0, 0, 0, 0, 0, 8])[:2] == [1, 1]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+@pytest.mark.parametrize("field,value", [("r", 4), ("r", 12), ("K", 1020), ("N", 130), ("M", 2**31), ("r", 2**30)])
+def test_sm90_gemm_refuses_strides_tma_cannot_take(backward, field, value):
+    """Every row stride is a multiple of 8 elements (16 bytes) and the extents fit TMA's int32."""
+    assert gemm_plan(backward, **{field: value})[:2] == [0, 0]
+
+
+def test_sm90_gemm_backward_with_dropout_runs_sm80():
+    assert gemm_plan(True, dropout=True)[:2] == [0, 0]
+    assert gemm_plan(False, dropout=True)[:2] == [1, 1]  # the forward's mask is in the thin product
+
+
+@pytest.mark.parametrize("cc", [(8, 0), (8, 6), (8, 9), (10, 0), (10, 3), (12, 0)], ids=str)
+def test_only_compute_capability_9_0_runs_sm90a_code(cc):
+    """sm_90a cubins run on 9.0 only; every other GPU takes the sm_80 kernels (JIT from compute_90 PTX on 10.x/12.x)."""
+    assert gemm_plan(cc=cc)[:2] == [0, 1]
+    assert gemm_plan(cc=cc, mode="auto")[0] == 0
+    with pytest.raises(RuntimeError, match="needs a compute capability 9.0 GPU"):
+        gemm_plan(cc=cc, mode="sm90")
+
+
+def test_gemm_path_modes():
+    assert gemm_plan(mode="sm80")[0] == 0
+    assert gemm_plan(mode="sm90")[0] == 1
+    assert gemm_plan(mode="")[0] == 1  # empty = auto
+    assert gemm_plan(r=4, mode="sm90")[:2] == [0, 0]  # ineligible calls still run sm_80
+    assert gemm_plan(built=False)[0] == 0
+    with pytest.raises(RuntimeError, match="no sm_90a kernels"):
+        gemm_plan(built=False, mode="sm90")
+    with pytest.raises(RuntimeError, match="must be auto, sm80 or sm90, got 'fast'"):
+        gemm_plan(mode="fast")
+
+
+# _cuda_dy_pass_plan(M, N, r, sms) -> [bj, row_blocks, col_tiles, grid_m, grid_n, grid_j, rb, cb,
+#   acc_smem_bytes, g_partial, db_partial, one_pass_bytes, two_pass_bytes, one_pass]
+DY_FIELDS = ("bj row_blocks col_tiles grid_m grid_n grid_j rb cb acc_smem_bytes g_partial db_partial "
+             "one_pass_bytes two_pass_bytes one_pass").split()
+DY_ACC_BUDGET = 48 * 1024
+
+
+def dy_pass_plan(M, N, r, sms):
+    return dict(zip(DY_FIELDS, torch.ops.lora_kernels._cuda_dy_pass_plan(M, N, r, sms)))
+
+
+def _skinny_splits(I, R, L, bj, sms):
+    """launch_skinny's split-K of a tensor-core thin product (64-row blocks, l step 64)."""
+    l_tiles = max(cdiv(L, 64), 1)
+    blocks = cdiv(I, 64) * cdiv(R, bj)
+    splits = min(l_tiles, cdiv(2 * sms, blocks), 256) if blocks < 2 * sms else 1
+    return cdiv(l_tiles, cdiv(l_tiles, splits))
+
+
+DY_SHAPES = [(1, 1, 1), (7, 65, 4), (1000, 130, 16), (65, 130, 72), (512, 4096, 16), (4096, 4096, 8),
+             (8192, 4096, 16), (8192, 4096, 64), (8192, 14336, 16), (8192, 14336, 64), (100000, 64, 16),
+             (3, 100000, 128)]
+
+
+@pytest.mark.parametrize("sms", [1, 108, 132])
+@pytest.mark.parametrize("M,N,r", DY_SHAPES, ids=lambda v: str(v))
+def test_dy_pass_plan_covers_dy_once_and_minimises_partials(M, N, r, sms):
+    p = dy_pass_plan(M, N, r, sms)
+    assert p["bj"] == (16 if r <= 16 else 32 if r <= 32 else 64)
+    assert p["grid_j"] == cdiv(r, p["bj"])
+    assert (p["row_blocks"], p["col_tiles"]) == (cdiv(M, 64), cdiv(N, 64))
+    # The ranges tile the row blocks and the column tiles exactly, none empty.
+    for n, size, tiles in (("grid_m", "rb", "row_blocks"), ("grid_n", "cb", "col_tiles")):
+        assert (p[n] - 1) * p[size] < p[tiles] <= p[n] * p[size]
+    # The dB accumulators fit the shared-memory budget the launcher sets.
+    assert p["acc_smem_bytes"] == p["cb"] * 64 * p["bj"] * 4 <= DY_ACC_BUDGET
+    # Partials exist exactly where a range does not span the whole axis.
+    assert p["g_partial"] == (p["grid_n"] * M * r if p["grid_n"] > 1 else 0)
+    assert p["db_partial"] == (p["grid_m"] * N * r if p["grid_m"] > 1 else 0)
+    # Enough programs: 2 per SM and j tile, or every tile of dy.
+    want = min(max(1, cdiv(2 * sms, p["grid_j"])), p["row_blocks"] * p["col_tiles"])
+    assert p["grid_m"] * p["grid_n"] >= want
+    # No other split with enough programs moves fewer partial bytes (brute force).
+    cb_max = max(1, DY_ACC_BUDGET // (64 * p["bj"] * 4))
+    cost = lambda gm, gn: (gn * M if gn > 1 else 0) + (gm * N if gm > 1 else 0)  # noqa: E731
+    best = min(
+        cost(cdiv(p["row_blocks"], rb), cdiv(p["col_tiles"], cb))
+        for cb in range(1, min(cb_max, p["col_tiles"]) + 1)
+        for rb in range(1, p["row_blocks"] + 1)
+        if cdiv(p["row_blocks"], rb) * cdiv(p["col_tiles"], cb) >= want
+    ) if p["row_blocks"] * p["col_tiles"] <= 20000 else None
+    if best is not None:
+        assert cost(p["grid_m"], p["grid_n"]) == best
+    # The cost model: dy once vs twice, plus the fp32 partials written and read.
+    dy = 2 * M * N * p["grid_j"]
+    assert p["one_pass_bytes"] == dy + 8 * (p["g_partial"] + p["db_partial"])
+    sg, sd = _skinny_splits(M, r, N, p["bj"], sms), _skinny_splits(N, r, M, p["bj"], sms)
+    assert p["two_pass_bytes"] == 2 * dy + 8 * ((sg * M * r if sg > 1 else 0) + (sd * N * r if sd > 1 else 0))
+    assert p["one_pass"] == int(p["one_pass_bytes"] < p["two_pass_bytes"])
+
+
+def test_dy_pass_is_one_pass_at_the_default_ranks():
+    """From 2048 tokens at r <= 32 on an H100 (132 SMs) the model picks one pass over dy, and it saves
+    at least 15 % of the bytes; at r = 64 the partials cost about what a second read of dy does."""
+    for M, N, r in [(2048, 4096, 16), (4096, 4096, 8), (8192, 4096, 16), (8192, 14336, 16), (8192, 4096, 32)]:
+        p = dy_pass_plan(M, N, r, 132)
+        assert p["one_pass"] == 1, (M, N, r, p)
+        assert p["one_pass_bytes"] < 0.85 * p["two_pass_bytes"], (M, N, r, p)
+
+
+# Shapes of the GPU test of the pass over dy; on an H100 (132 SMs) they take every regime of the plan.
+DY_PASS_GPU_SHAPES = [(4096, 2048, 16), (2048, 1000, 12), (777, 4104, 72), (3000, 130, 8), (20000, 64, 16),
+                      (64, 20000, 16), (1500, 1030, 40)]
+
+
+def test_dy_pass_gpu_shapes_cover_every_regime_on_an_h100():
+    plans = [dy_pass_plan(M, N, r, 132) | {"M": M, "N": N, "r": r} for M, N, r in DY_PASS_GPU_SHAPES]
+    one = [p for p in plans if p["one_pass"]]
+    assert any(p["rb"] > 1 and p["cb"] > 1 and p["grid_m"] > 1 and p["grid_n"] > 1 for p in one)
+    assert any(p["grid_j"] > 1 for p in one)  # r > 64: j tiles
+    assert any(p["grid_m"] == 1 for p in one) and any(p["grid_n"] == 1 for p in one)  # no partials on an axis
+    assert any(p["N"] % 8 for p in one) and any(p["r"] % 8 for p in one)  # scalar loads at ragged edges
+    assert any(p["M"] % 64 for p in one)
+    assert any(not p["one_pass"] for p in plans)  # and the two thin products
+
+
+def test_dy_pass_plan_refuses_empty_problems():
+    with pytest.raises(RuntimeError, match="must be positive"):
+        dy_pass_plan(0, 64, 16, 132)
+
+
+# --------------------------------------------------------------------------- #
 # Kernels against the float64 reference (GPU)
 # --------------------------------------------------------------------------- #
 
@@ -196,6 +367,24 @@ def test_forward_backward_match_fp64_reference(shape, dtype):
     dx_none, dA2, dB2 = ops.cuda_lora_backward(dy, x, weight, A, B, xa_in, s, p, cuda_seed(seed), False)
     assert dx_none.numel() == 0
     assert torch.equal(dA2, dA) and torch.equal(dB2, dB)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,N,r", DY_PASS_GPU_SHAPES, ids=lambda v: str(v))
+def test_dy_pass_matches_fp64_reference_and_is_deterministic(M, N, r, dtype):
+    """g (through dA) and dB of the backward, on whichever plan the GPU's SM count gives."""
+    K = 40
+    x, weight, _, A, B, dy = make(M, K, N, r, dtype, bias=False)
+    s = 0.5
+    ops = torch.ops.lora_kernels
+    _, xa = ops.cuda_lora_forward(x, weight, None, A, B, s, 0.0, cuda_seed(0))
+    runs = [ops.cuda_lora_backward(dy, x, weight, A, B, xa, s, 0.0, cuda_seed(0), False) for _ in range(2)]
+    d = lambda t: t.double()  # noqa: E731
+    _, dA64, dB64 = reference.lora_backward(d(dy), d(x), d(weight), d(A), d(B), d(xa), s, 0.0, 0, False)
+    check("dA", runs[0][1], dA64, dtype)
+    check("dB", runs[0][2], dB64, dtype)
+    assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2]), "not deterministic"
 
 
 @requires_gpu

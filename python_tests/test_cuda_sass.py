@@ -166,3 +166,17 @@ def test_thin_products_use_tensor_cores_and_16_byte_loads(arch):
         assert "HMMA" in code, f"HMMA missing in {name[:120]}…"
         assert "LDSM" in code, f"ldmatrix missing in {name[:120]}…"
         assert re.search(r"LDG\.E\.128", code), f"no 16-byte global load in {name[:120]}…"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_pass_over_dy_uses_tensor_cores_and_16_byte_loads(arch):
+    """The backward's one pass over dy (g and dB from the same tiles): mma.sync from ldmatrix fragments."""
+    if not sass(arch):
+        pytest.skip(f"built without {arch}")
+    kernels = {n: s for n, s in sass(arch).items() if "dy_pass_kernel" in n}
+    # fp16 / bf16 x 3 tile widths (r ≤ 16, 32, 64)
+    assert len(kernels) == 6, sorted(kernels)
+    for name, code in kernels.items():
+        assert "HMMA" in code, f"HMMA missing in {name[:120]}…"
+        assert "LDSM" in code and "LDSM.16.MT88" in code, f"ldmatrix (and .trans) missing in {name[:120]}…"
+        assert re.search(r"LDG\.E\.128", code), f"no 16-byte global load in {name[:120]}…"

@@ -1,6 +1,7 @@
-// lora_kernels::cuda_lora_backward — four launches (three thin products, one GEMM):
-//   1. g   = s · dy B                          (M, r)  thin product over the N columns of dy
-//   2. dB  = dyᵀ xa                            (N, r)  thin product over the M rows (xa holds s)
+// lora_kernels::cuda_lora_backward — one pass over dy (or two thin products), one thin product, one GEMM:
+//   1. g   = s · dy B                          (M, r)  fp16/bf16: one pass over dy computes both g and
+//   2. dB  = dyᵀ xa                            (N, r)  dB (skinny.cu, launch_dy_pass; + a small ordered
+//                                                      reduction of partials); else two thin products
 //   3. dAᵀ = (x ⊙ D)ᵀ g                        (K, r)  thin product over the M rows, mask regenerated
 //                                                      while x is loaded, written straight into dA (r, K)
 //   4. dx  = (g A) ⊙ D + dy W0                 (M, K)  the fused GEMM (W0 read in place as W0ᵀ), one store:
@@ -54,15 +55,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
   at::Tensor grad_B = at::empty({N, r}, x_c.options());
   at::Tensor grad_x = need_grad_x ? at::empty({M, K}, x_c.options()) : at::empty({0}, x_c.options());
   at::Tensor g = at::empty({M, r}, x_c.options());
-  if ((dtype == at::kHalf || dtype == at::kBFloat16) && need_grad_x && M > 0) {
+  // NOTE: not only the dx GEMM: the fp16/bf16 thin products run mma.sync as well.
+  if (dtype == at::kHalf || dtype == at::kBFloat16) {
     require_sm80("cuda_lora_backward");
   }
   const Dropout no_dropout{};
 
-  // 1. g = s · dy B: P = dy (M, N), Q[j, l] = B[l, j].
-  launch_skinny(dy_c, N, 1, B_c, 1, r, g, r, 1, M, r, N, scaling, no_dropout, true);
-  // 2. dB = dyᵀ xa (xa already holds s): P[i, l] = dy[l, i], Q[j, l] = xa[l, j].
-  launch_skinny(dy_c, 1, N, xa_c, 1, r, grad_B, r, 1, N, r, M, 1.0, no_dropout, true);
+  // 1+2. g = s · dy B and dB = dyᵀ xa (xa already holds s): one pass over dy for fp16/bf16 where
+  // the cost model says so (launch_dy_pass), else two thin products:
+  if (!launch_dy_pass(dy_c, B_c, xa_c, g, grad_B, scaling)) {
+    // g: P = dy (M, N), Q[j, l] = B[l, j].
+    launch_skinny(dy_c, N, 1, B_c, 1, r, g, r, 1, M, r, N, scaling, no_dropout, true);
+    // dB: P[i, l] = dy[l, i], Q[j, l] = xa[l, j].
+    launch_skinny(dy_c, 1, N, xa_c, 1, r, grad_B, r, 1, N, r, M, 1.0, no_dropout, true);
+  }
   // 3. dAᵀ = (x ⊙ D)ᵀ g: P[i, l] = x[l, i] (mask element (l, i)), Q[j, l] = g[l, j]; out[i, j] = dA[j, i].
   launch_skinny(x_c, 1, K, g, 1, r, grad_A, 1, K, K, r, M, 1.0, dropout, /*mask_col_is_l=*/false);
 
@@ -101,11 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_lora_backward(
 
     LORA_DISPATCH_FLOAT_TYPES(dtype, "cuda_lora_backward", [&] {
 #ifdef LORA_KERNELS_SM90
-      // NOTE: the mask D applies to the low-rank term alone, so with dropout the two products
-      // cannot share one accumulator in the sm_90a mainloop: dropout runs the sm_80 kernel.
+      // With dropout the sm_80 kernel runs (sm90_backward_eligible says why).
       if constexpr (kTensorCoreType<scalar_t>) {
-        const sm90::GemmArgs a{p.x, p.w, p.l, p.u, nullptr, p.c, M, K, N, r};
-        if (use_sm90_gemm("cuda_lora_backward", !dropout.enabled && sm90::sm90_gemm_eligible(a))) {
+        const sm90::GemmArgs a = sm90::backward_args(p.x, p.w, p.l, p.u, p.c, M, N, K, r);
+        if (use_sm90_gemm("cuda_lora_backward", sm90::sm90_backward_eligible(a, dropout.enabled))) {
           return sm90::run_gemm<scalar_t, /*W_KMAJOR=*/false>(a, current_stream());
         }
       }

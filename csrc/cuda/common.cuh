@@ -20,6 +20,7 @@
 
 #include "../lora_kernels.h"
 #include "device_once.h"
+#include "host_plan.h"
 
 namespace lora_kernels {
 
@@ -57,32 +58,17 @@ inline int sm_count() {
   return count[c10::cuda::current_device()];
 }
 
-// Which GEMM kernels a fp16/bf16 call runs: the sm_90a ones (TMA, wgmma; csrc/cuda/sm90/) on a
-// compute capability 9.0 GPU when the build has them and the call is `eligible` (alignment,
-// no dropout in the backward), else the sm_80 ones (cp.async, mma.sync; gemm_tc.cuh).
-// LORA_KERNELS_CUDA_GEMM overrides the choice (tests run each path on the same GPU):
-//   auto (default) | sm80: never the sm_90a kernels | sm90: the sm_90a kernels wherever
-//   eligible, and an error when this build or GPU has none.
+// Which GEMM kernels a fp16/bf16 call runs: choose_sm90_gemm (host_plan.h) for this build and
+// the current device. LORA_KERNELS_CUDA_GEMM (auto | sm80 | sm90) is read on every call, so the
+// tests can run each path on the same GPU.
 inline bool use_sm90_gemm(const char* op, bool eligible) {
-  const char* env = std::getenv("LORA_KERNELS_CUDA_GEMM");
-  const std::string mode = env && *env ? env : "auto";
-  TORCH_CHECK(mode == "auto" || mode == "sm80" || mode == "sm90", op,
-              ": LORA_KERNELS_CUDA_GEMM must be auto, sm80 or sm90, got '", mode, "'");
-  if (mode == "sm80") return false;
 #ifdef LORA_KERNELS_SM90
   constexpr bool built = true;
 #else
   constexpr bool built = false;
 #endif
   const auto cc = device_capability();
-  const bool hopper = cc.first == 9 && cc.second == 0;  // sm_90a code runs on 9.0 only
-  if (mode == "sm90") {
-    TORCH_CHECK(built, op, ": LORA_KERNELS_CUDA_GEMM=sm90 but this build has no sm_90a kernels "
-                "(LORA_KERNELS_CUDA_ARCHS without 9.0a)");
-    TORCH_CHECK(hopper, op, ": LORA_KERNELS_CUDA_GEMM=sm90 needs a compute capability 9.0 GPU, got ", cc.first,
-                ".", cc.second);
-  }
-  return built && hopper && eligible;
+  return choose_sm90_gemm(op, std::getenv("LORA_KERNELS_CUDA_GEMM"), cc.first, cc.second, built, eligible);
 }
 
 // The tensor-core kernels use cp.async, ldmatrix and bf16 mma.sync: compute capability 8.0+.

@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_lora_forward(const at::Tensor& x, const 
   LORA_DISPATCH_FLOAT_TYPES(dtype, "cuda_lora_forward", [&] {
 #ifdef LORA_KERNELS_SM90
     if constexpr (kTensorCoreType<scalar_t>) {
-      const sm90::GemmArgs a{p.x, p.w, p.l, p.u, p.bias, p.c, M, N, K, r};
+      const sm90::GemmArgs a = sm90::forward_args(p.x, p.w, p.l, p.u, p.bias, p.c, M, N, K, r);
       if (use_sm90_gemm("cuda_lora_forward", sm90::sm90_gemm_eligible(a))) {
         return sm90::run_gemm<scalar_t, /*W_KMAJOR=*/true>(a, current_stream());
       }

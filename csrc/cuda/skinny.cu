@@ -21,7 +21,6 @@ namespace lora_kernels {
 namespace skinny {
 
 constexpr int kBI = 64, kBJ = 32, kBL = 32, kThreads = 256;
-constexpr int kMaxSplits = 256;
 
 struct Params {
   const void* p;
@@ -346,6 +345,150 @@ __global__ void __launch_bounds__(kThreads) skinny_tc_kernel(const Params p, boo
     }
 }
 
+// The backward's one pass over dy (fp16/bf16): g = s · dy B and dB = dyᵀ xa from the same dy tiles.
+// The grid is plan_dy_pass's (host_plan.h): blockIdx = (column range, row range, j tile). A program
+// visits its 64 x 64 tiles of dy row block by row block, the column tiles of its range inside:
+//   g  (64 x BJ of the row block) += dy_tile · B_tile       in registers, stored after the range's
+//                                                            last column tile (complete or a partial)
+//   dB (64 x BJ of the column tile) += dy_tileᵀ · xa_tile   in shared memory over the row range,
+//                                                            stored at the end (complete or a partial)
+// Each warp owns 16 rows of both products (rows of dy for g, columns of dy for dB). The dB
+// accumulators are kept in the mma's fragment order, one slot per (tile, warp, fragment, lane):
+// every element has one owner thread, so it needs no synchronisation and adds in a fixed order.
+struct DyPassParams {
+  const void* dy;  // (M, N)
+  const void* b;   // lora_B (N, R)
+  const void* xa;  // (M, R)
+  void* g;         // (M, R); or g_partial [grid_n][M][R] fp32
+  void* db;        // (N, R); or db_partial [grid_m][N][R] fp32
+  float* g_partial;
+  float* db_partial;
+  int64_t M, N, R, rb, cb, row_blocks, col_tiles;
+  float scale;  // s, applied to g
+};
+
+template <typename T, int BJ>
+__global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassParams p, bool dy_vec, bool b_vec,
+                                                           bool xa_vec) {
+  static_assert(BJ % 16 == 0, "BJ: pairs of n8 tiles");
+  constexpr int NT = BJ / 8;
+  constexpr int kLdDy = 64 + kPad, kLdJ = BJ + kPad;
+  __shared__ __align__(16) uint16_t sDy[64 * kLdDy];  // [m][n]
+  __shared__ __align__(16) uint16_t sB[64 * kLdJ];    // [n][j]
+  __shared__ __align__(16) uint16_t sXa[64 * kLdJ];   // [m][j]
+  extern __shared__ float sAcc[];                      // dB: [tile][warp][NT][4][lane]
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t ct0 = static_cast<int64_t>(blockIdx.x) * p.cb;  // first column tile of the range
+  const int64_t rb0 = static_cast<int64_t>(blockIdx.y) * p.rb;  // first row block of the range
+  const int64_t j0 = static_cast<int64_t>(blockIdx.z) * BJ;
+  const int ncb = static_cast<int>(min(p.cb, p.col_tiles - ct0));
+  const int nrb = static_cast<int>(min(p.rb, p.row_blocks - rb0));
+  const int steps = ncb * nrb;
+  const uint16_t* dy = static_cast<const uint16_t*>(p.dy);
+  const uint16_t* B = static_cast<const uint16_t*>(p.b);
+  const uint16_t* xa = static_cast<const uint16_t*>(p.xa);
+  auto acc_slot = [&](int t, int n, int e) { return ((((t * 4 + warp) * NT + n) * 4 + e) << 5) + lane; };
+
+  TileLoader<64, 64> tdy;
+  TileLoader<64, BJ> tb, txa;
+  // Step s: row block rb0 + s / ncb, column tile ct0 + s % ncb; xa only at a row block's first step.
+  auto load = [&](int s) {
+    const int64_t m0 = (rb0 + s / ncb) * 64, n0 = (ct0 + s % ncb) * 64;
+    tdy.load(dy, p.N, m0, n0, p.M, p.N, dy_vec);
+    tb.load(B, p.R, n0, j0, p.N, p.R, b_vec);
+    if (s % ncb == 0) txa.load(xa, p.R, m0, j0, p.M, p.R, xa_vec);
+  };
+
+  for (int t = 0; t < ncb; ++t)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sAcc[acc_slot(t, n, e)] = 0.f;
+  float gacc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) gacc[n][0] = gacc[n][1] = gacc[n][2] = gacc[n][3] = 0.f;
+
+  load(0);
+  for (int s = 0; s < steps; ++s) {
+    const int t = s % ncb;
+    __syncthreads();  // everyone is done reading the previous step's tiles
+    tdy.store(sDy, kLdDy);
+    tb.store(sB, kLdJ);
+    if (t == 0) txa.store(sXa, kLdJ);
+    __syncthreads();
+    if (s + 1 < steps) load(s + 1);  // in flight while this step is multiplied
+
+    float dacc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) dacc[n][0] = dacc[n][1] = dacc[n][2] = dacc[n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < 64; kk += 16) {
+      const int q = lane >> 3;
+      // g: A = dy rows warp*16.. (k = n, contiguous), B = B_tile [k = n][j] (.trans).
+      uint32_t af[4];
+      ldmatrix_x4(af, sDy + (warp * 16 + (lane & 15)) * kLdDy + kk + (lane >> 4) * 8);
+      // dB: A = dyᵀ, rows = dy columns warp*16.., k = m: sDy read as [k][i] (.trans).
+      uint32_t aT[4];
+      ldmatrix_x4_trans(aT, sDy + (kk + (q >> 1) * 8 + (lane & 7)) * kLdDy + warp * 16 + (q & 1) * 8);
+#pragma unroll
+      for (int nj = 0; nj < NT / 2; ++nj) {
+        const int k = kk + (lane & 7) + ((lane >> 3) & 1) * 8;
+        uint32_t rB[4], rx[4];
+        ldmatrix_x4_trans(rB, sB + k * kLdJ + nj * 16 + (lane >> 4) * 8);
+        ldmatrix_x4_trans(rx, sXa + k * kLdJ + nj * 16 + (lane >> 4) * 8);
+        const uint32_t b0[2] = {rB[0], rB[1]}, b1[2] = {rB[2], rB[3]};
+        const uint32_t x0[2] = {rx[0], rx[1]}, x1[2] = {rx[2], rx[3]};
+        mma_16816<T>(gacc[2 * nj], af, b0);
+        mma_16816<T>(gacc[2 * nj + 1], af, b1);
+        mma_16816<T>(dacc[2 * nj], aT, x0);
+        mma_16816<T>(dacc[2 * nj + 1], aT, x1);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sAcc[acc_slot(t, n, e)] += dacc[n][e];
+
+    if (t == ncb - 1) {  // the row block's last column tile of this range: store g
+      const int64_t m0 = (rb0 + s / ncb) * 64;
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int64_t gi = m0 + warp * 16 + (lane >> 2) + (e >> 1) * 8;
+          const int64_t gj = j0 + n * 8 + (lane & 3) * 2 + (e & 1);
+          if (gi < p.M && gj < p.R) {
+            if (p.g_partial) {
+              p.g_partial[(static_cast<int64_t>(blockIdx.x) * p.M + gi) * p.R + gj] = gacc[n][e];
+            } else {
+              static_cast<T*>(p.g)[gi * p.R + gj] = from_acc<T>(p.scale * gacc[n][e]);
+            }
+          }
+          gacc[n][e] = 0.f;
+        }
+    }
+  }
+
+  // dB of the range's column tiles (each thread its own slots: no synchronisation needed).
+  for (int t = 0; t < ncb; ++t)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t gi = (ct0 + t) * 64 + warp * 16 + (lane >> 2) + (e >> 1) * 8;
+        const int64_t gj = j0 + n * 8 + (lane & 3) * 2 + (e & 1);
+        if (gi >= p.N || gj >= p.R) continue;
+        const float v = sAcc[acc_slot(t, n, e)];
+        if (p.db_partial) {
+          p.db_partial[(static_cast<int64_t>(blockIdx.y) * p.N + gi) * p.R + gj] = v;
+        } else {
+          static_cast<T*>(p.db)[gi * p.R + gj] = from_acc<T>(v);
+        }
+      }
+}
+
 }  // namespace tc
 
 
@@ -396,6 +539,20 @@ bool launch_skinny_tc(const Params& prm, bool mask, cudaStream_t stream) {
   return true;
 }
 
+template <typename T, int BJ>
+void launch_dy_pass_kernel(const tc::DyPassParams& prm, dim3 grid, int smem, bool dy_vec, bool b_vec, bool xa_vec,
+                           cudaStream_t stream) {
+  // NOTE: the dB accumulators and the static tiles may exceed the 48 KB default: the attribute is
+  // raised to the plan's budget once per device (per instantiation: the static lives in this template).
+  static PerDeviceOnce once;
+  once([&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(tc::dy_pass_kernel<T, BJ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kDyPassAccBytes)));
+  });
+  tc::dy_pass_kernel<T, BJ><<<grid, tc::kThreads, smem, stream>>>(prm, dy_vec, b_vec, xa_vec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace skinny
 
 void launch_skinny(const at::Tensor& p, int64_t psi, int64_t psl, const at::Tensor& q, int64_t qsj,
@@ -437,14 +594,9 @@ void launch_skinny(const at::Tensor& p, int64_t psi, int64_t psl, const at::Tens
   const int64_t grid_i = ceil_div(I, kBI);
   const int64_t grid_j = ceil_div(R, bj);
   TORCH_CHECK(grid_i <= INT32_MAX && grid_j <= 65535, "lora_kernels: thin product too large for one launch");
-  const int64_t l_tiles = std::max<int64_t>(ceil_div(L, bl), 1);
-  const int64_t sms = sm_count();
-  const int64_t blocks = grid_i * grid_j;
-  int64_t splits = 1;
-  if (blocks < 2 * sms) splits = std::min<int64_t>({l_tiles, ceil_div(2 * sms, blocks), kMaxSplits});
-  const int64_t tiles_per_split = ceil_div(l_tiles, splits);
-  splits = ceil_div(l_tiles, tiles_per_split);
-  prm.l_per_split = tiles_per_split * bl;
+  const SkinnySplit split = plan_skinny_split(I, R, L, bj, bl, sm_count());
+  const int64_t splits = split.splits;
+  prm.l_per_split = split.l_per_split;
 
   const auto stream = current_stream();
   const auto acc_dtype = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -471,6 +623,76 @@ void launch_skinny(const at::Tensor& p, int64_t psi, int64_t psl, const at::Tens
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+}
+
+
+bool launch_dy_pass(const at::Tensor& dy, const at::Tensor& lora_B, const at::Tensor& xa, at::Tensor& g,
+                    at::Tensor& grad_B, double scaling) {
+  using namespace skinny;
+  const auto dtype = dy.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  const int64_t M = dy.size(0), N = dy.size(1), R = lora_B.size(1);
+  if (M == 0 || N == 0 || R == 0) return false;  // empty sums: the thin products write the zeros
+  const DyPassPlan plan = plan_dy_pass(M, N, R, sm_count());
+  if (!plan.one_pass) return false;
+  TORCH_CHECK(plan.grid_n <= INT32_MAX && plan.grid_m <= 65535 && plan.grid_j <= 65535,
+              "lora_kernels: the backward's pass over dy is too large for one launch");
+
+  tc::DyPassParams prm{};
+  prm.dy = dy.data_ptr();
+  prm.b = lora_B.data_ptr();
+  prm.xa = xa.data_ptr();
+  prm.g = g.data_ptr();
+  prm.db = grad_B.data_ptr();
+  prm.M = M;
+  prm.N = N;
+  prm.R = R;
+  prm.rb = plan.rb;
+  prm.cb = plan.cb;
+  prm.row_blocks = plan.row_blocks;
+  prm.col_tiles = plan.col_tiles;
+  prm.scale = static_cast<float>(scaling);
+  at::Tensor g_partial, db_partial;
+  if (plan.g_partial > 0) {
+    g_partial = at::empty({plan.grid_n, M, R}, dy.options().dtype(at::kFloat));
+    prm.g_partial = g_partial.data_ptr<float>();
+  }
+  if (plan.db_partial > 0) {
+    db_partial = at::empty({plan.grid_m, N, R}, dy.options().dtype(at::kFloat));
+    prm.db_partial = db_partial.data_ptr<float>();
+  }
+  const bool dy_vec = aligned16(prm.dy) && N % 8 == 0;
+  const bool b_vec = aligned16(prm.b) && R % 8 == 0;
+  const bool xa_vec = aligned16(prm.xa) && R % 8 == 0;
+  const dim3 grid(static_cast<unsigned>(plan.grid_n), static_cast<unsigned>(plan.grid_m),
+                  static_cast<unsigned>(plan.grid_j));
+  const int smem = static_cast<int>(plan.acc_smem_bytes);
+  const auto stream = current_stream();
+
+  LORA_DISPATCH_FLOAT_TYPES(dtype, "lora_kernels pass over dy", [&] {
+    if constexpr (kTensorCoreType<scalar_t>) {
+      if (plan.bj == 16) launch_dy_pass_kernel<scalar_t, 16>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
+      else if (plan.bj == 32) launch_dy_pass_kernel<scalar_t, 32>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
+      else launch_dy_pass_kernel<scalar_t, 64>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
+      // The partials, added in a fixed order (reduce_splits_kernel: out = scale · Σ_s partial[s]).
+      auto reduce = [&](float* partial, at::Tensor& out, int64_t I, int64_t splits, double scale) {
+        Params rp{};
+        rp.partial = partial;
+        rp.out = out.data_ptr();
+        rp.osi = R;
+        rp.osj = 1;
+        rp.I = I;
+        rp.R = R;
+        rp.scale = scale;
+        const int64_t blocks = std::min<int64_t>(ceil_div(I * R, 256), 65535);
+        reduce_splits_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(rp, static_cast<int>(splits));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (prm.g_partial) reduce(prm.g_partial, g, M, plan.grid_n, scaling);
+      if (prm.db_partial) reduce(prm.db_partial, grad_B, N, plan.grid_m, 1.0);
+    }
+  });
+  return true;
 }
 
 }  // namespace lora_kernels

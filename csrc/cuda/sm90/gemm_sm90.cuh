@@ -104,19 +104,31 @@ void run_gemm(const GemmArgs& a, cudaStream_t stream) {
   const int device = c10::cuda::current_device();
   const int sm_count = prepare_device<Kernel>();
 
+  static_assert(Mainloop::kBlockK == kBlockK, "gemm_sm90.h's kBlockK must be the TileShape's K");
+
+  // Packed strides, batch mode included (L = 1), as CUTLASS's make_cute_packed_stride gives them.
+  // NOTE: the batch stride is not left at 0: CuTe passes it to cuTensorMapEncodeTiled as the stride
+  // of the batch dimension, and this keeps it the 16-byte multiple CUTLASS's own examples and tests
+  // pass (each product below has a factor that is a multiple of 8 elements: sm90_gemm_eligible).
+  const int64_t M64 = a.M, N64 = a.N, K64 = a.K, R64 = a.R;
   StrideA dX{}, dL{};
   StrideB dW{}, dU{};
   StrideD dC{};
-  get<0>(dX) = K;  // X (M, K): (m, k) -> m*K + k
-  get<0>(dL) = R;
+  get<0>(dX) = K64;  // X (M, K): (m, k) -> m*K + k
+  get<2>(dX) = M64 * K64;
+  get<0>(dL) = R64;  // L (M, R)
+  get<2>(dL) = M64 * R64;
   if constexpr (W_KMAJOR) {
-    get<0>(dW) = K;  // W (N, K): (n, k) -> n*K + k
-    get<0>(dU) = R;
+    get<0>(dW) = K64;  // W (N, K): (n, k) -> n*K + k
+    get<0>(dU) = R64;  // U (N, R)
   } else {
-    get<1>(dW) = N;  // W (K, N): (n, k) -> k*N + n
-    get<1>(dU) = N;
+    get<1>(dW) = N64;  // W (K, N): (n, k) -> k*N + n
+    get<1>(dU) = N64;  // U (R, N)
   }
-  get<0>(dC) = N;
+  get<2>(dW) = N64 * K64;
+  get<2>(dU) = N64 * R64;
+  get<0>(dC) = N64;  // C (M, N)
+  get<2>(dC) = M64 * N64;
 
   typename Kernel::Arguments args{};
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
