@@ -258,7 +258,9 @@ def test_triton_gemm_kernels_both_ways(monkeypatch, use_tma, dtype, plan):
         pytest.skip("TMA needs sm_90 or newer")
     monkeypatch.setattr(triton_ops, "USE_TMA", use_tma)
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
-    for M, K, N, r, p in [(7, 64, 40, 4, 0.0), (65, 40, 72, 16, 0.25), (300, 24, 16, 3, 0.1)]:
+    # NOTE: K and N are multiples of 16 elements: Triton 3.4's interpreter checks descriptor strides
+    # in elements where the hardware (and its host-side check) asks for 16 bytes.
+    for M, K, N, r, p in [(7, 64, 48, 4, 0.0), (65, 48, 80, 16, 0.25), (300, 32, 16, 3, 0.1)]:
         x, weight, bias, A, B = make_layer(M, K, N, r, dtype)
         assert (triton_ops._gemm_uses_tma(x, weight) is not None) == use_tma
         assert triton_ops._use_tma("backward", torch.empty(M, N, dtype=dtype, device=DEVICE), weight, x) == use_tma
