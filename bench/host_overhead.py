@@ -40,18 +40,23 @@ _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_st
               "as_strided", "unsqueeze", "squeeze", "select", "slice", "_reshape_alias", "set_"}
 
 
-def _kernel_classes() -> list[type]:
-    """The classes whose ``run`` launches a Triton kernel (compiled, and under the interpreter)."""
+def _launch_points() -> list[tuple[type, str]]:
+    """``(class, method)`` pairs through which every Triton kernel launch passes.
+
+    Compiled kernels launch through ``JITFunction.run``; interpreted ones through
+    ``GridExecutor.__call__`` (every Triton version: 3.4's ``InterpretedFunction`` has no
+    ``run`` method, it builds a ``GridExecutor`` from ``kernel[grid]`` directly).
+    """
     from triton.runtime.jit import JITFunction
 
-    classes = [JITFunction]
+    points = [(JITFunction, "run")]
     try:
-        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.interpreter import GridExecutor
 
-        classes.append(InterpretedFunction)
+        points.append((GridExecutor, "__call__"))
     except ImportError:
         pass
-    return classes
+    return points
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -75,13 +80,14 @@ class LaunchCounter(TorchDispatchMode):
 
     def __enter__(self):
         counter = self
-        for cls in _kernel_classes():
-            self._saved.append((cls, cls.__dict__.get("run")))
+        for cls, method in _launch_points():
+            self._saved.append((cls, method, cls.__dict__.get(method)))
 
-            def run(fn_self, *args, _original=cls.run, **kwargs):
+            def run(fn_self, *args, _original=getattr(cls, method), **kwargs):
                 if kwargs.get("warmup"):  # a compile-only call, not a launch
                     return _original(fn_self, *args, **kwargs)
-                name = getattr(fn_self, "__name__", None) or getattr(getattr(fn_self, "fn", None), "__name__", "?")
+                fn = getattr(fn_self, "fn", None)
+                name = getattr(fn_self, "__name__", None) or getattr(fn, "__name__", None) or "?"
                 counter.triton.append(name)
                 if counter.suppress:
                     return None
@@ -91,7 +97,7 @@ class LaunchCounter(TorchDispatchMode):
                 finally:
                     counter._depth -= 1
 
-            cls.run = run
+            setattr(cls, method, run)
         if self.torch_ops:
             # NOTE: with a dispatch mode active, lora_kernels.ops takes the registered op (its tracing
             # path), which would hide the launcher's torch ops from the mode: keep the eager path.
@@ -108,11 +114,11 @@ class LaunchCounter(TorchDispatchMode):
             from lora_kernels import ops
 
             ops.tracing = self._tracing
-        for cls, original in reversed(self._saved):
+        for cls, method, original in reversed(self._saved):
             if original is None:
-                del cls.run
+                delattr(cls, method)
             else:
-                cls.run = original
+                setattr(cls, method, original)
         self._saved = []
         return False
 

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .functional import lora_linear, merge_lora_, unmerge_lora_
+from .functional import _autocast_available, lora_linear, merge_lora_, unmerge_lora_
 
 __all__ = ["AccelerationReport", "accelerate_peft", "deaccelerate_peft"]
 
@@ -146,7 +146,7 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
     W = layer.base_layer.weight
     if x.device != W.device:
         return f"input on {x.device}, weight on {W.device}"
-    if x.dtype != W.dtype and not (torch.amp.is_autocast_available(x.device.type)
+    if x.dtype != W.dtype and not (_autocast_available(x.device.type)
                                     and torch.is_autocast_enabled(x.device.type)):
         return f"input dtype {x.dtype} differs from the weight's {W.dtype} (outside autocast)"
     if x.dim() < 1 or x.shape[-1] != W.shape[1]:

@@ -287,6 +287,13 @@ def test_training_lowers_the_loss_as_peft_does():
 
 def test_torch_compile_fullgraph_matches_eager():
     model = get_peft_model(tiny_llama(), lora_config())
+    # NOTE: on older torch (2.8) Dynamo cannot trace transformers' own Llama code in one graph:
+    # judged on the un-accelerated PEFT model first, so only a break of ours can fail this test.
+    try:
+        step(torch.compile(get_peft_model(tiny_llama(), lora_config()), fullgraph=True, backend="aot_eager"))
+    except torch._dynamo.exc.Unsupported as exc:
+        pytest.skip(f"this torch cannot compile the plain PEFT Llama with fullgraph=True: {str(exc).splitlines()[0]}")
+    torch._dynamo.reset()
     lk.accelerate_peft(model)
     eager = step(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
