@@ -35,4 +35,7 @@ TORCH_LIBRARY(lora_kernels, m) {
       "Tensor xa, float scaling, float dropout_p, Tensor seed, bool need_grad_x) -> (Tensor, Tensor, Tensor)");
   // weight += scaling · lora_B lora_A in place (unmerge: -scaling).
   m.def("cuda_lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
+  // The (rows, cols) bool dropout keep-mask of reference.dropout_keep_mask, bit for bit; seed: 0-dim int64
+  // tensor on the CPU. Kernel: cpu/dropout.cpp (CPU only).
+  m.def("dropout_keep_mask(int rows, int cols, float p, Tensor seed) -> Tensor");
 }
