@@ -116,11 +116,16 @@ def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device=None) ->
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
     device = torch.device(device) if device is not None else torch.get_default_device()
     if COMPILED_MASK and device.type == "cpu":
-        if not isinstance(seed, Tensor):
-            # The key is the seed's low 64 bits, as an int64 (two's complement) for the tensor.
-            seed = torch.tensor((int(seed) + 2**63) % 2**64 - 2**63, dtype=torch.int64)
-        return torch.ops.lora_kernels.dropout_keep_mask(rows, cols, p, seed.to("cpu", torch.int64))
+        return torch.ops.lora_kernels.dropout_keep_mask(rows, cols, p, _cpu_seed(seed))
     return keep_mask_torch(rows, cols, p, seed, device)
+
+
+def _cpu_seed(seed) -> Tensor:
+    """``seed`` as the compiled ops take it: a 0-dim int64 CPU tensor."""
+    if isinstance(seed, Tensor):
+        return seed.to("cpu", torch.int64)
+    # The key is the seed's low 64 bits, as an int64 (two's complement) for the tensor.
+    return torch.tensor((int(seed) + 2**63) % 2**64 - 2**63, dtype=torch.int64)
 
 
 def keep_mask_torch(rows: int, cols: int, p: float, seed: int, device=None) -> Tensor:
@@ -146,6 +151,9 @@ def dropout_scale(x2d: Tensor, p: float, seed: int, keep: Optional[Tensor] = Non
     """
     if p == 0.0:
         return x2d
+    if keep is None and COMPILED_MASK and x2d.device.type == "cpu":
+        # One pass, the mask never stored (csrc/cpu/dropout.cpp); differentiable (lora_kernels/ops.py).
+        return torch.ops.lora_kernels.dropout_scale(x2d, p, _cpu_seed(seed))
     if keep is None:
         keep = dropout_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, x2d.device)
     return x2d.mul(keep).mul_(1.0 / (1.0 - p))
@@ -201,7 +209,10 @@ def lora_backward(
     dy = grad_out
     grad_B = dy.t() @ xa
     g = scaling * (dy @ lora_B)
-    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p else None
+    # NOTE: one mask for dA and dx, except where the compiled x ⊙ D recomputes it in the same pass (cheaper
+    # than storing it and multiplying twice).
+    fused = COMPILED_MASK and x.device.type == "cpu"
+    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p and not fused else None
     grad_A = g.t() @ dropout_scale(x, dropout_p, seed, keep)
     if need_grad_x:
         grad_x = dy @ weight + dropout_scale(g @ lora_A, dropout_p, seed, keep)

@@ -92,6 +92,46 @@ def test_compiled_mask_under_torch_compile():
     assert torch.equal(out != 0, reference.keep_mask_torch(5, 11, 0.25, seed))
 
 
+def _bits(t):
+    return t.view({torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                   torch.float64: torch.int64}[t.dtype])
+
+
+@requires_compiled
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 9), (65, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.99])
+def test_compiled_dropout_scale_matches_the_reference(dtype, shape, p):
+    """x ⊙ D in one pass, bit for bit x.mul(keep).mul_(1/(1-p)), with infinities and NaNs among the inputs."""
+    x = (torch.randn(*shape, dtype=torch.float64) * 100).to(dtype)
+    x.view(-1)[::5] = float("inf")
+    x.view(-1)[1::7] = float("nan")
+    x.view(-1)[2::11] = -0.0
+    seed = 2**40 + 21
+    got = torch.ops.lora_kernels.dropout_scale(x, p, torch.tensor(seed))
+    want = x.mul(reference.keep_mask_torch(*shape, p, seed)).mul_(1.0 / (1.0 - p))
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(_bits(got)[finite], _bits(want)[finite])
+
+
+@requires_compiled
+def test_compiled_dropout_scale_non_contiguous_and_gradient():
+    x = torch.randn(9, 14, dtype=torch.float64).t()  # (14, 9), strided
+    seed = torch.tensor(77)
+    got = torch.ops.lora_kernels.dropout_scale(x, 0.3, seed)
+    assert torch.equal(got, x.mul(reference.keep_mask_torch(14, 9, 0.3, 77)).mul_(1 / 0.7))
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: torch.ops.lora_kernels.dropout_scale(t, 0.3, seed), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.lora_kernels.dropout_scale(t, 0.3, seed), (x,))
+    torch.library.opcheck(torch.ops.lora_kernels.dropout_scale.default, (x.detach().requires_grad_(), 0.3, seed))
+    with pytest.raises(RuntimeError, match="must be in \\[0, 1\\)"):
+        torch.ops.lora_kernels.dropout_scale(x.detach(), 1.0, seed)
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        torch.ops.lora_kernels.dropout_scale(x.detach().reshape(-1), 0.3, seed)
+
+
 @pytest.fixture(params=[True, False], ids=["compiled", "torch"])
 def mask_impl(request, monkeypatch):
     """Runs a test with the compiled mask, then with the PyTorch one (reference.COMPILED_MASK flipped)."""

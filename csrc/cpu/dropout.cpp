@@ -5,6 +5,8 @@
 //   words      = philox4x32_10(seed, row · ⌈cols/4⌉ + ⌊col/4⌋)     four words, four columns
 //   keep[r, c] = (words[c mod 4] >> 8) >= round(p · 2²⁴)
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -79,8 +81,38 @@ at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, const at:
   return keep;
 }
 
+// x ⊙ D = x · keep · 1/(1−p) in x's dtype, bit for bit reference.dropout_scale (x.mul(keep).mul_(1/(1−p))):
+// the product is taken in PyTorch's opmath type (float for half and bfloat16), and a dropped NaN or
+// infinity stays NaN as x · 0 does. One pass: the mask is never stored.
+at::Tensor dropout_scale_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  TORCH_CHECK(x.dim() == 2, "dropout_scale: x must be 2-D, got shape ", x.sizes());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_scale: dropout probability p must be in [0, 1), got ", p);
+  const auto xc = x.contiguous();
+  const int64_t rows = xc.size(0), cols = xc.size(1);
+  const auto keep = dropout_keep_mask_cpu(rows, cols, p, seed);
+  auto out = at::empty_like(xc);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_scale", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t scale = static_cast<opmath_t>(1.0 / (1.0 - p));
+    const scalar_t* in = xc.const_data_ptr<scalar_t>();
+    const bool* kept = keep.const_data_ptr<bool>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows * cols, 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const opmath_t v = static_cast<opmath_t>(in[i]) * static_cast<opmath_t>(kept[i] ? 1 : 0);
+        o[i] = static_cast<scalar_t>(v * scale);
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) { m.impl("dropout_keep_mask", &dropout_keep_mask_cpu); }
+TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
+  m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
+  m.impl("dropout_scale", &dropout_scale_cpu);
+}
 
 }  // namespace lora_kernels
