@@ -96,18 +96,6 @@ if reference.COMPILED_MASK:
     def _(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    def _dropout_scale_setup(ctx, inputs, output):
-        _, ctx.p, seed = inputs
-        ctx.save_for_backward(seed)
-
-    def _dropout_scale_backward(ctx, grad):
-        """∂(x ⊙ D)/∂x applied to ``grad`` is ``grad ⊙ D``: the same op, the same mask."""
-        (seed,) = ctx.saved_tensors
-        return torch.ops.lora_kernels.dropout_scale(grad.contiguous(), ctx.p, seed), None, None
-
-    torch.library.register_autograd(
-        "lora_kernels::dropout_scale", _dropout_scale_backward, setup_context=_dropout_scale_setup
-    )
 
 
 def tracing() -> bool:

@@ -151,8 +151,9 @@ def dropout_scale(x2d: Tensor, p: float, seed: int, keep: Optional[Tensor] = Non
     """
     if p == 0.0:
         return x2d
-    if keep is None and COMPILED_MASK and x2d.device.type == "cpu":
-        # One pass, the mask never stored (csrc/cpu/dropout.cpp); differentiable (lora_kernels/ops.py).
+    if keep is None and COMPILED_MASK and x2d.device.type == "cpu" and not (x2d.requires_grad and torch.is_grad_enabled()):
+        # One pass, the mask never stored (csrc/cpu/dropout.cpp). NOTE: the op has no autograd formula
+        # (a Python one costs more than the op at small shapes): a differentiable call takes the path below.
         return torch.ops.lora_kernels.dropout_scale(x2d, p, _cpu_seed(seed))
     if keep is None:
         keep = dropout_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, x2d.device)
