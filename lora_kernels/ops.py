@@ -97,7 +97,6 @@ if reference.COMPILED_MASK:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-
 def tracing() -> bool:
     """Whether a compiler or a tracing mode (fake tensors, make_fx, functionalization) is active."""
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
