@@ -255,16 +255,25 @@ def find_cutlass_include() -> tuple[str | None, str]:
                 return str(found.resolve()), ""
             # An explicit choice that does not hold the headers is an error, not a reason to look elsewhere.
             return None, f"${var}={value} has no cutlass/cutlass.h and cute/tensor.hpp (nor under include/)"
-    try:
-        import cutlass_library
-    except ImportError as exc:
-        tried.append(f"the nvidia-cutlass wheel is not installed ({exc})")
+    # NOTE: located, not imported: importing cutlass_library parses sys.argv (setup.py's own
+    # arguments) and exits on some of them.
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.origin:
+        tried.append("the nvidia-cutlass wheel is not installed (no cutlass_library package)")
     else:
-        found = include_of(Path(cutlass_library.__file__).resolve().parent / "source")
+        package = Path(spec.origin).resolve().parent
+        found = include_of(package / "source")
         if found:
             return str(found), ""
-        tried.append(f"cutlass_library at {Path(cutlass_library.__file__).parent} ships no C++ headers")
+        tried.append(f"cutlass_library at {package} ships no C++ headers")
     return None, "; ".join(tried)
+
+
+def cpu_sources() -> list[str]:
+    """The CPU kernels (csrc/cpu/*.cpp: the reference path's dropout mask), compiled into the extension."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 
 
 def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
@@ -274,7 +283,8 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
     an sm_90a entry ("9.0a"); they need the CUTLASS headers (``pip install nvidia-cutlass==4.2.0.0``,
     or LORA_KERNELS_CUTLASS_DIR / CUTLASS_PATH), and their absence is then an error.
     """
-    sources = ["csrc/lora.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    sources = ["csrc/lora.cpp"] + cpu_sources()
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     include_dirs = [str(ROOT / "csrc")]
     flags: list[str] = []
     if not any(re.fullmatch(r"9\.0a(\+PTX)?", e, flags=re.IGNORECASE) for e in re.split(r"[;,\s]+", archs.strip())):
@@ -338,7 +348,8 @@ def cuda_extensions() -> tuple[list, dict]:
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     debug = _env_flag("LORA_KERNELS_DEBUG")
-    cxx = (["-O0", "-g"] if debug else ["-O3"])
+    # NOTE: -fopenmp: at::parallel_for (csrc/cpu/) is a header template that runs serially without it.
+    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp"]
     nvcc = ["-O3"] + arch_flags(os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
     if debug:
         nvcc += ["-G", "-g"]
@@ -356,6 +367,7 @@ def cuda_extensions() -> tuple[list, dict]:
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=["-fopenmp"],
         # Rebuild when a header changes (ninja tracks the includes of each source).
         depends=sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.h*"), recursive=True)),
     )

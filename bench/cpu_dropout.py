@@ -6,7 +6,8 @@
 On the CPU ``lora_kernels`` runs its reference path, whose dropout mask is the counter-based
 Philox-4x32-10 mask of every backend (bit for bit), regenerated in backward instead of stored;
 PEFT draws ``nn.Dropout``'s mask from PyTorch's generator and keeps it. Times forward +
-backward (grads of x, A, B) and, apart, the mask alone. Providers are measured in alternation,
+backward (grads of x, A, B) and, apart, the mask alone; where the extension is built, the
+reference path's mask is timed both compiled (csrc/cpu/dropout.cpp) and with PyTorch ops. Providers are measured in alternation,
 round after round, and each one's median round is reported, so a machine whose load changes
 during the run biases no provider. A comparison, not a test: see docs/compatibility.md.
 """
@@ -63,6 +64,17 @@ def train_step(layer, x):
     return run
 
 
+def with_torch_mask(fn):
+    """``fn`` with the reference path's mask computed by PyTorch ops (as where the extension is not built)."""
+    def run():
+        reference.COMPILED_MASK = False
+        try:
+            fn()
+        finally:
+            reference.COMPILED_MASK = True
+    return run
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python bench/cpu_dropout.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--in", dest="in_features", type=int, default=256)
@@ -77,9 +89,18 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     x = torch.randn(args.tokens, args.in_features, requires_grad=True)
-    cases = {f"fwd+bwd {name}": train_step(layer, x) for name, layer in build(args).items()}
     M, K = x.shape
-    cases["mask: Philox (lora_kernels)"] = lambda: reference.dropout_keep_mask(M, K, args.dropout, 12345)
+    cases = {}
+    for name, layer in build(args).items():
+        if name == "lora_kernels" and reference.COMPILED_MASK:
+            # Both masks of the reference path, in the same rounds: the compiled one and the torch ops.
+            cases["fwd+bwd lora_kernels"] = train_step(layer, x)
+            cases["fwd+bwd lora_kernels, torch mask"] = with_torch_mask(train_step(layer, x))
+        else:
+            cases[f"fwd+bwd {name}"] = train_step(layer, x)
+    if reference.COMPILED_MASK:
+        cases["mask: Philox, compiled"] = lambda: reference.dropout_keep_mask(M, K, args.dropout, 12345)
+    cases["mask: Philox, torch ops"] = lambda: reference.keep_mask_torch(M, K, args.dropout, 12345)
     cases["mask: bernoulli (nn.Dropout)"] = lambda: torch.empty(M, K).bernoulli_(1 - args.dropout)
 
     times = {name: [] for name in cases}
@@ -94,10 +115,12 @@ def main(argv=None) -> None:
     print(f"{args.in_features}→{args.out_features}, {args.tokens} tokens, r {args.r}, dropout {args.dropout}, fp32, "
           f"{args.threads} thread(s), torch {torch.__version__}; median of {args.rounds} alternating rounds")
     for name, ts in times.items():
-        print(f"  {name:30s} {statistics.median(ts):8.2f} ms   (min {min(ts):.2f})")
+        print(f"  {name:34s} {statistics.median(ts):8.2f} ms   (min {min(ts):.2f})")
     if "fwd+bwd peft" in times:
-        ratio = statistics.median(times["fwd+bwd lora_kernels"]) / statistics.median(times["fwd+bwd peft"])
-        print(f"  lora_kernels / peft: {ratio:.2f}x")
+        for name in ("lora_kernels", "lora_kernels, torch mask"):
+            if f"fwd+bwd {name}" in times:
+                ratio = statistics.median(times[f"fwd+bwd {name}"]) / statistics.median(times["fwd+bwd peft"])
+                print(f"  {name} / peft: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

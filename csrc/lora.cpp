@@ -80,4 +80,9 @@ TORCH_LIBRARY(lora_kernels, m) {
       "int cc_minor, bool built, str? mode) -> int[]",
       &cuda_gemm_plan);
   m.def("_cuda_dy_pass_plan(int M, int N, int r, int sms) -> int[]", &cuda_dy_pass_plan);
+  // The (rows, cols) bool dropout keep-mask of reference.dropout_keep_mask, bit for bit; seed: 0-dim int64
+  // tensor on the CPU. Kernel: cpu/dropout.cpp (CPU only).
+  m.def("dropout_keep_mask(int rows, int cols, float p, Tensor seed) -> Tensor");
+  // x ⊙ D (reference.dropout_scale) for 2-D x on the CPU, in x's dtype; the same mask as dropout_keep_mask.
+  m.def("dropout_scale(Tensor x, float p, Tensor seed) -> Tensor");
 }

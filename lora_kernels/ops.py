@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import backends
+from . import backends, reference
 
 
 @torch.library.custom_op("lora_kernels::lora_forward", mutates_args=())
@@ -83,6 +83,18 @@ def lora_merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, 
 @lora_merge_.register_fake
 def _(weight, lora_A, lora_B, scaling, backend):
     return None
+
+
+# The compiled dropout mask of the reference path (csrc/cpu/dropout.cpp), where the extension is built.
+if reference.COMPILED_MASK:
+
+    @torch.library.register_fake("lora_kernels::dropout_keep_mask")
+    def _(rows, cols, p, seed):
+        return torch.empty(rows, cols, dtype=torch.bool, device=seed.device)
+
+    @torch.library.register_fake("lora_kernels::dropout_scale")
+    def _(x, p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def tracing() -> bool:

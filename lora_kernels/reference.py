@@ -91,10 +91,45 @@ def philox4x32(seed: int, counter: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     return _philox_rounds(counter & _M32, (counter >> 32) & _M32, seed & _M32, (seed >> 32) & _M32)
 
 
+def _compiled_mask_available() -> bool:
+    """Whether the extension provides ``torch.ops.lora_kernels.dropout_keep_mask`` (csrc/cpu/dropout.cpp)."""
+    try:
+        import lora_kernels._C  # noqa: F401
+    except (ImportError, OSError):  # not built (a CPU-only install), or built for another torch
+        return False
+    return hasattr(torch.ops.lora_kernels, "dropout_keep_mask")
+
+
+# Whether dropout_keep_mask computes CPU masks with the compiled kernel (one C++ loop over the
+# counters) instead of the PyTorch integer ops of keep_mask_torch; the two agree bit for bit
+# (python_tests/test_cpu_mask.py flips this switch to test both).
+COMPILED_MASK = _compiled_mask_available()
+
+
 def dropout_keep_mask(rows: int, cols: int, p: float, seed: int, device=None) -> Tensor:
-    """Boolean keep-mask of shape ``(rows, cols)``, as defined in the module docstring."""
+    """Boolean keep-mask of shape ``(rows, cols)``, as defined in the module docstring.
+
+    ``seed``: an int or a 0-dim int64 tensor (the ops' seed). On the CPU this is the compiled
+    kernel where the extension is built (:data:`COMPILED_MASK`), else :func:`keep_mask_torch`.
+    """
     if p == 0.0:
         return torch.ones(rows, cols, dtype=torch.bool, device=device)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if COMPILED_MASK and device.type == "cpu":
+        return torch.ops.lora_kernels.dropout_keep_mask(rows, cols, p, _cpu_seed(seed))
+    return keep_mask_torch(rows, cols, p, seed, device)
+
+
+def _cpu_seed(seed) -> Tensor:
+    """``seed`` as the compiled ops take it: a 0-dim int64 CPU tensor."""
+    if isinstance(seed, Tensor):
+        return seed.to("cpu", torch.int64)
+    # The key is the seed's low 64 bits, as an int64 (two's complement) for the tensor.
+    return torch.tensor((int(seed) + 2**63) % 2**64 - 2**63, dtype=torch.int64)
+
+
+def keep_mask_torch(rows: int, cols: int, p: float, seed: int, device=None) -> Tensor:
+    """:func:`dropout_keep_mask` with PyTorch integer ops, on any device (a view of a ``(rows, 4⌈cols/4⌉)`` mask)."""
     seed = int(seed)  # an int, or the ops' 0-dim seed tensor (read on the host: the reference is no fast path)
     groups = (cols + 3) // 4
     # (words[j] >> 8) >= t  <=>  words[j] >= t << 8, for 32-bit words.
@@ -116,6 +151,10 @@ def dropout_scale(x2d: Tensor, p: float, seed: int, keep: Optional[Tensor] = Non
     """
     if p == 0.0:
         return x2d
+    if keep is None and COMPILED_MASK and x2d.device.type == "cpu" and not (x2d.requires_grad and torch.is_grad_enabled()):
+        # One pass, the mask never stored (csrc/cpu/dropout.cpp). NOTE: the op has no autograd formula
+        # (a Python one costs more than the op at small shapes): a differentiable call takes the path below.
+        return torch.ops.lora_kernels.dropout_scale(x2d, p, _cpu_seed(seed))
     if keep is None:
         keep = dropout_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, x2d.device)
     return x2d.mul(keep).mul_(1.0 / (1.0 - p))
@@ -171,7 +210,10 @@ def lora_backward(
     dy = grad_out
     grad_B = dy.t() @ xa
     g = scaling * (dy @ lora_B)
-    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p else None
+    # NOTE: one mask for dA and dx, except where the compiled x ⊙ D recomputes it in the same pass (cheaper
+    # than storing it and multiplying twice).
+    fused = COMPILED_MASK and x.device.type == "cpu"
+    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p and not fused else None
     grad_A = g.t() @ dropout_scale(x, dropout_p, seed, keep)
     if need_grad_x:
         grad_x = dy @ weight + dropout_scale(g @ lora_A, dropout_p, seed, keep)

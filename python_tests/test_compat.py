@@ -144,9 +144,9 @@ def test_philox_matches_the_plain_implementation(seed):
 
 def test_keep_mask_does_not_depend_on_the_chunking(monkeypatch):
     rows, cols, p, seed = 13, 37, 0.3, 2**41 + 3  # cols not a multiple of 4; counters cross chunk edges
-    whole = reference.dropout_keep_mask(rows, cols, p, seed)
+    whole = reference.keep_mask_torch(rows, cols, p, seed)
     monkeypatch.setattr(reference, "_PHILOX_CHUNK", 7)
-    assert torch.equal(reference.dropout_keep_mask(rows, cols, p, seed), whole)
+    assert torch.equal(reference.keep_mask_torch(rows, cols, p, seed), whole)
     counter = torch.arange(rows * 10).view(rows, 10)
     words = torch.stack(_plain_philox(seed, counter), dim=-1).view(rows, 40)[:, :cols]
     assert torch.equal(whole, (words >> 8) >= reference.dropout_threshold(p))
