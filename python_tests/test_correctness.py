@@ -292,6 +292,7 @@ def test_gemm_config_pruning_fits_shared_memory(monkeypatch):
 # --------------------------------------------------------------------------- #
 
 PLANS = ["fused", "two_pass"]
+BACKWARD_PLANS = ["fused", "g_pass"]
 # (M, K, N, r, p): M = 1, 7, 65; K and N not multiples of 16; r = 1, 7, 16, 65.
 PLAN_SHAPES = [(1, 7, 9, 1, 0.0), (7, 65, 33, 7, 0.2), (65, 40, 70, 16, 0.3), (33, 50, 18, 65, 0.1)]
 
@@ -321,30 +322,34 @@ def _check_against_reference(M, K, N, r, p, dtype, need_grad_x, x=None, seed=13)
             assert_close(f"{(M, K, N, r, p)} {name}", out, expected, dtype)
 
 
+@pytest.mark.parametrize("backward", BACKWARD_PLANS)
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no-dx"])
-def test_triton_plans_match_fp64_reference(triton_ops, monkeypatch, plan, dtype, need_grad_x):
-    """Forward by each plan; the backward kernel with and without dx (first layer), with and
+def test_triton_plans_match_fp64_reference(triton_ops, monkeypatch, plan, backward, dtype, need_grad_x):
+    """Forward by each plan; each backward plan with and without dx (first layer), with and
     without dropout, on awkward shapes."""
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     for M, K, N, r, p in PLAN_SHAPES:
         _check_against_reference(M, K, N, r, p, dtype, need_grad_x)
 
 
-@pytest.mark.parametrize("plan", PLANS)
-def test_triton_plans_3d_and_non_contiguous(triton_ops, monkeypatch, plan):
+@pytest.mark.parametrize("plan, backward", [("fused", "fused"), ("two_pass", "g_pass")])
+def test_triton_plans_3d_and_non_contiguous(triton_ops, monkeypatch, plan, backward):
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     base = torch.randn(3, 40, 11, device=DEVICE)
     for x in (torch.randn(2, 5, 40, device=DEVICE), base.transpose(1, 2),
               torch.randn(6, 80, device=DEVICE)[::2, 20:60]):
         _check_against_reference(x.shape[0], 40, 24, 4, 0.1, torch.float32, True, x=x)
 
 
-@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("plan, backward", [("fused", "fused"), ("two_pass", "g_pass")])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_triton_plans_gradcheck_fp64(triton_ops, monkeypatch, plan, p):
+def test_triton_plans_gradcheck_fp64(triton_ops, monkeypatch, plan, backward, p):
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     x, weight, bias, A, B = make_layer(5, 9, 6, 3, torch.float64)
     args = [t.requires_grad_(True) for t in (x, A, B)]
     fn = lambda x, A, B: lk.lora_linear(x, weight, bias, A, B, 1.5, dropout_p=p, backend="triton", seed=3)  # noqa: E731
@@ -362,9 +367,11 @@ def test_triton_forward_mask_is_the_specified_one(triton_ops, monkeypatch, plan)
     assert torch.equal(xa != 0, reference.dropout_keep_mask(M, K, p, seed, device=DEVICE))
 
 
-def test_triton_backward_is_deterministic(triton_ops, monkeypatch):
+@pytest.mark.parametrize("backward", BACKWARD_PLANS)
+def test_triton_backward_is_deterministic(triton_ops, monkeypatch, backward):
     """Two backward runs are bitwise equal, partials over many runs of row blocks included."""
     monkeypatch.setattr(triton_ops, "_backward_runs", lambda *shape: 3)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     x, weight, _, A, B = make_layer(300, 40, 50, 8, torch.float32)
     dy = torch.randn(300, 50, device=DEVICE)
     _, xa = triton_ops.lora_forward(x, weight, None, A, B, 0.5, 0.2, 9)
@@ -374,10 +381,12 @@ def test_triton_backward_is_deterministic(triton_ops, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backward", BACKWARD_PLANS)
 @pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no-dx"])
-def test_triton_backward_with_more_runs_than_row_blocks(triton_ops, monkeypatch, need_grad_x):
+def test_triton_backward_with_more_runs_than_row_blocks(triton_ops, monkeypatch, need_grad_x, backward):
     """Runs without row blocks write zero partials (the reduction sums every run)."""
     monkeypatch.setattr(triton_ops, "_backward_runs", lambda *shape: 7)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     _check_against_reference(65, 40, 70, 5, 0.2, torch.float32, need_grad_x)
 
 
@@ -401,23 +410,25 @@ def _count_launches(monkeypatch, triton_ops, fail_tma=False):
     autotuned = triton_ops._autotuned
     monkeypatch.setattr(triton_ops, "_autotuned",
                         lambda name, tma: _CountingKernel(autotuned(name, tma), launches, fail_tma and tma))
-    for name in ("_lora_shrink_kernel", "_reduce_runs_kernel"):
+    for name in ("_lora_shrink_kernel", "_lora_g_kernel", "_reduce_runs_kernel"):
         monkeypatch.setattr(triton_ops, name, _CountingKernel(getattr(triton_ops, name), launches))
     return launches
 
 
 @pytest.mark.parametrize("plan, forward_launches", [("fused", 1), ("two_pass", 2)])
-def test_triton_launch_counts(triton_ops, monkeypatch, plan, forward_launches):
-    """One launch per forward (fused plan), two per backward, with or without dx."""
+@pytest.mark.parametrize("backward, backward_launches", [("fused", 2), ("g_pass", 3)])
+def test_triton_launch_counts(triton_ops, monkeypatch, plan, forward_launches, backward, backward_launches):
+    """One launch per forward (fused plan), two per backward (three for g_pass with dx), no more."""
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     launches = _count_launches(monkeypatch, triton_ops)
     x, weight, bias, A, B = make_layer(70, 40, 50, 8, torch.float32)
     _, xa = triton_ops.lora_forward(x, weight, bias, A, B, 0.5, 0.1, 4)
     assert len(launches) == forward_launches
-    for need_grad_x in (True, False):
+    for need_grad_x, expected in ((True, backward_launches), (False, 2)):  # no dx: one pass either way
         del launches[:]
         triton_ops.lora_backward(torch.randn(70, 50, device=DEVICE), x, weight, A, B, xa, 0.5, 0.1, 4, need_grad_x)
-        assert len(launches) == 2
+        assert len(launches) == expected
 
 
 def test_triton_forward_plan_choice(triton_ops, monkeypatch):
@@ -436,6 +447,21 @@ def test_triton_forward_plan_choice(triton_ops, monkeypatch):
         for p in (0.0, 0.1):
             assert triton_ops.forward_plan(4096, 4096, 4096, 16, torch.bfloat16, p, DEVICE) == \
                 choose_forward_plan(4096, 4096, 4096, 16, torch.bfloat16, p, DEVICE)
+
+
+def test_triton_backward_plan_choice(triton_ops, monkeypatch):
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", "g_pass")
+    assert triton_ops.backward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, True, DEVICE) == "g_pass"
+    assert triton_ops.backward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, False, DEVICE) == "fused"
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", "two_pass")
+    with pytest.raises(ValueError, match="unknown backward plan 'two_pass'"):
+        triton_ops.backward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, True, DEVICE)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", None)
+    from lora_kernels.cost_model import choose_backward_plan
+
+    for M, r in ((8192, 64), (512, 16)):
+        assert triton_ops.backward_plan(M, 4096, 4096, r, torch.bfloat16, 0.0, True, DEVICE) == \
+            choose_backward_plan(M, 4096, 4096, r, torch.bfloat16, 0.0, True, DEVICE)
 
 
 def test_triton_tma_failure_falls_back_for_that_case_only(triton_ops, monkeypatch):
@@ -459,3 +485,4 @@ def test_triton_tma_failure_falls_back_for_that_case_only(triton_ops, monkeypatc
     assert triton_ops._use_tma("forward", x, weight, y) is False
     other = torch.randn(8, 32, device=DEVICE)  # another case still tries TMA
     assert triton_ops._use_tma("forward", other, weight, torch.empty(8, 24, device=DEVICE)) is True
+
