@@ -486,3 +486,18 @@ def test_triton_tma_failure_falls_back_for_that_case_only(triton_ops, monkeypatc
     other = torch.randn(8, 32, device=DEVICE)  # another case still tries TMA
     assert triton_ops._use_tma("forward", other, weight, torch.empty(8, 24, device=DEVICE)) is True
 
+
+def test_backward_when_y_gets_no_gradient():
+    """Gradients are not materialised (ops.setup_context): a backward that reaches the op through
+    xa alone (possible through the registered op) gets None for y's gradient and returns None."""
+    from lora_kernels import ops
+
+    x, weight, bias, A, B = make_layer(5, 12, 7, 3, torch.float32)
+    A.requires_grad_(True)
+    seed = torch.tensor(3, dtype=torch.int64, device=DEVICE)
+    y, xa = ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, seed, "reference")
+    xa.sum().backward()  # xa's gradient is ignored by design: nothing reaches A
+    assert A.grad is None
+    y, xa = ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, seed, "reference")
+    (y.sum() + xa.sum()).backward()  # y's gradient still drives A's
+    assert A.grad is not None and A.grad.abs().sum() > 0
