@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 import warnings
 
@@ -50,6 +51,11 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 _EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
 # Host-side tensor descriptors (TMA): feature-detected, never a version check.
 HAS_TENSOR_DESCRIPTOR = importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+# tl.range(..., flatten=True) (Triton >= 3.4): feature-detected, so another Triton still runs.
+HAS_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
+# Whether the persistent TMA forward flattens its tile loop (the next tile's loads overlap this
+# tile's epilogue): on by default where the Triton supports it; the pointer GEMM never does.
+FLATTEN = HAS_FLATTEN
 
 # Which forward plan runs: None asks lora_kernels.cost_model.choose_forward_plan; "fused" or
 # "two_pass" force one (the fused plan still needs r <= FUSED_MAX_RANK).
@@ -171,42 +177,74 @@ def _lora_forward_kernel(
     FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """Persistent: program p walks tiles p, p + programs, ... in grouped order. With FLATTEN the
+    tile loop and the K loop are flattened into one software pipeline (tl.range(flatten=True)),
+    so the next tile's first loads are in flight while this tile's epilogue runs."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # NOTE: two loop headers around one body, chosen at compile time: a Triton whose tl.range
+    # lacks `flatten` never compiles the first (HAS_FLATTEN is feature-detected).
+    if FLATTEN:
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
+                          M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
+                          FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+    else:
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
+                          M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
+                          FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+
+
+@triton.jit
+def _forward_tile(
+    tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
+    M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
+    FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Persistent: program p walks tiles p, p + programs, ... in grouped order."""
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-        for k0 in range(0, K, BLOCK_K):
-            x = _load_tile(x_ptr, x_desc, m0, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, TMA)
-            w = _load_tile(w_ptr, w_desc, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, TMA)
-            acc = _dot(x, w.T, acc, UPCAST, IEEE)
-            if FUSED:  # xa from the x tile already loaded: r/BLOCK_N more tensor work
-                a = _load_tile(a_ptr, a_ptr, k0, 0, K, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
-                if DROPOUT:
-                    x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
-                xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
-        if not FUSED:  # the partials of the shrink kernel, summed in split order
-            for s in range(0, L_SPLITS):
-                xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
-                                     BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-        xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
-        if STORE_XA:
-            if pid_n == 0:
-                _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
-        # NOTE: xa Bᵀ goes straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile.
-        b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
-        acc = _dot(xa, b.T, acc, UPCAST, IEEE)
-        if HAS_BIAS:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-        _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
+    """One output tile of _lora_forward_kernel (its arguments): main loop, then the epilogue."""
+    pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_tile(x_ptr, x_desc, m0, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, TMA)
+        w = _load_tile(w_ptr, w_desc, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, TMA)
+        acc = _dot(x, w.T, acc, UPCAST, IEEE)
+        if FUSED:  # xa from the x tile already loaded: r/BLOCK_N more tensor work
+            a = _load_tile(a_ptr, a_ptr, k0, 0, K, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
+            if DROPOUT:
+                x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
+            xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
+    if not FUSED:  # the partials of the shrink kernel, summed in split order
+        for s in range(0, L_SPLITS):
+            xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
+                                 BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+    xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
+    if STORE_XA:
+        if pid_n == 0:
+            _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+    # NOTE: xa Bᵀ goes straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile.
+    b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+    acc = _dot(xa, b.T, acc, UPCAST, IEEE)
+    if HAS_BIAS:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
@@ -773,11 +811,12 @@ def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale,
     def tma():
         programs = _num_sms(x.device)
         _autotuned("forward", True)[lambda meta: (min(programs, tiles(meta)),)](
-            x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y), TMA=True, **args)
+            x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y), TMA=True,
+            FLATTEN=bool(FLATTEN and HAS_FLATTEN), **args)
 
     def pointer():
         _autotuned("forward", False)[lambda meta: (tiles(meta),)](
-            x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, **args)
+            x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False, **args)
 
     _launch("forward", (x, w, y), tma, pointer)
     return y

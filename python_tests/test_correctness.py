@@ -501,3 +501,35 @@ def test_backward_when_y_gets_no_gradient():
     y, xa = ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, seed, "reference")
     (y.sum() + xa.sum()).backward()  # y's gradient still drives A's
     assert A.grad is not None and A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_triton_forward_flatten_switch(triton_ops, monkeypatch, flatten):
+    """FLATTEN (the persistent TMA loop flattened, tl.range(flatten=True)) reaches the TMA forward
+    only, and either loop header computes the same y and xa."""
+    if flatten and not triton_ops.HAS_FLATTEN:
+        pytest.skip("this Triton's tl.range has no flatten")
+    seen = []
+    autotuned = triton_ops._autotuned
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                seen.append((kwargs["TMA"], kwargs["FLATTEN"]))
+                return self.kernel[grid](**kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_ops, "_autotuned", lambda name, tma: Spy(autotuned(name, tma)))
+    monkeypatch.setattr(triton_ops, "FLATTEN", flatten)
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", "fused")
+    x, weight, bias, A, B = make_layer(40, 48, 32, 4, torch.float32)
+    outs = []
+    for use_tma in (True, False):
+        monkeypatch.setattr(triton_ops, "USE_TMA", use_tma)
+        outs.append(triton_ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, 1))
+    assert seen == [(True, flatten), (False, False)]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
