@@ -19,8 +19,9 @@ assumptions, written once (docs/cost_model.md has the formulas and the table):
 - Each launch pays a fixed GPU-side gap (``launch_s``); host cost per launch is
   a parameter (``host_s``): a step takes ``max(GPU time, host time)``.
 
-:func:`choose_forward_plan` is what the Triton launcher calls on every forward:
-pure arithmetic behind an ``lru_cache``, device numbers cached per device.
+:func:`choose_forward_plan` and :func:`choose_backward_plan` are what the Triton
+launcher calls on every forward and backward: pure arithmetic behind an
+``lru_cache``, device numbers cached per device.
 
 ``python -m lora_kernels.cost_model --table`` prints the predicted ratios for the
 default benchmark shapes (the table in docs/cost_model.md).
@@ -169,6 +170,16 @@ def _thin(name: str, s: Shape, rows: int, long: int, r: int, bytes_: float, phil
     return Launch(name, 2.0 * products * rows * long * r, bytes_, philox)
 
 
+# The g pass of the "g_pass" backward (triton_ops._g_pass): one program per G_PASS_ROWS rows and
+# split of N, with as many splits (of at least G_PASS_SPLIT columns) as fill the GPU.
+G_PASS_ROWS, G_PASS_SPLIT = 32, 128
+
+
+def g_pass_splits(M: int, N: int, sms: int = DEVICES[DEFAULT_DEVICE].sms) -> int:
+    """Splits of N of the g pass: one unless its row blocks alone leave SMs idle."""
+    return max(1, min(math.ceil(N / G_PASS_SPLIT), sms // math.ceil(M / G_PASS_ROWS)))
+
+
 def _dropout_calls(s: Shape) -> float:
     return s.M * s.K / 4 if s.dropout else 0.0
 
@@ -204,14 +215,15 @@ def forward_launches(plan: str, s: Shape) -> list[Launch]:
     raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS[1:]}")
 
 
-BACKWARD_PLANS = ("fused_g", "g_pass")
+BACKWARD_PLANS = ("fused", "g_pass")
 
 
-def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: str = "fused_g") -> list[Launch]:
+def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: str = "fused") -> list[Launch]:
     """The launches of one backward (gradients of x when ``need_grad_x``, A and B; W0 frozen).
 
-    For our plans, ``backward`` picks the dx launch: ``"fused_g"`` (built: g = s·dy B recomputed
-    in the dx GEMM's main loop) or ``"g_pass"`` (a comparison only: a thin pass over dy first).
+    For our plans, ``backward`` picks how the dx launch gets g = s·dy B: ``"fused"`` (recomputed
+    in the dx GEMM's main loop, in every column block of dx; two launches) or ``"g_pass"`` (a thin
+    pass over dy first; three launches). Without dx both are the same one pass.
     """
     if backward not in BACKWARD_PLANS:
         raise ValueError(f"unknown backward plan {backward!r}; expected one of {BACKWARD_PLANS}")
@@ -229,12 +241,16 @@ def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: s
                            e * (M * N + M * K + M * r + N * r) + partials, _dropout_calls(s)),
                     reduce]
         if backward == "g_pass":
-            # Not built: g and the dB partials from one thin pass over dy, then the dx GEMM reads g.
-            runs_dy = BYTES_FP32 * runs * N * r
-            return [_thin("g = s·dy B, dB partials", s, M, N, r, e * (M * N + N * r + 2 * M * r) + runs_dy,
-                          products=2),
-                    _gemm("dx = dy W0 + (gA)⊙D; dA partials", s, M, K, N, extra_flops=2.0 * 2 * M * K * r,
-                          extra_bytes=e * (M * K + M * r + K * r) + BYTES_FP32 * runs * K * r,
+            # A thin pass over dy writes fp32 partials of g over S splits of N (S = 1 from ~4200
+            # tokens on an H100); the dx GEMM sums them, takes the dB partials from its dy tiles as
+            # the fused plan does, and the dA partials from x's tile.
+            # NOTE: S assumes an H100's SM count (backward_launches knows no device); S·M·r·4 bytes
+            # are ~1 MB at most, so the device hardly matters.
+            g_parts = BYTES_FP32 * g_pass_splits(M, N) * M * r
+            return [_thin("g = s·dy B (thin pass over dy)", s, M, N, r, e * (M * N + N * r) + g_parts),
+                    _gemm("dx = dy W0 + (gA)⊙D; dA and dB partials", s, M, K, N,
+                          extra_flops=2.0 * 2 * M * K * r + 2.0 * M * N * r,
+                          extra_bytes=e * (M * K + M * r + N * r + K * r) + g_parts + partials,
                           philox=_dropout_calls(s)),
                     reduce]
         # g is recomputed from the dy tiles in every column block of dx; x is read once, for dA and the mask.
@@ -293,7 +309,7 @@ def _shape(M, K, N, r, dtype, dropout_p, tiling) -> Shape:
     return Shape(M, K, N, r, torch.empty((), dtype=dtype).element_size(), dropout_p > 0.0, tiling)
 
 
-def _steps(plan: str, s: Shape, mode: str, need_grad_x: bool, backward: str = "fused_g") -> list[Launch]:
+def _steps(plan: str, s: Shape, mode: str, need_grad_x: bool, backward: str = "fused") -> list[Launch]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     out = forward_launches(plan, s)
@@ -309,15 +325,15 @@ def _seconds(launches: Sequence[Launch], spec: DeviceSpec, dtype: torch.dtype, h
 
 def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16, dropout_p: float = 0.0,
             mode: str = "fwd", plan: str = "auto", device=None, *, need_grad_x: bool = True,
-            host_s: float = 0.0, tiling: Tiling = DEFAULT_TILING, backward: str = "fused_g") -> Prediction:
+            host_s: float = 0.0, tiling: Tiling = DEFAULT_TILING, backward: str = "auto") -> Prediction:
     """Predicted time of ``plan`` for x (M, K) through a (N, K) layer of rank ``r``, and its ratio
     to the frozen layer (``plan="frozen"``) in the same mode on the same device.
 
     ``plan``: ``"auto"`` (ours, with the forward plan :func:`choose_forward_plan` picks),
     ``"fused"``/``"two_pass"`` (ours, that forward plan forced), ``"frozen"``, ``"unsloth"``
     (cuBLAS + ``addmm_``), ``"peft"`` (PEFT's layer; also the eager formula). ``host_s``: host
-    cost per launch; a step takes the longer of its GPU and host times. ``backward``: our dx
-    launch (:func:`backward_launches`).
+    cost per launch; a step takes the longer of its GPU and host times. ``backward``: how our
+    backward gets g (:func:`backward_launches`); ``"auto"``: :func:`choose_backward_plan`'s choice.
     """
     if plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS}")
@@ -325,6 +341,8 @@ def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16,
     s = _shape(M, K, N, r, dtype, dropout_p, tiling)
     if plan == "auto":
         plan = _choose(s, spec, dtype)
+    if backward == "auto":
+        backward = _choose_backward(s, spec, dtype, need_grad_x)
     launches = _steps(plan, s, mode, need_grad_x, backward)
     frozen = _steps("frozen", s, mode, need_grad_x)
     return Prediction(plan, mode, _seconds(launches, spec, dtype, host_s), _seconds(frozen, spec, dtype, host_s),
@@ -336,6 +354,14 @@ def _choose(s: Shape, spec: DeviceSpec, dtype: torch.dtype) -> str:
     # Ties go to "fused" (one launch: less host work).
     times = {p: _seconds(forward_launches(p, s), spec, dtype, 0.0) for p in FORWARD_PLANS}
     return min(FORWARD_PLANS, key=lambda p: (times[p], p != "fused"))
+
+
+def _choose_backward(s: Shape, spec: DeviceSpec, dtype: torch.dtype, need_grad_x: bool) -> str:
+    # Ties go to "fused" (two launches, not three).
+    if not need_grad_x:
+        return "fused"
+    times = {p: _seconds(backward_launches("auto", s, True, p), spec, dtype, 0.0) for p in BACKWARD_PLANS}
+    return min(BACKWARD_PLANS, key=lambda p: (times[p], p != "fused"))
 
 
 _FORCED_PLAN: Optional[str] = None
@@ -368,6 +394,19 @@ def _choose_cached(M, K, N, r, dtype, dropout_p, device) -> str:
     return _choose(_shape(max(M, 1), K, N, r, dtype, dropout_p, DEFAULT_TILING), device_spec(device), dtype)
 
 
+def choose_backward_plan(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout_p: float,
+                         need_grad_x: bool = True, device=None) -> str:
+    """``"fused"`` or ``"g_pass"``: the backward plan the model predicts faster on ``device``
+    (always ``"fused"`` without ``need_grad_x``). Cheap: cached on its arguments."""
+    return _choose_backward_cached(M, K, N, r, dtype, float(dropout_p), bool(need_grad_x), device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_backward_cached(M, K, N, r, dtype, dropout_p, need_grad_x, device) -> str:
+    s = _shape(max(M, 1), max(K, 1), max(N, 1), max(r, 1), dtype, dropout_p, DEFAULT_TILING)
+    return _choose_backward(s, device_spec(device), dtype, need_grad_x)
+
+
 # --------------------------------------------------------------------------- #
 # The table of docs/cost_model.md
 # --------------------------------------------------------------------------- #
@@ -387,9 +426,9 @@ def table(device=DEFAULT_DEVICE, dtype: torch.dtype = torch.bfloat16) -> str:
         f"Predicted × frozen layer on {spec.name}, {str(dtype).replace('torch.', '')}; "
         "frozen ms = the floor's predicted time.",
         "",
-        "| K→N | M | r | p | plan | fused fwd | two_pass fwd | ours fwd | ours fwd+bwd | unsloth fwd | "
+        "| K→N | M | r | p | plan | bwd plan | fused fwd | two_pass fwd | ours fwd | ours fwd+bwd | unsloth fwd | "
         "unsloth fwd+bwd | peft fwd | peft fwd+bwd | frozen fwd ms | frozen fwd+bwd ms |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k, n in TABLE_LAYERS:
         for m in TABLE_TOKENS:
@@ -398,7 +437,8 @@ def table(device=DEFAULT_DEVICE, dtype: torch.dtype = torch.bfloat16) -> str:
                     def f(plan, mode):
                         return predict(m, k, n, r, dtype, p, mode, plan, spec)
                     ours = f("auto", "fwd")
-                    cells = [f"{k}→{n}", str(m), str(r), f"{p:g}", ours.plan]
+                    cells = [f"{k}→{n}", str(m), str(r), f"{p:g}", ours.plan,
+                             choose_backward_plan(m, k, n, r, dtype, p, True, spec)]
                     cells += [f"{f(pl, md).ratio:.3f}" for pl, md in
                               (("fused", "fwd"), ("two_pass", "fwd"), ("auto", "fwd"), ("auto", "fwd+bwd"),
                                ("unsloth", "fwd"), ("unsloth", "fwd+bwd"), ("peft", "fwd"), ("peft", "fwd+bwd"))]

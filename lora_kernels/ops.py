@@ -130,13 +130,20 @@ def setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
     ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
     ctx.has_bias = bias is not None
+    # NOTE: xa's gradient is never used; without this autograd would fill a zero tensor for it
+    # (one kernel per backward). backward() then sees None for an output nobody differentiated.
+    ctx.set_materialize_grads(False)
 
 
 def backward(ctx, grad_out, grad_xa):
     """``dx, dW0, db, dA, dB`` from the derivation in :mod:`lora_kernels.reference`.
 
-    ``grad_xa`` is ignored: ``xa`` is an internal output saved for backward only.
+    ``grad_xa`` is ignored: ``xa`` is an internal output saved for backward only. Gradients are
+    not materialised (:func:`setup_context`): ``grad_out`` is None when ``y`` did not reach the
+    loss, and then every gradient is None (zero).
     """
+    if grad_out is None:
+        return None, None, None, None, None, None, None, None, None
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     grad_x = grad_w = grad_b = grad_A = grad_B = None

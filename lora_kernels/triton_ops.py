@@ -16,7 +16,11 @@ The plan (docs/design.md, "The kernels", states what each launch reads and write
 ``_reduce_runs_kernel``    dA, dB = Σ_runs partial            the partials summed in a fixed order, rounded once.
 ``_merge_kernel``          W += c · U V                     in place, fp32 accumulation, one rounding
 
-Forward: one launch (fused) or two; backward: two launches; no torch kernels in between,
+``_lora_g_kernel``         g = s·dY B                       the "g_pass" backward only: a thin pass over dY
+                                                            first, so the dx GEMM does not recompute g in
+                                                            every column block (cost_model.choose_backward_plan).
+
+Forward: one launch (fused) or two; backward: two launches (three for g_pass); no torch kernels in between,
 deterministic (no atomics). ``D`` is the dropout keep-mask scaled by ``1/(1-p)``,
 regenerated from ``(seed, row, column)`` wherever it is needed and never stored. Every
 operand is addressed through explicit strides; on Hopper the big operands and the output
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 import warnings
 
@@ -46,10 +51,19 @@ AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
 _EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
 # Host-side tensor descriptors (TMA): feature-detected, never a version check.
 HAS_TENSOR_DESCRIPTOR = importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+# tl.range(..., flatten=True) (Triton >= 3.4): feature-detected, so another Triton still runs.
+HAS_FLATTEN = "flatten" in inspect.signature(tl.range.__init__).parameters
+# Whether the persistent TMA forward flattens its tile loop (the next tile's loads overlap this
+# tile's epilogue): on by default where the Triton supports it; the pointer GEMM never does.
+FLATTEN = HAS_FLATTEN
 
 # Which forward plan runs: None asks lora_kernels.cost_model.choose_forward_plan; "fused" or
 # "two_pass" force one (the fused plan still needs r <= FUSED_MAX_RANK).
 FORWARD_PLAN = None
+# Which backward plan runs when dx is needed: None asks lora_kernels.cost_model.choose_backward_plan;
+# "fused" (g = s·dY B accumulated in the dx GEMM's main loop, 2 launches) or "g_pass" (a thin pass
+# over dY for g first, 3 launches) force one. Without dx the backward is one pass either way.
+BACKWARD_PLAN = None
 # The fused forward keeps xa (BLOCK_M x r, fp32) in registers beside the GEMM accumulator.
 FUSED_MAX_RANK = 64
 
@@ -198,42 +212,74 @@ def _lora_forward_kernel(
     FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    """Persistent: program p walks tiles p, p + programs, ... in grouped order. With FLATTEN the
+    tile loop and the K loop are flattened into one software pipeline (tl.range(flatten=True)),
+    so the next tile's first loads are in flight while this tile's epilogue runs."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # NOTE: two loop headers around one body, chosen at compile time: a Triton whose tl.range
+    # lacks `flatten` never compiles the first (HAS_FLATTEN is feature-detected).
+    if FLATTEN:
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
+            _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
+                          M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
+                          FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+    else:
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
+                          M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
+                          FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                          BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
+
+
+@triton.jit
+def _forward_tile(
+    tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
+    M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
+    FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """Persistent: program p walks tiles p, p + programs, ... in grouped order."""
-    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
-        for k0 in range(0, K, BLOCK_K):
-            x = _load_tile(x_ptr, x_desc, m0, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, TMA)
-            w = _load_tile(w_ptr, w_desc, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, TMA)
-            acc = _dot(x, w.T, acc, UPCAST, IEEE)
-            if FUSED:  # xa from the x tile already loaded: r/BLOCK_N more tensor work
-                a = _load_tile(a_ptr, a_ptr, k0, 0, K, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
-                if DROPOUT:
-                    x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
-                xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
-        if not FUSED:  # the partials of the shrink kernel, summed in split order
-            for s in range(0, L_SPLITS):
-                xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
-                                     BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-        xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
-        if STORE_XA:
-            if pid_n == 0:
-                _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
-        # NOTE: xa Bᵀ goes straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile.
-        b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
-        acc = _dot(xa, b.T, acc, UPCAST, IEEE)
-        if HAS_BIAS:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-        _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
+    """One output tile of _lora_forward_kernel (its arguments): main loop, then the epilogue."""
+    pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_tile(x_ptr, x_desc, m0, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, TMA)
+        w = _load_tile(w_ptr, w_desc, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, TMA)
+        acc = _dot(x, w.T, acc, UPCAST, IEEE)
+        if FUSED:  # xa from the x tile already loaded: r/BLOCK_N more tensor work
+            a = _load_tile(a_ptr, a_ptr, k0, 0, K, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
+            if DROPOUT:
+                x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
+            xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
+    if not FUSED:  # the partials of the shrink kernel, summed in split order
+        for s in range(0, L_SPLITS):
+            xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
+                                 BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+    xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
+    if STORE_XA:
+        if pid_n == 0:
+            _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+    # NOTE: xa Bᵀ goes straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile.
+    b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+    acc = _dot(xa, b.T, acc, UPCAST, IEEE)
+    if HAS_BIAS:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
@@ -314,21 +360,25 @@ def _lora_backward_kernel(
     a_ptr,  # A (R, K)
     b_ptr,  # B (N, R)
     xa_ptr,  # xa (M, R), saved by the forward
+    g_ptr,  # fp32 partial sums of dY B over G_SPLITS splits of N, (G_SPLITS, M, R), from _lora_g_kernel (G_LOADED)
     dx_ptr, dx_desc,  # dX (M, K) = dY W0 + (g A) ⊙ D; blocks (BLOCK_M, BLOCK_K // 2)  (NEED_DX only)
     part_ptr,  # partial (runs, K + N, R), fp32: rows [0, K) Σ_run (x ⊙ keep)ᵀ g, rows [K, K + N) Σ_run dyᵀ xa
-    M, N, K, R, runs,
+    M, N, K, R, runs, G_SPLITS,
     M_BUCKET,  # next power of two of M: the autotuning key
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_xm, stride_xk, stride_ar, stride_ak,
-    stride_bn, stride_br, stride_xam, stride_xar, stride_dxm, stride_dxk, stride_ps, stride_pj, stride_pr,
+    stride_bn, stride_br, stride_xam, stride_xar, stride_gs, stride_gm, stride_gr, stride_dxm, stride_dxk,
+    stride_ps, stride_pj, stride_pr,
     scaling, inv_keep, seed_ptr, threshold, groups_per_row,  # g = s·dY B; D over dX's elements
-    NEED_DX: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
+    NEED_DX: tl.constexpr, G_LOADED: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Program (run, column block k) walks the row blocks of its run: for each it streams the
     row block of dY once (dx GEMM, g, and dB for the dy column blocks j ≡ k mod the number of
     column blocks), then finishes the dx tile and takes dAᵀ from the x tile of that block.
-    Without NEED_DX there is one column block, spanning all of K."""
+    Without NEED_DX there is one column block, spanning all of K. With G_LOADED (the "g_pass"
+    plan, NEED_DX only) the main loop does no rank-r MMA for g: it sums the partials of
+    _lora_g_kernel in split order instead."""
     HALF: tl.constexpr = BLOCK_K // 2
     if NEED_DX:
         num_kb = tl.cdiv(K, BLOCK_K)
@@ -364,11 +414,16 @@ def _lora_backward_kernel(
                 w1 = _load_tile(w_ptr, w_desc, n0, k0 + HALF, N, K, stride_wn, stride_wk, BLOCK_N, HALF, TMA)
                 acc0 = _dot(dy, w0, acc0, UPCAST, IEEE)
                 acc1 = _dot(dy, w1, acc1, UPCAST, IEEE)
-            b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
-            g = _dot(dy, b, g, UPCAST, IEEE)
+            if not G_LOADED:
+                b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+                g = _dot(dy, b, g, UPCAST, IEEE)
             if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
                 db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
                 _store_partial(part, db, K + n0, K + N, R, stride_pj, stride_pr, pid_m > m_first, BLOCK_N, BLOCK_R)
+        if G_LOADED:
+            for s in range(0, G_SPLITS):
+                g += _load_tile(g_ptr + s * stride_gs, g_ptr, m0, 0, M, R, stride_gm, stride_gr,
+                                BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
         g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
         if NEED_DX:
             da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
@@ -390,6 +445,31 @@ def _lora_backward_kernel(
     if NEED_DX:  # dAᵀ accumulated over the run in registers
         _store_partial(part, da0, k0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
         _store_partial(part, da1, k0 + HALF, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+
+
+@triton.jit
+def _lora_g_kernel(
+    dy_ptr,  # dY (M, N)
+    b_ptr,  # B (N, R)
+    part_ptr,  # partial (splits, M, R), fp32: dY B over one split of N
+    M, N, R, span,  # span: the length of N that each split covers
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_ps, stride_pm, stride_pr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The "g_pass" backward's first launch, program (row block, split): dY read once; the dx
+    GEMM sums the splits' partials in split order (deterministic) and scales them."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    m0 = pid_m * BLOCK_M
+    n_end = tl.minimum(N, pid_s * span + span)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for n0 in range(pid_s * span, n_end, BLOCK_N):
+        dy = _load_tile(dy_ptr, dy_ptr, m0, n0, M, n_end, stride_dym, stride_dyn, BLOCK_M, BLOCK_N, False)
+        b = _load_tile(b_ptr, b_ptr, n0, 0, n_end, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+        g = _dot(dy, b, g, UPCAST, IEEE)
+    _store_tile(part_ptr + pid_s * stride_ps, part_ptr, g, m0, 0, M, R, stride_pm, stride_pr,
+                BLOCK_M, BLOCK_R, False)
 
 
 @triton.jit
@@ -515,7 +595,7 @@ def _stage_elements(cfg, backward: bool) -> int:
     return bn * (bm + bk) if backward else bk * (bm + bn)
 
 
-VARIANT_FLAGS = ("FUSED", "NEED_DX", "LOAD_C", "DROPOUT", "TMA")
+VARIANT_FLAGS = ("FUSED", "NEED_DX", "G_LOADED", "LOAD_C", "DROPOUT", "TMA")
 
 
 def config_key(kernel: str, arch: int, element_size: int, named_args: dict, cfg) -> tuple:
@@ -561,7 +641,7 @@ def prune_backward_configs(configs, named_args, **kwargs):
 from ._triton_excluded import EXCLUDED as _EXCLUDED  # noqa: E402
 
 _FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "FUSED", "DROPOUT", "HAS_BIAS", "TMA"]
-_BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "NEED_DX", "DROPOUT", "TMA"]
+_BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "NEED_DX", "G_LOADED", "DROPOUT", "TMA"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -719,6 +799,22 @@ def forward_plan(M, K, N, R, dtype, dropout_p, device) -> str:
     return "fused" if plan == "fused" and R <= FUSED_MAX_RANK else "two_pass"
 
 
+def backward_plan(M, K, N, R, dtype, dropout_p, need_grad_x, device) -> str:
+    """``"fused"`` or ``"g_pass"``: BACKWARD_PLAN if set, else the cost model's choice; always
+    ``"fused"`` without ``need_grad_x`` (no dx GEMM to relieve)."""
+    plan = BACKWARD_PLAN
+    if plan is None:
+        try:
+            from .cost_model import choose_backward_plan
+        except ImportError:
+            plan = "fused"
+        else:
+            plan = choose_backward_plan(M, K, N, R, dtype, dropout_p, need_grad_x, device)
+    if plan not in ("fused", "g_pass"):
+        raise ValueError(f"unknown backward plan {plan!r}; expected 'fused' or 'g_pass'")
+    return plan if need_grad_x else "fused"
+
+
 # --------------------------------------------------------------------------- #
 # Launchers
 # --------------------------------------------------------------------------- #
@@ -750,11 +846,12 @@ def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale,
     def tma():
         programs = _num_sms(x.device)
         _autotuned("forward", True)[lambda meta: (min(programs, tiles(meta)),)](
-            x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y), TMA=True, **args)
+            x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y), TMA=True,
+            FLATTEN=bool(FLATTEN and HAS_FLATTEN), **args)
 
     def pointer():
         _autotuned("forward", False)[lambda meta: (tiles(meta),)](
-            x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, **args)
+            x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False, **args)
 
     _launch("forward", (x, w, y), tma, pointer)
     return y
@@ -771,7 +868,8 @@ def gemm_lora_up(x, w, bias, l, u):
 
 
 def _shrink_splits(M: int, K: int, block_m: int, block_k: int, device) -> int:
-    """Splits of K for the shrink kernel: only when its row blocks alone leave the GPU idle."""
+    """Splits of the reduced length K of a thin pass (the shrink kernel, the g pass): only when
+    its row blocks alone leave the GPU idle."""
     row_blocks = triton.cdiv(M, block_m)
     return max(1, min(triton.cdiv(K, block_k), _num_sms(device) // row_blocks))
 
@@ -815,8 +913,34 @@ def _backward_runs(M: int, K: int, R: int, element_size: int, need_grad_x: bool,
     return max(1, min(_num_sms(device) // column_blocks, triton.cdiv(M, 64), partial_cap))
 
 
+# Rows per program of the g pass (cost_model.G_PASS_ROWS models the same).
+G_PASS_ROWS = 32
+
+
+def _g_pass(dy, lora_B):
+    """fp32 partials (S, M, R) of ``dy B`` over S splits of N: the first launch of the "g_pass"
+    backward. S = 1 unless the row blocks alone cannot fill the GPU (as the forward's shrink)."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    # NOTE: 32-row blocks so that this memory-bound pass has many programs (256 at 8192 tokens).
+    block_m, block_n, launch = (G_PASS_ROWS, 32, {}) if INTERPRET else (G_PASS_ROWS, 128, dict(num_warps=4, num_stages=3))
+    if dy.element_size() == 8:
+        block_n, launch["num_stages"] = 64, 2
+    splits = _shrink_splits(M, N, block_m, block_n, dy.device)
+    span = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
+    splits = max(1, triton.cdiv(N, span))
+    part = torch.empty(splits, M, R, device=dy.device, dtype=_acc_dtype(dy.dtype))
+    _lora_g_kernel[(triton.cdiv(M, block_m), splits)](
+        dy, lora_B, part, M, N, R, span,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), part.stride(0), part.stride(1), part.stride(2),
+        **_dtype_flags(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_full_block_r(R), **launch,
+    )
+    return part
+
+
 def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
-    """``(dx, dA, dB)`` as in reference.lora_backward: the backward kernel, then the reduction."""
+    """``(dx, dA, dB)`` as in reference.lora_backward: [the g pass (plan "g_pass"),] the backward
+    kernel, then the reduction (see backward_plan)."""
     dy = grad_out
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -827,16 +951,18 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
     runs = _backward_runs(M, K, R, x.element_size(), need_grad_x, x.device)
     part = torch.empty(runs, K + N, R, device=x.device, dtype=_acc_dtype(x.dtype))
     dx = grad_x if need_grad_x else x  # an unused pointer operand still needs a tensor
+    g_loaded = backward_plan(M, K, N, R, x.dtype, dropout_p, need_grad_x, x.device) == "g_pass"
+    g = _g_pass(dy, lora_B) if g_loaded else xa.unsqueeze(0)  # (xa: an unused pointer operand)
     args = dict(
-        x_ptr=x, a_ptr=lora_A, b_ptr=lora_B, xa_ptr=xa, dx_ptr=dx, part_ptr=part,
-        M=M, N=N, K=K, R=R, runs=runs, M_BUCKET=triton.next_power_of_2(M),
+        x_ptr=x, a_ptr=lora_A, b_ptr=lora_B, xa_ptr=xa, g_ptr=g, dx_ptr=dx, part_ptr=part,
+        M=M, N=N, K=K, R=R, runs=runs, G_SPLITS=g.shape[0] if g_loaded else 0, M_BUCKET=triton.next_power_of_2(M),
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1),
-        stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
+        stride_gs=g.stride(0), stride_gm=g.stride(1), stride_gr=g.stride(2), stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
         stride_ps=part.stride(0), stride_pj=part.stride(1), stride_pr=part.stride(2),
         scaling=scaling, inv_keep=_inv_keep(dropout_p), **_dropout_args(dropout_p, seed, K, x.device),
-        NEED_DX=need_grad_x, BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
+        NEED_DX=need_grad_x, G_LOADED=g_loaded, BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
     )
     column_blocks = lambda meta: triton.cdiv(K, meta["BLOCK_K"]) if need_grad_x else 1  # noqa: E731
     grid = lambda meta: (runs * column_blocks(meta),)  # noqa: E731

@@ -294,6 +294,7 @@ def test_gemm_config_pruning_fits_shared_memory(monkeypatch):
 # --------------------------------------------------------------------------- #
 
 PLANS = ["fused", "two_pass"]
+BACKWARD_PLANS = ["fused", "g_pass"]
 # (M, K, N, r, p): M = 1, 7, 65; K and N not multiples of 16; r = 1, 7, 16, 65.
 PLAN_SHAPES = [(1, 7, 9, 1, 0.0), (7, 65, 33, 7, 0.2), (65, 40, 70, 16, 0.3), (33, 50, 18, 65, 0.1)]
 
@@ -323,30 +324,34 @@ def _check_against_reference(M, K, N, r, p, dtype, need_grad_x, x=None, seed=13)
             assert_close(f"{(M, K, N, r, p)} {name}", out, expected, dtype)
 
 
+@pytest.mark.parametrize("backward", BACKWARD_PLANS)
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no-dx"])
-def test_triton_plans_match_fp64_reference(triton_ops, monkeypatch, plan, dtype, need_grad_x):
-    """Forward by each plan; the backward kernel with and without dx (first layer), with and
+def test_triton_plans_match_fp64_reference(triton_ops, monkeypatch, plan, backward, dtype, need_grad_x):
+    """Forward by each plan; each backward plan with and without dx (first layer), with and
     without dropout, on awkward shapes."""
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     for M, K, N, r, p in PLAN_SHAPES:
         _check_against_reference(M, K, N, r, p, dtype, need_grad_x)
 
 
-@pytest.mark.parametrize("plan", PLANS)
-def test_triton_plans_3d_and_non_contiguous(triton_ops, monkeypatch, plan):
+@pytest.mark.parametrize("plan, backward", [("fused", "fused"), ("two_pass", "g_pass")])
+def test_triton_plans_3d_and_non_contiguous(triton_ops, monkeypatch, plan, backward):
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     base = torch.randn(3, 40, 11, device=DEVICE)
     for x in (torch.randn(2, 5, 40, device=DEVICE), base.transpose(1, 2),
               torch.randn(6, 80, device=DEVICE)[::2, 20:60]):
         _check_against_reference(x.shape[0], 40, 24, 4, 0.1, torch.float32, True, x=x)
 
 
-@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("plan, backward", [("fused", "fused"), ("two_pass", "g_pass")])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_triton_plans_gradcheck_fp64(triton_ops, monkeypatch, plan, p):
+def test_triton_plans_gradcheck_fp64(triton_ops, monkeypatch, plan, backward, p):
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     x, weight, bias, A, B = make_layer(5, 9, 6, 3, torch.float64)
     args = [t.requires_grad_(True) for t in (x, A, B)]
     fn = lambda x, A, B: lk.lora_linear(x, weight, bias, A, B, 1.5, dropout_p=p, backend="triton", seed=3)  # noqa: E731
@@ -364,9 +369,11 @@ def test_triton_forward_mask_is_the_specified_one(triton_ops, monkeypatch, plan)
     assert torch.equal(xa != 0, reference.dropout_keep_mask(M, K, p, seed, device=DEVICE))
 
 
-def test_triton_backward_is_deterministic(triton_ops, monkeypatch):
+@pytest.mark.parametrize("backward", BACKWARD_PLANS)
+def test_triton_backward_is_deterministic(triton_ops, monkeypatch, backward):
     """Two backward runs are bitwise equal, partials over many runs of row blocks included."""
     monkeypatch.setattr(triton_ops, "_backward_runs", lambda *shape: 3)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     x, weight, _, A, B = make_layer(300, 40, 50, 8, torch.float32)
     dy = torch.randn(300, 50, device=DEVICE)
     _, xa = triton_ops.lora_forward(x, weight, None, A, B, 0.5, 0.2, 9)
@@ -376,10 +383,12 @@ def test_triton_backward_is_deterministic(triton_ops, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backward", BACKWARD_PLANS)
 @pytest.mark.parametrize("need_grad_x", [True, False], ids=["dx", "no-dx"])
-def test_triton_backward_with_more_runs_than_row_blocks(triton_ops, monkeypatch, need_grad_x):
+def test_triton_backward_with_more_runs_than_row_blocks(triton_ops, monkeypatch, need_grad_x, backward):
     """Runs without row blocks write zero partials (the reduction sums every run)."""
     monkeypatch.setattr(triton_ops, "_backward_runs", lambda *shape: 7)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     _check_against_reference(65, 40, 70, 5, 0.2, torch.float32, need_grad_x)
 
 
@@ -403,23 +412,25 @@ def _count_launches(monkeypatch, triton_ops, fail_tma=False):
     autotuned = triton_ops._autotuned
     monkeypatch.setattr(triton_ops, "_autotuned",
                         lambda name, tma: _CountingKernel(autotuned(name, tma), launches, fail_tma and tma))
-    for name in ("_lora_shrink_kernel", "_reduce_runs_kernel"):
+    for name in ("_lora_shrink_kernel", "_lora_g_kernel", "_reduce_runs_kernel"):
         monkeypatch.setattr(triton_ops, name, _CountingKernel(getattr(triton_ops, name), launches))
     return launches
 
 
 @pytest.mark.parametrize("plan, forward_launches", [("fused", 1), ("two_pass", 2)])
-def test_triton_launch_counts(triton_ops, monkeypatch, plan, forward_launches):
-    """One launch per forward (fused plan), two per backward, with or without dx."""
+@pytest.mark.parametrize("backward, backward_launches", [("fused", 2), ("g_pass", 3)])
+def test_triton_launch_counts(triton_ops, monkeypatch, plan, forward_launches, backward, backward_launches):
+    """One launch per forward (fused plan), two per backward (three for g_pass with dx), no more."""
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", plan)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", backward)
     launches = _count_launches(monkeypatch, triton_ops)
     x, weight, bias, A, B = make_layer(70, 40, 50, 8, torch.float32)
     _, xa = triton_ops.lora_forward(x, weight, bias, A, B, 0.5, 0.1, 4)
     assert len(launches) == forward_launches
-    for need_grad_x in (True, False):
+    for need_grad_x, expected in ((True, backward_launches), (False, 2)):  # no dx: one pass either way
         del launches[:]
         triton_ops.lora_backward(torch.randn(70, 50, device=DEVICE), x, weight, A, B, xa, 0.5, 0.1, 4, need_grad_x)
-        assert len(launches) == 2
+        assert len(launches) == expected
 
 
 def test_triton_forward_plan_choice(triton_ops, monkeypatch):
@@ -438,6 +449,21 @@ def test_triton_forward_plan_choice(triton_ops, monkeypatch):
         for p in (0.0, 0.1):
             assert triton_ops.forward_plan(4096, 4096, 4096, 16, torch.bfloat16, p, DEVICE) == \
                 choose_forward_plan(4096, 4096, 4096, 16, torch.bfloat16, p, DEVICE)
+
+
+def test_triton_backward_plan_choice(triton_ops, monkeypatch):
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", "g_pass")
+    assert triton_ops.backward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, True, DEVICE) == "g_pass"
+    assert triton_ops.backward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, False, DEVICE) == "fused"
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", "two_pass")
+    with pytest.raises(ValueError, match="unknown backward plan 'two_pass'"):
+        triton_ops.backward_plan(64, 64, 64, 16, torch.bfloat16, 0.0, True, DEVICE)
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", None)
+    from lora_kernels.cost_model import choose_backward_plan
+
+    for M, r in ((8192, 64), (512, 16)):
+        assert triton_ops.backward_plan(M, 4096, 4096, r, torch.bfloat16, 0.0, True, DEVICE) == \
+            choose_backward_plan(M, 4096, 4096, r, torch.bfloat16, 0.0, True, DEVICE)
 
 
 def test_triton_tma_failure_falls_back_for_that_case_only(triton_ops, monkeypatch):
@@ -478,3 +504,51 @@ def test_fp64_without_native_dot(monkeypatch, p):
     W = weight.clone()
     lk.merge_lora_(W, A.detach(), B.detach(), 0.5, backend="triton")
     assert relative_error(W, weight + 0.5 * B.detach() @ A.detach()) < 1e-12
+
+
+def test_backward_when_y_gets_no_gradient():
+    """Gradients are not materialised (ops.setup_context): a backward that reaches the op through
+    xa alone (possible through the registered op) gets None for y's gradient and returns None."""
+    from lora_kernels import ops
+
+    x, weight, bias, A, B = make_layer(5, 12, 7, 3, torch.float32)
+    A.requires_grad_(True)
+    seed = torch.tensor(3, dtype=torch.int64, device=DEVICE)
+    y, xa = ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, seed, "reference")
+    xa.sum().backward()  # xa's gradient is ignored by design: nothing reaches A
+    assert A.grad is None
+    y, xa = ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, seed, "reference")
+    (y.sum() + xa.sum()).backward()  # y's gradient still drives A's
+    assert A.grad is not None and A.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_triton_forward_flatten_switch(triton_ops, monkeypatch, flatten):
+    """FLATTEN (the persistent TMA loop flattened, tl.range(flatten=True)) reaches the TMA forward
+    only, and either loop header computes the same y and xa."""
+    if flatten and not triton_ops.HAS_FLATTEN:
+        pytest.skip("this Triton's tl.range has no flatten")
+    seen = []
+    autotuned = triton_ops._autotuned
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                seen.append((kwargs["TMA"], kwargs["FLATTEN"]))
+                return self.kernel[grid](**kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_ops, "_autotuned", lambda name, tma: Spy(autotuned(name, tma)))
+    monkeypatch.setattr(triton_ops, "FLATTEN", flatten)
+    monkeypatch.setattr(triton_ops, "FORWARD_PLAN", "fused")
+    x, weight, bias, A, B = make_layer(40, 48, 32, 4, torch.float32)
+    outs = []
+    for use_tma in (True, False):
+        monkeypatch.setattr(triton_ops, "USE_TMA", use_tma)
+        outs.append(triton_ops.lora_forward(x, weight, bias, A, B, 0.5, 0.0, 1))
+    assert seen == [(True, flatten), (False, False)]
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
