@@ -296,7 +296,6 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
             f"headers: {why}. Fix: pip install nvidia-cutlass==4.2.0.0, or set LORA_KERNELS_CUTLASS_DIR to a "
             "CUTLASS checkout, or build without Hopper kernels (LORA_KERNELS_CUDA_ARCHS=8.0)"
         )
-    _notice(f"sm_90a kernels: CUTLASS headers from {cutlass_include}")
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda" / "sm90").glob("*.cu"))
     include_dirs.append(cutlass_include)
     # NOTE: -DNDEBUG matters: an assert() in CUTLASS's mainloop is a function call, across which
@@ -371,9 +370,11 @@ def cuda_extensions() -> tuple[list, dict]:
         # Rebuild when a header changes (ninja tracks the includes of each source).
         depends=sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.h*"), recursive=True)),
     )
+    # The sm_90a kernels' CUTLASS headers are the include directory after csrc/ (cuda_sources).
+    cutlass = f", CUTLASS headers from {include_dirs[1]}" if len(include_dirs) > 1 else ""
     _notice(
         f"building the CUDA extension lora_kernels._C for {describe_archs(nvcc)} with CUDA {tk} "
-        f"({cuda_home}) in {build_dir(torch).relative_to(ROOT)}/ (unchanged objects are reused); "
+        f"({cuda_home}{cutlass}) in {build_dir(torch).relative_to(ROOT)}/ (unchanged objects are reused); "
         "LORA_KERNELS_SKIP_CUDA=1 skips it, LORA_KERNELS_CUDA_ARCHS chooses the GPUs"
     )
     return [ext], {"build_ext": fixed_build_dir(BuildExtension, build_dir(torch))}
