@@ -53,3 +53,20 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 # Relative-error bounds against a float64 reference.
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def identity_dropout_peft_model(p: float, d: int = 64):
+    """A PEFT model of one ``proj`` layer whose zero base weight and identity factors make
+    ``y = dropout_p(x)``: the kept fraction and the scale of a dropout mask become visible."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(d, d, bias=False))
+    model = get_peft_model(base, LoraConfig(r=d, lora_alpha=d, lora_dropout=p, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.lora_A.default.weight.copy_(torch.eye(d))
+        layer.lora_B.default.weight.copy_(torch.eye(d))
+    return model

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, requires_gpu
+from conftest import DEVICE, backend_param, requires_gpu
 from lora_kernels import LoRALinear, backends
 
 # aten ops that wait for the device: reading a value on the host, data-dependent shapes, copies to the host.
@@ -45,16 +45,13 @@ def _trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _gpu_backends():
-    return [b for b in ("triton", "cuda") if not backends.unavailable_reason(b, DEVICE)] if ON_GPU else []
+# Each skips with its reason where it cannot run (conftest.backend_param).
+GPU_BACKENDS = [backend_param("triton"), backend_param("cuda")]
 
 
 @requires_gpu
-@pytest.mark.parametrize("backend", _gpu_backends() or ["triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_captured_training_step_equals_eager(backend):
-    why = backends.unavailable_reason(backend, DEVICE)
-    if why:
-        pytest.skip(why)
     model = _stack(backend, 0.0, DEVICE)
     eager = copy.deepcopy(model)
     x = torch.randn(48, 64, device=DEVICE)
@@ -92,11 +89,8 @@ def test_captured_training_step_equals_eager(backend):
 
 
 @requires_gpu
-@pytest.mark.parametrize("backend", _gpu_backends() or ["triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_each_replay_draws_a_fresh_dropout_mask(backend):
-    why = backends.unavailable_reason(backend, DEVICE)
-    if why:
-        pytest.skip(why)
     p = 0.25
     layer = _stack(backend, p, DEVICE, depth=1)[0]
     x = torch.randn(256, 64, device=DEVICE)

@@ -155,17 +155,22 @@ def test_no_kernel_spills(arch):
     assert not spilled, f"kernels with local memory / stack (register spills): {spilled}"
 
 
+def _assert_mma_from_ldmatrix(arch, kernel, count, ldmatrix):
+    """``count`` kernels named ``kernel``, each with HMMA, ``ldmatrix`` (an LDSM form) and 16-byte loads."""
+    kernels = {n: s for n, s in sass(arch).items() if kernel in n}
+    assert len(kernels) == count, sorted(kernels)
+    for name, code in kernels.items():
+        assert "HMMA" in code, f"HMMA missing in {name[:120]}…"
+        assert "LDSM" in code and ldmatrix in code, f"{ldmatrix} missing in {name[:120]}…"
+        assert re.search(r"LDG\.E\.128", code), f"no 16-byte global load in {name[:120]}…"
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_thin_products_use_tensor_cores_and_16_byte_loads(arch):
     if not sass(arch):
         pytest.skip(f"built without {arch}")
-    kernels = {n: s for n, s in sass(arch).items() if "skinny_tc_kernel" in n}
     # fp16 / bf16 x 5 layouts (xa with and without mask, g, dB, dAᵀ) x 3 tile widths (r ≤ 16, 32, 64)
-    assert len(kernels) == 30, sorted(kernels)
-    for name, code in kernels.items():
-        assert "HMMA" in code, f"HMMA missing in {name[:120]}…"
-        assert "LDSM" in code, f"ldmatrix missing in {name[:120]}…"
-        assert re.search(r"LDG\.E\.128", code), f"no 16-byte global load in {name[:120]}…"
+    _assert_mma_from_ldmatrix(arch, "skinny_tc_kernel", 30, "LDSM")
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
@@ -173,10 +178,5 @@ def test_pass_over_dy_uses_tensor_cores_and_16_byte_loads(arch):
     """The backward's one pass over dy (g and dB from the same tiles): mma.sync from ldmatrix fragments."""
     if not sass(arch):
         pytest.skip(f"built without {arch}")
-    kernels = {n: s for n, s in sass(arch).items() if "dy_pass_kernel" in n}
-    # fp16 / bf16 x 3 tile widths (r ≤ 16, 32, 64)
-    assert len(kernels) == 6, sorted(kernels)
-    for name, code in kernels.items():
-        assert "HMMA" in code, f"HMMA missing in {name[:120]}…"
-        assert "LDSM" in code and "LDSM.16.MT88" in code, f"ldmatrix (and .trans) missing in {name[:120]}…"
-        assert re.search(r"LDG\.E\.128", code), f"no 16-byte global load in {name[:120]}…"
+    # fp16 / bf16 x 3 tile widths (r ≤ 16, 32, 64); ldmatrix with .trans too
+    _assert_mma_from_ldmatrix(arch, "dy_pass_kernel", 6, "LDSM.16.MT88")

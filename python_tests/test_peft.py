@@ -12,6 +12,7 @@ pytest.importorskip("safetensors")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from conftest import identity_dropout_peft_model  # noqa: E402
 import lora_kernels as lk  # noqa: E402
 from lora_kernels.peft_interop import (  # noqa: E402
     UnsupportedPeftFeature,
@@ -131,14 +132,7 @@ def test_save_peft_adapter_after_from_peft_writes_what_save_pretrained_wrote(tmp
 def test_dropout_keep_rate_and_expectation_match_peft():
     """Identity factors and a zero base weight make y = dropout(x): the kept fraction and scale are visible."""
     p, d, n = 0.3, 64, 512
-    base = nn.Sequential()
-    base.add_module("proj", nn.Linear(d, d, bias=False))
-    model = get_peft_model(base, LoraConfig(r=d, lora_alpha=d, lora_dropout=p, target_modules=["proj"]))
-    layer = model.base_model.model.proj
-    with torch.no_grad():
-        layer.base_layer.weight.zero_()
-        layer.lora_A.default.weight.copy_(torch.eye(d))
-        layer.lora_B.default.weight.copy_(torch.eye(d))
+    model = identity_dropout_peft_model(p, d)
     x = torch.ones(n, d)
     y_peft = model(x)
     from_peft(model)

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import lora_kernels as lk  # noqa: E402
 from lora_kernels import peft_accel  # noqa: E402
 
-from conftest import relative_error  # noqa: E402
+from conftest import identity_dropout_peft_model, relative_error  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FP32 = 1e-5  # relative error: fp32 rounding
@@ -303,14 +303,7 @@ def test_torch_compile_fullgraph_matches_eager():
 def test_dropout_keep_rate_distribution_and_determinism():
     """Identity factors and a zero base weight make y = dropout(x) · (1/(1-p) on kept entries)."""
     p, d, n = 0.3, 64, 512
-    base = nn.Sequential()
-    base.add_module("proj", nn.Linear(d, d, bias=False))
-    model = get_peft_model(base, LoraConfig(r=d, lora_alpha=d, lora_dropout=p, target_modules=["proj"]))
-    layer = model.base_model.model.proj
-    with torch.no_grad():
-        layer.base_layer.weight.zero_()
-        layer.lora_A.default.weight.copy_(torch.eye(d))
-        layer.lora_B.default.weight.copy_(torch.eye(d))
+    model = identity_dropout_peft_model(p, d)
     x = torch.ones(n, d)
     torch.manual_seed(7)
     y_peft = model(x)
