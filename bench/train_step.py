@@ -1,7 +1,8 @@
 """End-to-end training step of a Llama-style model: frozen vs PEFT LoRA (plain and accelerated) vs lora_kernels LoRA.
 
 Each provider gets a fresh model with the same random weights (nothing is
-downloaded) and runs warm-up steps, then timed steps; it reports the median step
+downloaded) and runs warm-up steps, then timed steps (on the CPU the providers alternate step by
+step, see ``--interleave``); it reports the median step
 time and the peak memory allocated, and both as ratios to the frozen model.
 
 - ``frozen``: every parameter frozen, but the embedding output requires grad
@@ -104,41 +105,66 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class Runner:
+    """One provider's model, optimizer and inputs, warmed up; :meth:`time` runs timed steps."""
+
+    def __init__(self, provider: str, cfg: Config, args, device: torch.device):
+        self.provider, self.device, self.times = provider, device, []
+        self.model, self.opt = prepare(provider, build_model(cfg, device), args)
+        self.model.train()
+        self.ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device,
+                                 generator=torch.Generator(device=device).manual_seed(1))
+        for _ in range(args.warmup):
+            self.step()
+        sync(device)
+
+    def step(self):
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        self.loss = loss
+        return loss
+
+    def time(self, steps: int) -> None:
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step()
+            sync(self.device)
+            self.times.append(time.perf_counter() - start)
+
+    def result(self, peak=None) -> dict:
+        return dict(provider=self.provider, step_ms=1e3 * statistics.median(self.times),
+                    min_ms=1e3 * min(self.times), peak_bytes=peak, loss=float(self.loss.detach()),
+                    trainable=sum(p.numel() for p in self.model.parameters() if p.requires_grad))
+
+
 def run_provider(provider: str, cfg: Config, args, device: torch.device) -> dict:
+    """One provider alone: its model is the only one in memory, so its peak memory is its own."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model, opt = prepare(provider, build_model(cfg, device), args)
-    model.train()
-    ids = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq), device=device,
-                        generator=torch.Generator(device=device).manual_seed(1))
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
-
-    for _ in range(args.warmup):
-        step()
-    sync(device)
+    runner = Runner(provider, cfg, args, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = step()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    runner.time(args.steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    result = dict(provider=provider, step_ms=1e3 * statistics.median(times), min_ms=1e3 * min(times),
-                  peak_bytes=peak, loss=float(loss.detach()),
-                  trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    del model, opt, ids
-    return result
+    return runner.result(peak)
+
+
+def run_interleaved(providers: list[str], cfg: Config, args, device: torch.device) -> list[dict]:
+    """Every provider's model at once, timed one step each in turn, round after round.
+
+    NOTE: on a shared CPU the load drifts over seconds; timing the providers one after another
+    let that drift decide the ratios. Alternating gives every provider the same conditions. Peak memory is not measured (the models share it).
+    """
+    runners = [Runner(p, cfg, args, device) for p in providers]
+    for _ in range(args.steps):
+        for runner in runners:
+            runner.time(1)
+    return [runner.result() for runner in runners]
 
 
 def main(argv=None) -> int:
@@ -155,6 +181,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--check", action="store_true", help="exit 1 if lora_kernels misses the targets (GPU only)")
+    parser.add_argument("--interleave", choices=("auto", "yes", "no"), default="auto",
+                        help="time the providers in alternating steps (default on the CPU; on a GPU each provider "
+                             "runs alone, so that its peak memory is its own)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -167,9 +196,14 @@ def main(argv=None) -> int:
             print("peft is not installed: skipping the peft providers", file=sys.stderr)
             providers = [p for p in providers if p not in ("peft", "peft_accel")]
 
-    results = [run_provider(p, cfg, args, device) for p in providers]
+    interleave = args.interleave == "yes" or (args.interleave == "auto" and device.type != "cuda")
+    if interleave:
+        results = run_interleaved(providers, cfg, args, device)
+    else:
+        results = [run_provider(p, cfg, args, device) for p in providers]
     base = next((r for r in results if r["provider"] == "frozen"), None)
-    print(f"device={device} config={asdict(cfg)} r={args.r} dropout={args.dropout} steps={args.steps}")
+    print(f"device={device} config={asdict(cfg)} r={args.r} dropout={args.dropout} steps={args.steps} "
+          f"({'providers alternating step by step' if interleave else 'one provider at a time'})")
     print(f"{'provider':<14}{'step ms':>10}{'x frozen':>10}{'peak MiB':>11}{'x frozen':>10}{'trainable':>12}")
     for r in results:
         r["time_ratio"] = r["step_ms"] / base["step_ms"] if base else None

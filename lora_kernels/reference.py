@@ -189,8 +189,8 @@ def lora_forward(
     seed: int,
 ) -> tuple[Tensor, Tensor]:
     """Op-level forward for 2-D ``x``: returns ``(y, xa)``, ``xa = s·(x ⊙ D) Aᵀ``."""
-    xa = scaling * (dropout_scale(x, dropout_p, seed) @ lora_A.t())
-    y = torch.nn.functional.linear(x, weight, bias).add_(xa @ lora_B.t())
+    xa = torch.mm(dropout_scale(x, dropout_p, seed), lora_A.t()).mul_(scaling)
+    y = torch.nn.functional.linear(x, weight, bias).addmm_(xa, lora_B.t())
     return y, xa
 
 
@@ -208,15 +208,13 @@ def lora_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Op-level backward for 2-D inputs: returns ``(dx, dA, dB)``; ``dx`` is empty unless asked for."""
     dy = grad_out
-    grad_B = dy.t() @ xa
-    g = scaling * (dy @ lora_B)
-    # NOTE: one mask for dA and dx, except where the compiled x ⊙ D recomputes it in the same pass (cheaper
-    # than storing it and multiplying twice).
-    fused = COMPILED_MASK and x.device.type == "cpu"
-    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p and not fused else None
-    grad_A = g.t() @ dropout_scale(x, dropout_p, seed, keep)
+    grad_B = torch.mm(dy.t(), xa)
+    g = torch.mm(dy, lora_B).mul_(scaling)
+    # NOTE: one mask for dA and dx.
+    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p else None
+    grad_A = torch.mm(g.t(), dropout_scale(x, dropout_p, seed, keep))
     if need_grad_x:
-        grad_x = dy @ weight + dropout_scale(g @ lora_A, dropout_p, seed, keep)
+        grad_x = dropout_scale(torch.mm(g, lora_A), dropout_p, seed, keep).addmm_(dy, weight)
     else:
         grad_x = x.new_empty(0)
     return grad_x, grad_A, grad_B

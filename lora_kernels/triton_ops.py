@@ -139,11 +139,15 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    # NOTE: if/elif/else, not early returns: Triton 3.4's code generator compiles the statements after a
+    # compile-time `if ...: return`, i.e. an fp64 tl.dot it refuses.
     if acc.dtype == tl.float64 and not _NATIVE_FP64_DOT:
-        return acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
-    return tl.dot(a, b, acc, out_dtype=acc.dtype)
+        acc = acc + tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    elif IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    else:
+        acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
+    return acc
 
 
 @triton.jit
