@@ -210,11 +210,18 @@ def lora_backward(
     dy = grad_out
     grad_B = torch.mm(dy.t(), xa)
     g = torch.mm(dy, lora_B).mul_(scaling)
-    # NOTE: one mask for dA and dx.
-    keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device) if dropout_p else None
-    grad_A = torch.mm(g.t(), dropout_scale(x, dropout_p, seed, keep))
+    # NOTE: the mask is drawn once for dA and dx, as the multiplier D (0 or 1/(1-p), in at least fp32): one
+    # product per use, rounded once, the bits of dropout_scale's (x · keep) · 1/(1-p).
+    if dropout_p:
+        keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
+        d = keep.to(torch.promote_types(x.dtype, torch.float32)).mul_(1.0 / (1.0 - dropout_p))
+        x_d = torch.mul(x, d, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+    else:
+        x_d = x
+    grad_A = torch.mm(g.t(), x_d)
     if need_grad_x:
-        grad_x = dropout_scale(torch.mm(g, lora_A), dropout_p, seed, keep).addmm_(dy, weight)
+        ga = torch.mm(g, lora_A)
+        grad_x = (torch.mul(ga, d, out=ga) if dropout_p else ga).addmm_(dy, weight)
     else:
         grad_x = x.new_empty(0)
     return grad_x, grad_A, grad_B
