@@ -1,6 +1,7 @@
 """The compiled CUDA extension ``lora_kernels._C`` (the ``cuda`` backend).
 
-Without a build the whole file skips, with the reason, unless CI requires the
+Without a build with the CUDA kernels (none, or a CPU-only ``_C``: ``lora_kernels.cuda_ops``
+raises ImportError) the whole file skips, with the reason, unless CI requires the
 extension (``LORA_KERNELS_REQUIRE`` contains ``extension``), in which case it
 fails. The registration tests run on the CPU; the kernel tests need a GPU and
 compare against the float64 reference (:mod:`lora_kernels.reference`).
@@ -16,11 +17,11 @@ from lora_kernels import reference
 from conftest import ON_GPU, REQUIRED, relative_error
 
 try:
-    import lora_kernels._C  # noqa: F401
+    import lora_kernels.cuda_ops  # noqa: F401  (ImportError: no _C, or one without the CUDA kernels)
 
     BUILT, WHY_NOT = True, ""
 except ImportError as exc:
-    BUILT, WHY_NOT = False, f"the CUDA extension lora_kernels._C is not built ({exc})"
+    BUILT, WHY_NOT = False, f"the CUDA kernels are not built ({exc})"
     if "extension" in REQUIRED:
         raise  # CI asked for the extension: a missing build is a failure, not a skip
 
