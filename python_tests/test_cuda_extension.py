@@ -8,6 +8,8 @@ compare against the float64 reference (:mod:`lora_kernels.reference`).
 """
 
 import itertools
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,7 +101,8 @@ def test_extension_coexists_with_the_python_ops():
 
 
 def test_extension_loads_before_the_python_package(tmp_path):
-    """Loading the library first and importing the package after works too."""
+    """Loading the library first and importing the package after works too (the TORCH_LIBRARY block of
+    csrc/lora.cpp and the fragments of csrc/cpu/dropout.cpp and ops.py, in that order)."""
     import subprocess
     import sys
 
@@ -111,11 +114,14 @@ def test_extension_loads_before_the_python_package(tmp_path):
         "torch.ops.load_library(glob.glob(os.path.join(pkg, '_C*.so'))[0])\n"
         "import lora_kernels, lora_kernels.cuda_ops\n"
         "print(torch.ops.lora_kernels.lora_forward.default._schema.name,"
-        " torch.ops.lora_kernels.cuda_lora_merge_.default._schema.name)\n"
+        " torch.ops.lora_kernels.cuda_lora_merge_.default._schema.name,"
+        " torch.ops.lora_kernels.dropout_keep_mask.default._schema.name)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    # The package under test (this checkout), whatever else is installed.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
-    assert "lora_kernels::lora_forward lora_kernels::cuda_lora_merge_" in out.stdout
+    assert "lora_kernels::lora_forward lora_kernels::cuda_lora_merge_ lora_kernels::dropout_keep_mask" in out.stdout
 
 
 def test_cuda_backend_loads():
