@@ -1,22 +1,28 @@
 """Build and install lora_kernels.
 
 The pure-Python package (reference path and Triton kernels) always installs.
-The CUDA extension ``lora_kernels._C`` (csrc/, the "cuda" backend) is built
-too when a CUDA toolkit and a CUDA-enabled PyTorch are present; otherwise the
-package installs without it and says so in one line.
+The extension ``lora_kernels._C`` (csrc/) is built with it:
+
+- with the CUDA kernels (the "cuda" backend) and the CPU ones when a CUDA toolkit and a
+  CUDA-enabled PyTorch of the same CUDA major version are present;
+- otherwise with the CPU kernels only (the reference path's compiled dropout mask), by the
+  plain C++ compiler. That build is optional: where it fails (no working C++ compiler), the
+  package installs without ``_C`` and the reference path computes the same masks with PyTorch ops.
+
+What is built, and why, is said in one line.
 
     pip install setuptools wheel packaging ninja pybind11 nvidia-cutlass==4.2.0.0   # build requirements
     pip install --no-build-isolation -e .
 
 Compiled objects are kept in build/temp.<platform>-<python>-torch<version>/ (one directory per
 Python and torch), so a reinstall with unchanged sources only relinks: seconds, not minutes.
-Whether the extension is built is said in one line (on the terminal where there is one; pip
-shows the build's own output only with ``pip install -v``).
+That line goes to the terminal where there is one (pip shows the build's own output only with
+``pip install -v``).
 
 Environment switches (see docs/cuda.md):
 
     LORA_KERNELS_FORCE_CUDA=1     a missing toolkit or CUDA PyTorch is an error, not a notice
-    LORA_KERNELS_SKIP_CUDA=1      never build the extension
+    LORA_KERNELS_SKIP_CUDA=1      build the extension with its CPU kernels only (no CUDA kernels)
     LORA_KERNELS_CUDA_ARCHS       ";"-separated compute capabilities, default "8.0;9.0a"; PTX is
                                   embedded for the newest (or for entries written "X.Y+PTX")
     LORA_KERNELS_DEBUG=1          device debug build (-G, host -O0 -g)
@@ -272,8 +278,10 @@ def find_cutlass_include() -> tuple[str | None, str]:
 
 
 def cpu_sources() -> list[str]:
-    """The CPU kernels (csrc/cpu/*.cpp: the reference path's dropout mask), compiled into the extension."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    """The sources of the CPU-only extension, which the CUDA build compiles too: the module
+    (csrc/module.cpp) and the CPU kernels (csrc/cpu/*.cpp: the reference path's dropout mask,
+    schemas beside their kernels)."""
+    return ["csrc/module.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 
 
 def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
@@ -283,7 +291,7 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
     an sm_90a entry ("9.0a"); they need the CUTLASS headers (``pip install nvidia-cutlass==4.2.0.0``,
     or LORA_KERNELS_CUTLASS_DIR / CUTLASS_PATH), and their absence is then an error.
     """
-    sources = ["csrc/lora.cpp"] + cpu_sources()
+    sources = cpu_sources() + ["csrc/lora.cpp"]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     include_dirs = [str(ROOT / "csrc")]
     flags: list[str] = []
@@ -313,19 +321,55 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
     return sources, include_dirs, flags
 
 
-def cuda_extensions() -> tuple[list, dict]:
-    """``(ext_modules, cmdclass)`` for the extension, or empty ones with a notice."""
-    if SKIP_CUDA:
-        _notice("not building the CUDA extension lora_kernels._C (LORA_KERNELS_SKIP_CUDA is set); "
-                "the Triton and reference backends install as usual")
+def cxx_flags() -> list[str]:
+    """Host compiler flags of both builds."""
+    # NOTE: -fopenmp: at::parallel_for (csrc/cpu/) is a header template that runs serially without it.
+    return (["-O0", "-g"] if _env_flag("LORA_KERNELS_DEBUG") else ["-O3"]) + ["-fopenmp"]
+
+
+def _depends() -> list[str]:
+    """The headers: a changed one rebuilds (ninja tracks the includes of each source)."""
+    return sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.h*"), recursive=True))
+
+
+def cpu_extensions(why_no_cuda: str) -> tuple[list, dict]:
+    """``(ext_modules, cmdclass)`` for the extension with its CPU kernels only, or empty ones
+    (without PyTorch); the one line says which and names ``why_no_cuda``."""
+    try:
+        import torch
+    except ImportError as exc:
+        _notice(f"not building lora_kernels._C (PyTorch cannot be imported: {exc}; install torch first and "
+                "build with --no-build-isolation); the Triton and reference backends install as usual")
         return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext = CppExtension(
+        name="lora_kernels._C",
+        sources=cpu_sources(),
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args={"cxx": cxx_flags()},
+        extra_link_args=["-fopenmp"],
+        depends=_depends(),
+        # A failed build (no working C++ compiler) installs the package without _C (see fixed_build_dir).
+        optional=True,
+    )
+    _notice(
+        f"building lora_kernels._C with the CPU kernels only (no CUDA kernels: {why_no_cuda}) "
+        f"in {build_dir(torch).relative_to(ROOT)}/; if it cannot be compiled the package installs without it"
+    )
+    return [ext], {"build_ext": fixed_build_dir(BuildExtension, build_dir(torch))}
+
+
+def extensions() -> tuple[list, dict]:
+    """``(ext_modules, cmdclass)``: the extension with the CUDA kernels where they can be built,
+    else with the CPU kernels only (:func:`cpu_extensions`)."""
+    if SKIP_CUDA:
+        return cpu_extensions("LORA_KERNELS_SKIP_CUDA is set")
 
     def unavailable(why: str):
         if FORCE_CUDA:
             raise SystemExit(f"lora_kernels setup: LORA_KERNELS_FORCE_CUDA=1 but the CUDA extension cannot be built: {why}")
-        _notice(f"not building the CUDA extension lora_kernels._C ({why}); the Triton and reference "
-                "backends install as usual; LORA_KERNELS_FORCE_CUDA=1 makes this an error")
-        return [], {}
+        return cpu_extensions(f"{why}; LORA_KERNELS_FORCE_CUDA=1 makes this an error")
 
     cuda_home, why = find_cuda_home()
     if cuda_home is None:
@@ -346,11 +390,8 @@ def cuda_extensions() -> tuple[list, dict]:
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    debug = _env_flag("LORA_KERNELS_DEBUG")
-    # NOTE: -fopenmp: at::parallel_for (csrc/cpu/) is a header template that runs serially without it.
-    cxx = (["-O0", "-g"] if debug else ["-O3"]) + ["-fopenmp"]
     nvcc = ["-O3"] + arch_flags(os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
-    if debug:
+    if _env_flag("LORA_KERNELS_DEBUG"):
         nvcc += ["-G", "-g"]
     elif _env_flag("LORA_KERNELS_LINEINFO"):
         nvcc += ["-lineinfo"]
@@ -361,21 +402,21 @@ def cuda_extensions() -> tuple[list, dict]:
 
     sources, include_dirs, source_flags = cuda_sources(os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
     nvcc += source_flags
+    # The sm_90a kernels' CUTLASS headers are the include directory after csrc/ (cuda_sources).
+    # NOTE: read before CUDAExtension, which appends torch's include directories to the list.
+    cutlass = f", CUTLASS headers from {include_dirs[1]}" if len(include_dirs) > 1 else ""
     ext = CUDAExtension(
         name="lora_kernels._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
-        # Rebuild when a header changes (ninja tracks the includes of each source).
-        depends=sorted(glob.glob(str(ROOT / "csrc" / "**" / "*.h*"), recursive=True)),
+        depends=_depends(),
     )
-    # The sm_90a kernels' CUTLASS headers are the include directory after csrc/ (cuda_sources).
-    cutlass = f", CUTLASS headers from {include_dirs[1]}" if len(include_dirs) > 1 else ""
     _notice(
-        f"building the CUDA extension lora_kernels._C for {describe_archs(nvcc)} with CUDA {tk} "
+        f"building lora_kernels._C with the CUDA kernels for {describe_archs(nvcc)} with CUDA {tk} "
         f"({cuda_home}{cutlass}) in {build_dir(torch).relative_to(ROOT)}/ (unchanged objects are reused); "
-        "LORA_KERNELS_SKIP_CUDA=1 skips it, LORA_KERNELS_CUDA_ARCHS chooses the GPUs"
+        "LORA_KERNELS_SKIP_CUDA=1 builds the CPU kernels only, LORA_KERNELS_CUDA_ARCHS chooses the GPUs"
     )
     return [ext], {"build_ext": fixed_build_dir(BuildExtension, build_dir(torch))}
 
@@ -398,15 +439,30 @@ def build_dir(torch) -> Path:
     return ROOT / "build" / f"temp.{re.sub(r'[^A-Za-z0-9._-]', '_', tag)}"
 
 
-def fixed_build_dir(build_ext_class, directory: Path):
-    """``build_ext_class`` with its ``build_temp`` fixed to ``directory``, whatever pip set."""
+def fixed_build_dir(base, directory: Path):
+    """``base`` (torch's BuildExtension) with its ``build_temp`` fixed to ``directory``, whatever
+    pip set, and a failed build of optional extensions (the CPU-only ``_C``) skipped with one line."""
 
-    class FixedBuildDir(build_ext_class):
+    class LoraBuildExt(base):
         def finalize_options(self):
             super().finalize_options()
             self.build_temp = str(directory)
 
-    return FixedBuildDir
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # noqa: BLE001
+                # NOTE: setuptools skips a failed optional extension only on CompileError & co.;
+                # torch's build raises others (RuntimeError from ninja, CalledProcessError when it
+                # probes a broken compiler, FileNotFoundError for none), which would abort the install.
+                if not all(ext.optional for ext in self.extensions):
+                    raise
+                first = next((l for l in str(exc).splitlines() if l.strip()), type(exc).__name__)
+                _notice(f"compiling lora_kernels._C failed ({type(exc).__name__}: {first}); the package installs "
+                        "without it (the reference path computes the same dropout masks with PyTorch ops)")
+                self.warn(f"building the optional extension lora_kernels._C failed: {exc}")
+
+    return LoraBuildExt
 
 
 def describe_archs(nvcc_flags: list[str]) -> str:
@@ -419,7 +475,7 @@ def describe_archs(nvcc_flags: list[str]) -> str:
     return ", ".join(sass) + (f" (+PTX {', '.join(ptx)})" if ptx else "")
 
 
-ext_modules, cmdclass = cuda_extensions()
+ext_modules, cmdclass = extensions()
 
 setup(
     name="lora_kernels",

@@ -8,9 +8,10 @@
 #   bash ci/compat.sh 2.11.0          # one row (others keep their last results in the table)
 #
 # Environment: PYTHON (default python3.11), COMPAT_DIR (venvs, the source copy, logs and per-row
-# results; default build/compat), KEEP_VENVS=1 keeps each row's venv. The CUDA extension is not built
-# (LORA_KERNELS_SKIP_CUDA=1): the rows test the Python package and the Triton kernels under
-# Triton's CPU interpreter; the extension is built and tested by .ci/run's first stage.
+# results; default build/compat), KEEP_VENVS=1 keeps each row's venv. The CUDA kernels are not built
+# (LORA_KERNELS_SKIP_CUDA=1: _C has its CPU kernels only): the rows test the Python package, the
+# compiled CPU mask and the Triton kernels under Triton's CPU interpreter; the CUDA kernels are
+# built and tested by .ci/run's first stage.
 # Exits non-zero if any row failed any step. See docs/compatibility.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,32 +1,16 @@
-// The op schemas of the CUDA backend, declared once. The kernels register
-// themselves beside their sources (cuda/forward.cu, cuda/backward.cu,
-// cuda/merge.cu: TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m)).
+// The op schemas of the CUDA backend, declared once; compiled only in the CUDA build
+// (the module itself: module.cpp). The kernels register themselves beside their sources
+// (cuda/forward.cu, cuda/backward.cu, cuda/merge.cu: TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m)).
 //
 // NOTE: lora_kernels/ops.py defines lora_kernels::lora_forward & co. through
-// torch.library.custom_op, a FRAGMENT of the same namespace; a fragment and
-// this one TORCH_LIBRARY block coexist in either import order.
-#include <Python.h>
+// torch.library.custom_op, and cpu/dropout.cpp the CPU dropout ops, as FRAGMENTs of the
+// same namespace; fragments and this one TORCH_LIBRARY block coexist in either load order.
 #include <torch/library.h>
 
 #include <vector>
 
 #include "cuda/host_plan.h"
 #include "cuda/sm90/gemm_sm90.h"
-
-extern "C" {
-// `import lora_kernels._C` loads this library, which runs the static
-// registrations below; the module itself is empty (no pybind11 needed).
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",  // m_name
-      "Hand-written CUDA kernels of lora_kernels (ops under torch.ops.lora_kernels.cuda_*)",  // m_doc
-      -1,    // m_size
-      nullptr,  // m_methods
-  };
-  return PyModule_Create(&module_def);
-}
-}
 
 namespace {
 
@@ -80,9 +64,4 @@ TORCH_LIBRARY(lora_kernels, m) {
       "int cc_minor, bool built, str? mode) -> int[]",
       &cuda_gemm_plan);
   m.def("_cuda_dy_pass_plan(int M, int N, int r, int sms) -> int[]", &cuda_dy_pass_plan);
-  // The (rows, cols) bool dropout keep-mask of reference.dropout_keep_mask, bit for bit; seed: 0-dim int64
-  // tensor on the CPU. Kernel: cpu/dropout.cpp (CPU only).
-  m.def("dropout_keep_mask(int rows, int cols, float p, Tensor seed) -> Tensor");
-  // x ⊙ D (reference.dropout_scale) for 2-D x on the CPU, in x's dtype; the same mask as dropout_keep_mask.
-  m.def("dropout_scale(Tensor x, float p, Tensor seed) -> Tensor");
 }

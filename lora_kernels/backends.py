@@ -87,8 +87,8 @@ def _load(name: str) -> tuple[Optional[Backend], str]:
             module = importlib.import_module("lora_kernels.cuda_ops")
         except ImportError as exc:
             return None, (
-                f"the CUDA extension lora_kernels._C is not built ({exc}); reinstall from source "
-                "with a CUDA toolkit present (see README, LORA_KERNELS_FORCE_CUDA=1)"
+                f"the CUDA kernels are not built ({exc}); reinstall from source with a CUDA toolkit and a "
+                "CUDA PyTorch present (see README; LORA_KERNELS_FORCE_CUDA=1 makes their absence a build error)"
             )
     else:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")

@@ -14,8 +14,10 @@ In the backward, fp16/bf16 ``g`` and ``dB`` come from one pass over ``dy`` where
 model of ``plan_dy_pass`` (csrc/cuda/host_plan.h) says it moves fewer bytes than two thin
 products; the choice depends only on the shapes and the SM count, never on the values.
 
-An ``ImportError`` from this module means the extension was not built; the
-backend registry turns it into a clear "unavailable" message.
+An ``ImportError`` from this module means the CUDA kernels are not there: the
+extension was not built, or was built with its CPU kernels only (no CUDA toolkit or
+CUDA PyTorch at build time, or ``LORA_KERNELS_SKIP_CUDA=1``); the backend registry
+turns it into a clear "unavailable" message.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ import lora_kernels._C  # noqa: F401  (registers torch.ops.lora_kernels.cuda_*)
 from .backends import device_seed
 
 _ops = torch.ops.lora_kernels
+
+if not hasattr(_ops, "cuda_lora_forward"):
+    raise ImportError(
+        "lora_kernels._C was built without its CUDA kernels (it holds the CPU dropout kernels only: "
+        "there was no CUDA toolkit or no CUDA PyTorch at build time, or LORA_KERNELS_SKIP_CUDA was set)"
+    )
 
 
 def lora_forward(

@@ -157,13 +157,17 @@ def test_keep_mask_does_not_depend_on_the_chunking(monkeypatch):
 # --------------------------------------------------------------------------- #
 
 
-def _setup_py(*args, env_extra=None, python=sys.executable, code=None):
+def _setup_py(*args, env_extra=None, python=sys.executable, code=None, cwd=ROOT):
     """Run setup.py (or ``code`` in the repository) in a child without a controlling terminal, so its
     one line goes to stderr."""
     env = {**os.environ, **(env_extra or {})}
     command = [python, "-c", code] if code else [python, "setup.py", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
                           start_new_session=True)
+
+
+def _setup_lines(run) -> list[str]:
+    return [l for l in run.stderr.splitlines() if l.startswith("lora_kernels setup:")]
 
 
 def test_setup_names_missing_build_requirements(tmp_path):
@@ -177,9 +181,10 @@ def test_setup_names_missing_build_requirements(tmp_path):
 
 def _toolkit_and_cuda_torch() -> bool:
     run = _setup_py(code="import runpy, sys; sys.argv = ['setup.py', '--name']; "
-                         "g = runpy.run_path('setup.py'); print('EXT', bool(g['ext_modules']))",
+                         "g = runpy.run_path('setup.py'); "
+                         "print('CUDA', any(s.endswith('.cu') for e in g['ext_modules'] for s in e.sources))",
                     env_extra={"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "0"})
-    return "EXT True" in run.stdout
+    return "CUDA True" in run.stdout
 
 
 def test_setup_says_nothing_when_pip_only_asks_for_metadata():
@@ -191,17 +196,86 @@ def test_setup_prints_one_line_on_the_extension():
     env = {"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "0", "LORA_KERNELS_CUDA_ARCHS": "8.0;9.0a"}
     # (build_ext --help: setup.py runs as for a build, and setuptools stops before compiling)
     run = _setup_py("build_ext", "--help", env_extra=env)
-    lines = [l for l in run.stderr.splitlines() if l.startswith("lora_kernels setup:")]
+    lines = _setup_lines(run)
     assert run.returncode == 0 and len(lines) == 1, run.stderr
     if _toolkit_and_cuda_torch():
-        assert "building the CUDA extension lora_kernels._C for sm_80, sm_90a (+PTX compute_90)" in lines[0]
+        assert "building lora_kernels._C with the CUDA kernels for sm_80, sm_90a (+PTX compute_90)" in lines[0]
         assert "LORA_KERNELS_SKIP_CUDA=1" in lines[0]
     else:
-        assert "not building the CUDA extension" in lines[0] and "LORA_KERNELS_FORCE_CUDA=1" in lines[0]
-    skipped = _setup_py("build_ext", "--help", env_extra={**env, "LORA_KERNELS_SKIP_CUDA": "1"})
-    assert [l for l in skipped.stderr.splitlines() if l.startswith("lora_kernels setup:")] == [
-        "lora_kernels setup: not building the CUDA extension lora_kernels._C (LORA_KERNELS_SKIP_CUDA is set); "
-        "the Triton and reference backends install as usual"]
+        assert "building lora_kernels._C with the CPU kernels only (no CUDA kernels: " in lines[0]
+        assert "LORA_KERNELS_FORCE_CUDA=1" in lines[0]
+    skipped = _setup_lines(_setup_py("build_ext", "--help", env_extra={**env, "LORA_KERNELS_SKIP_CUDA": "1"}))
+    assert len(skipped) == 1 and skipped[0].startswith(
+        "lora_kernels setup: building lora_kernels._C with the CPU kernels only "
+        "(no CUDA kernels: LORA_KERNELS_SKIP_CUDA is set) in build/temp."), skipped
+    assert skipped[0].endswith("if it cannot be compiled the package installs without it"), skipped
+
+
+def test_setup_builds_the_cpu_kernels_alone_without_cuda():
+    """Without the CUDA build, _C is an optional C++ extension of the CPU sources, which the CUDA build
+    compiles too; without PyTorch nothing is built (one line), unless LORA_KERNELS_FORCE_CUDA=1."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['setup.py', '--name']\n"
+        "g = runpy.run_path('setup.py')\n"
+        "(ext,) = g['ext_modules']\n"
+        "print('EXT', ext.name, ext.optional, ' '.join(ext.sources))\n"
+        "print('CPU', ' '.join(g['cpu_sources']()))\n"
+        "print('CUDA', ' '.join(g['cuda_sources']('8.0')[0]))\n"
+        "print('TEMP', type(g['cmdclass']['build_ext']).__name__)\n"
+    )
+    run = _setup_py(code=code, env_extra={"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "1"})
+    assert run.returncode == 0, run.stderr
+    ext = re.search(r"^EXT (\S+) (\S+) (.*)$", run.stdout, re.M).groups()
+    cpu = re.search(r"^CPU (.*)$", run.stdout, re.M).group(1).split()
+    cuda = re.search(r"^CUDA (.*)$", run.stdout, re.M).group(1).split()
+    assert ext[:2] == ("lora_kernels._C", "True") and ext[2].split() == cpu
+    assert "csrc/module.cpp" in cpu and "csrc/cpu/dropout.cpp" in cpu
+    assert not [s for s in cpu if s.endswith(".cu") or s == "csrc/lora.cpp"], cpu
+    assert set(cpu) < set(cuda) and "csrc/lora.cpp" in cuda
+
+    no_torch = "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'build_ext', '--help']; " \
+               "g = runpy.run_path('setup.py'); print('EXT', g['ext_modules'])"
+    run = _setup_py(code=no_torch, env_extra={"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "1"})
+    assert run.returncode == 0 and "EXT []" in run.stdout, run.stderr
+    (line,) = _setup_lines(run)
+    assert line.startswith("lora_kernels setup: not building lora_kernels._C (PyTorch cannot be imported"), line
+    forced = _setup_py(code=no_torch, env_extra={"LORA_KERNELS_FORCE_CUDA": "1", "LORA_KERNELS_SKIP_CUDA": "0"})
+    assert forced.returncode != 0 and "EXT" not in forced.stdout
+    assert "LORA_KERNELS_FORCE_CUDA=1 but the CUDA extension cannot be built" in forced.stderr, forced.stderr
+
+
+def test_setup_cpu_only_build_compiles_and_a_failed_one_still_installs(tmp_path):
+    """In a copy of the sources: with a C++ compiler that fails, build_ext skips the optional _C with one
+    line and succeeds; with the real one, the CPU-only _C compiles and gives the reference path its
+    compiled dropout mask, while the cuda backend says why it is unavailable."""
+    import shutil
+
+    shutil.copy(ROOT / "setup.py", tmp_path)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    shutil.copytree(ROOT / "lora_kernels", tmp_path / "lora_kernels",
+                    ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    env = {"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "1", "MAX_JOBS": "1"}
+    failed = _setup_py("build_ext", "--inplace", env_extra={**env, "CXX": shutil.which("false")}, cwd=tmp_path)
+    assert failed.returncode == 0, failed.stderr
+    assert any(l.startswith("lora_kernels setup: compiling lora_kernels._C failed (") for l in _setup_lines(failed)), \
+        failed.stderr
+    assert not list((tmp_path / "lora_kernels").glob("_C*.so"))
+
+    built = _setup_py("build_ext", "--inplace", env_extra=env, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    assert len(list((tmp_path / "lora_kernels").glob("_C*.so"))) == 1, built.stderr
+    check = (
+        "import torch, lora_kernels\n"
+        "from lora_kernels import backends, reference\n"
+        "print('FILE', lora_kernels._C.__file__)\n"
+        "print('COMPILED', reference.COMPILED_MASK)\n"
+        "print('CUDA', backends.unavailable_reason('cuda', torch.device('cuda', 0)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f"FILE {tmp_path}" in run.stdout and "COMPILED True" in run.stdout, run.stdout
+    assert "lora_kernels._C was built without its CUDA kernels" in run.stdout, run.stdout
 
 
 def test_setup_build_directory_is_fixed_whatever_pip_sets():

@@ -1,12 +1,15 @@
 """The compiled CUDA extension ``lora_kernels._C`` (the ``cuda`` backend).
 
-Without a build the whole file skips, with the reason, unless CI requires the
+Without a build with the CUDA kernels (none, or a CPU-only ``_C``: ``lora_kernels.cuda_ops``
+raises ImportError) the whole file skips, with the reason, unless CI requires the
 extension (``LORA_KERNELS_REQUIRE`` contains ``extension``), in which case it
 fails. The registration tests run on the CPU; the kernel tests need a GPU and
 compare against the float64 reference (:mod:`lora_kernels.reference`).
 """
 
 import itertools
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +19,11 @@ from lora_kernels import reference
 from conftest import ON_GPU, REQUIRED, relative_error
 
 try:
-    import lora_kernels._C  # noqa: F401
+    import lora_kernels.cuda_ops  # noqa: F401  (ImportError: no _C, or one without the CUDA kernels)
 
     BUILT, WHY_NOT = True, ""
 except ImportError as exc:
-    BUILT, WHY_NOT = False, f"the CUDA extension lora_kernels._C is not built ({exc})"
+    BUILT, WHY_NOT = False, f"the CUDA kernels are not built ({exc})"
     if "extension" in REQUIRED:
         raise  # CI asked for the extension: a missing build is a failure, not a skip
 
@@ -98,7 +101,8 @@ def test_extension_coexists_with_the_python_ops():
 
 
 def test_extension_loads_before_the_python_package(tmp_path):
-    """Loading the library first and importing the package after works too."""
+    """Loading the library first and importing the package after works too (the TORCH_LIBRARY block of
+    csrc/lora.cpp and the fragments of csrc/cpu/dropout.cpp and ops.py, in that order)."""
     import subprocess
     import sys
 
@@ -110,11 +114,14 @@ def test_extension_loads_before_the_python_package(tmp_path):
         "torch.ops.load_library(glob.glob(os.path.join(pkg, '_C*.so'))[0])\n"
         "import lora_kernels, lora_kernels.cuda_ops\n"
         "print(torch.ops.lora_kernels.lora_forward.default._schema.name,"
-        " torch.ops.lora_kernels.cuda_lora_merge_.default._schema.name)\n"
+        " torch.ops.lora_kernels.cuda_lora_merge_.default._schema.name,"
+        " torch.ops.lora_kernels.dropout_keep_mask.default._schema.name)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    # The package under test (this checkout), whatever else is installed.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
-    assert "lora_kernels::lora_forward lora_kernels::cuda_lora_merge_" in out.stdout
+    assert "lora_kernels::lora_forward lora_kernels::cuda_lora_merge_ lora_kernels::dropout_keep_mask" in out.stdout
 
 
 def test_cuda_backend_loads():

@@ -10,25 +10,23 @@
   i.e. ptxas spilled nothing.
 
 ``cuobjdump`` is looked up on PATH, in the toolkit, in the ``nvidia-cuda-cuobjdump`` wheel
-and in Triton's bundled copy. Without one the file skips, unless CI requires the
-extension (``LORA_KERNELS_REQUIRE`` contains ``extension``).
+and in Triton's bundled copy. Without one, or without an extension that has the CUDA kernels
+(``lora_kernels.cuda_ops`` imports), the file skips, unless CI requires the extension
+(``LORA_KERNELS_REQUIRE`` contains ``extension``).
 """
 
 from __future__ import annotations
 
 import functools
-import glob
 import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+import sys
 
 import pytest
 
 from conftest import REQUIRED
-
-PACKAGE = Path(__file__).resolve().parent.parent / "lora_kernels"
 
 
 def _find_cuobjdump() -> str | None:
@@ -46,17 +44,17 @@ def _find_cuobjdump() -> str | None:
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
 
 
-def _library() -> str | None:
-    found = sorted(glob.glob(str(PACKAGE / "_C*.so")))
-    return found[0] if found else None
+def _library() -> tuple[str | None, str]:
+    """``(the extension's file, "")`` where it has the CUDA kernels, else ``(None, why not)``."""
+    try:
+        import lora_kernels.cuda_ops  # noqa: F401  (ImportError: no _C, or a CPU-only one)
+    except ImportError as exc:
+        return None, f"the CUDA kernels are not built ({exc})"
+    return sys.modules["lora_kernels._C"].__file__, ""
 
 
-CUOBJDUMP, LIBRARY = _find_cuobjdump(), _library()
-WHY_NOT = (
-    "cuobjdump not found (pip install nvidia-cuda-cuobjdump)" if CUOBJDUMP is None
-    else "the CUDA extension lora_kernels._C is not built" if LIBRARY is None
-    else ""
-)
+CUOBJDUMP, (LIBRARY, NO_LIBRARY) = _find_cuobjdump(), _library()
+WHY_NOT = "cuobjdump not found (pip install nvidia-cuda-cuobjdump)" if CUOBJDUMP is None else NO_LIBRARY
 if WHY_NOT and "extension" in REQUIRED:
     raise RuntimeError(f"LORA_KERNELS_REQUIRE=extension but the SASS cannot be read: {WHY_NOT}")
 pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT or "available")

@@ -1,5 +1,9 @@
 """Backend selection: auto, forcing a backend, and clear errors when one cannot run."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,8 +15,8 @@ from conftest import DEVICE, REQUIRED
 @pytest.mark.parametrize("name", REQUIRED or ["reference"])
 def test_required_backends_are_available(name):
     """CI names what must run (LORA_KERNELS_REQUIRE), so nothing it needs is silently skipped."""
-    if name == "extension":  # the compiled CUDA extension must have been built and must load
-        import lora_kernels._C  # noqa: F401
+    if name == "extension":  # the compiled extension must have been built with its CUDA kernels and must load
+        import lora_kernels.cuda_ops  # noqa: F401  (ImportError for a CPU-only _C)
         return
     why = backends.unavailable_reason(name, DEVICE)
     assert not why, f"backend {name!r} is required here but unavailable: {why}"
@@ -40,3 +44,20 @@ def test_unknown_backend_is_refused():
 def test_available_backends_lists_reference_everywhere():
     assert "reference" in lk.available_backends("cpu")
     assert "cuda" not in lk.available_backends("cpu")
+
+
+def test_cuda_backend_is_unavailable_with_a_cpu_only_extension():
+    """An extension built with its CPU kernels only (no toolkit, a CPU torch, LORA_KERNELS_SKIP_CUDA=1):
+    lora_kernels.cuda_ops refuses to import, and the cuda backend is unavailable with that reason."""
+    code = (
+        "import sys, types, torch\n"
+        # an imported _C without the CUDA ops, as the CPU-only build is to cuda_ops
+        "sys.modules['lora_kernels._C'] = types.ModuleType('lora_kernels._C')\n"
+        "from lora_kernels import backends\n"
+        "assert not hasattr(torch.ops.lora_kernels, 'cuda_lora_forward')\n"
+        "print(backends.unavailable_reason('cuda', torch.device('cuda', 0)))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "lora_kernels._C was built without its CUDA kernels" in out.stdout, out.stdout

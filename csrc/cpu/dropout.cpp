@@ -1,6 +1,7 @@
 // The dropout keep-mask on the CPU: one C++ loop over Philox counters, bit for bit
 // lora_kernels/reference.py (dropout_keep_mask). The reference path uses it when the
-// extension is built; otherwise it computes the same mask with PyTorch integer ops.
+// extension is built (with or without its CUDA kernels: this file needs only the C++
+// compiler); otherwise it computes the same mask with PyTorch integer ops.
 //
 //   words      = philox4x32_10(seed, row · ⌈cols/4⌉ + ⌊col/4⌋)     four words, four columns
 //   keep[r, c] = (words[c mod 4] >> 8) >= round(p · 2²⁴)
@@ -202,6 +203,16 @@ at::Tensor dropout_scale_cpu(const at::Tensor& x, double p, const at::Tensor& se
 }
 
 }  // namespace
+
+// NOTE: a FRAGMENT, not TORCH_LIBRARY: the namespace's one TORCH_LIBRARY block is the CUDA
+// schemas' (lora.cpp), absent from the CPU-only build.
+TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
+  // The (rows, cols) bool dropout keep-mask of reference.dropout_keep_mask, bit for bit; seed: 0-dim int64
+  // tensor on the CPU.
+  m.def("dropout_keep_mask(int rows, int cols, float p, Tensor seed) -> Tensor");
+  // x ⊙ D (reference.dropout_scale) for 2-D x on the CPU, in x's dtype; the same mask as dropout_keep_mask.
+  m.def("dropout_scale(Tensor x, float p, Tensor seed) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
