@@ -536,12 +536,15 @@ def _merge_kernel(
 # register spills: a config that spills for a kernel variant is excluded from autotuning for it
 # (_EXCLUDED), not accepted. The last of each list is the fallback when none fits: it must not spill.
 _GEMM_SHAPES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 4),
-                (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+                (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 3, 8)]
 _GEMM_SHAPES_POINTER = [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5, 2), (64, 32, 32, 4, 4), (32, 32, 32, 3, 4)]
 # Backward: BLOCK_N is the step over dY's columns, BLOCK_K the dx tile's width (two halves).
 _BACKWARD_SHAPES = [(128, 64, 128, 3, 8), (128, 64, 256, 3, 8), (64, 64, 128, 4, 4), (64, 64, 128, 3, 8), (128, 32, 128, 4, 8),
                     (64, 32, 64, 4, 4), (64, 32, 64, 3, 8)]
-_BACKWARD_SHAPES_POINTER = [(32, 32, 32, 3, 4)]  # fp32 FMA tiles (no wgmma below 64 rows)
+_BACKWARD_SHAPES_POINTER = [(32, 32, 32, 3, 4), (32, 32, 32, 3, 8)]  # fp32 FMA tiles (no wgmma below 64 rows)
+# NOTE: the last entries, 8 warps, are the fallbacks that no Triton of the support matrix spills:
+# Triton 3.4 spills every other TMA config of the fused forward with dropout, 3.6 the 4-warp fp32
+# backward tile.
 
 
 def _gemm_configs(tma: bool = False):

@@ -346,7 +346,8 @@ def sgmv_reduce(p, q, order, seg, out, coeff, dropout_p=0.0, seed=0):
     if INTERPRET:
         block_j, block_t, launch = 32, 32, {}
     else:
-        block_j, block_t, launch = 128, 64, dict(num_warps=4, num_stages=3)
+        # NOTE: 8 warps with dropout: the Philox state made the 4-warp tile spill on Triton 3.4.
+        block_j, block_t, launch = 128, 64, dict(num_warps=8 if dropout_p else 4, num_stages=3)
     block_r = single._block_r(R)
     tiles = triton.cdiv(J, block_j) * triton.cdiv(R, block_r)
     chunks_wanted = max(1, triton.cdiv(2 * _num_sms(p.device), tiles))
