@@ -142,21 +142,36 @@ class LoRALinearFunction(torch.autograd.Function):
     A thin Function over the registered ops: forward is one ``lora_forward`` call,
     backward one ``lora_backward`` call, plus ``dW0 = dyᵀ x`` and ``db = Σ dy`` when
     the frozen weights ask for them. (In eager mode the calls go straight to the
-    backend's launchers; see :func:`lora_kernels.ops.forward`.) Inputs are 2-D and
-    of one dtype; use :func:`lora_linear` for the checked, shape-general entry point.
+    backend's launchers; see :func:`lora_kernels.ops.forward`.) ``x`` is ``(..., K)``
+    (``y`` is ``(..., N)``, ``xa`` always 2-D), all of one dtype; use :func:`lora_linear`
+    for the checked entry point.
     """
 
     # NOTE: the ctx-first form: the separate setup_context form binds its arguments through
-    # inspect.signature on every call (~10 µs, the price of a small GEMM).
+    # inspect.signature on every call (~10 µs, the price of a small GEMM). x is flattened here,
+    # not by the caller: outside the Function the flattening and the unflattening of y were two
+    # more autograd nodes per call, as much as a small layer's GEMMs on the CPU.
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
-        inputs = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
-        output = ops.forward(*inputs)
-        ops.setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
-        return output
+        ctx.x_shape = x.shape
+        inputs = (x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        y, xa = ops.forward(*inputs)
+        ops.setup_context(ctx, inputs, (y, xa))
+        ctx.mark_non_differentiable(xa)
+        if x.dim() != 2:
+            # NOTE: _unsafe_view, as torch.matmul does: y is not a view for autograd, so in-place
+            # ops on it (and FSDP2's hooks) treat it as the fresh tensor it is.
+            y = torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
+        return y, xa
 
-    backward = staticmethod(ops.backward)
+    @staticmethod
+    def backward(ctx, grad_out, grad_xa):
+        if grad_out is not None and grad_out.dim() != 2:
+            grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grads = ops.backward(ctx, grad_out, grad_xa)
+        if grads[0] is None or len(ctx.x_shape) == 2:
+            return grads
+        return (grads[0].view(ctx.x_shape),) + tuple(grads[1:])
 
 
 def lora_linear(
@@ -190,15 +205,11 @@ def lora_linear(
         seed_t = draw_seed(x.device)
     else:
         seed_t = seed_tensor(seed, x.device)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
     y, _ = LoRALinearFunction.apply(
-        x2, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
+        x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
         float(scaling), float(dropout_p), seed_t, name,
     )
-    # NOTE: _unsafe_view, as torch.matmul does: the result is not a view for autograd, so
-    # in-place ops on it (and FSDP2's hooks) treat it as the fresh tensor it is.
-    return torch.ops.aten._unsafe_view(y, (*lead, weight.shape[0]))
+    return y
 
 
 def _merge(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, backend: str) -> None:
