@@ -96,6 +96,11 @@ if reference.COMPILED_MASK:
     def _(x, p, seed):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("lora_kernels::dropout_scale_pair")
+    def _(x, other, p, seed):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                torch.empty_like(other, memory_format=torch.contiguous_format))
+
 
 def tracing() -> bool:
     """Whether a compiler or a tracing mode (fake tensors, make_fx, functionalization) is active."""

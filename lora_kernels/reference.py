@@ -160,6 +160,17 @@ def dropout_scale(x2d: Tensor, p: float, seed: int, keep: Optional[Tensor] = Non
     return x2d.mul(keep).mul_(1.0 / (1.0 - p))
 
 
+def dropout_scale_pair(a: Tensor, b: Tensor, p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """``(a ⊙ D, b ⊙ D)`` for ``a`` and ``b`` of one shape: :func:`dropout_scale` of each, the mask drawn
+    once (backward's ``x`` and ``g A``). ``b`` may be overwritten."""
+    if p == 0.0:
+        return a, b
+    if COMPILED_MASK and a.device.type == "cpu" and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return torch.ops.lora_kernels.dropout_scale_pair(a, b, p, _cpu_seed(seed))
+    keep = dropout_keep_mask(a.shape[0], a.shape[1], p, seed, a.device)
+    return dropout_scale(a, p, seed, keep), dropout_scale(b, p, seed, keep)
+
+
 def lora_linear_reference(
     x: Tensor,
     weight: Tensor,
@@ -210,20 +221,13 @@ def lora_backward(
     dy = grad_out
     grad_B = torch.mm(dy.t(), xa)
     g = torch.mm(dy, lora_B).mul_(scaling)
-    # NOTE: the mask is drawn once for dA and dx, as the multiplier D (0 or 1/(1-p), in at least fp32): one
-    # product per use, rounded once, the bits of dropout_scale's (x · keep) · 1/(1-p).
-    if dropout_p:
-        keep = dropout_keep_mask(x.shape[0], x.shape[1], dropout_p, seed, x.device)
-        d = keep.to(torch.promote_types(x.dtype, torch.float32)).mul_(1.0 / (1.0 - dropout_p))
-        x_d = torch.mul(x, d, out=torch.empty_like(x, memory_format=torch.contiguous_format))
-    else:
-        x_d = x
-    grad_A = torch.mm(g.t(), x_d)
     if need_grad_x:
-        ga = torch.mm(g, lora_A)
-        grad_x = (torch.mul(ga, d, out=ga) if dropout_p else ga).addmm_(dy, weight)
+        x_d, ga_d = dropout_scale_pair(x, torch.mm(g, lora_A), dropout_p, seed)
+        grad_x = ga_d.addmm_(dy, weight)
     else:
+        x_d = dropout_scale(x, dropout_p, seed)
         grad_x = x.new_empty(0)
+    grad_A = torch.mm(g.t(), x_d)
     return grad_x, grad_A, grad_B
 
 

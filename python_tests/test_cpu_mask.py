@@ -135,6 +135,34 @@ def test_compiled_dropout_scale_non_contiguous_and_differentiable_path():
         torch.ops.lora_kernels.dropout_scale(x.detach().reshape(-1), 0.3, seed)
 
 
+@requires_compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 9), (65, 130)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_compiled_dropout_scale_pair_is_two_dropout_scales(dtype, shape):
+    """One draw of the mask for both tensors: each result has the bits of its own dropout_scale."""
+    a = torch.randn(*shape, dtype=dtype)
+    b = (torch.randn(*shape, dtype=torch.float64) * 100).to(dtype).t().contiguous().t()  # another layout
+    b[::3, ::2] = float("inf")
+    seed = torch.tensor(2**50 + 3)
+    got_a, got_b = torch.ops.lora_kernels.dropout_scale_pair(a, b, 0.3, seed)
+    for got, x in ((got_a, a), (got_b, b)):
+        want = torch.ops.lora_kernels.dropout_scale(x, 0.3, seed)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(_bits(got)[~want.isnan()], _bits(want)[~want.isnan()])
+    # (opcheck compares outputs without equal_nan: finite inputs there.)
+    torch.library.opcheck(torch.ops.lora_kernels.dropout_scale_pair.default, (a, b.nan_to_num(), 0.3, seed))
+    # The Python entry point agrees, compiled or not (the tensor-op path draws the mask once too).
+    for compiled in (True, False):
+        reference.COMPILED_MASK = compiled
+        try:
+            pa, pb = reference.dropout_scale_pair(a, b.clone(), 0.3, seed)
+        finally:
+            reference.COMPILED_MASK = True
+        assert torch.equal(_bits(pa), _bits(got_a)) and torch.equal(got_b.isnan(), pb.isnan())
+    with pytest.raises(RuntimeError, match="share a shape and a dtype"):
+        torch.ops.lora_kernels.dropout_scale_pair(a, b[:, :1] if shape[1] > 1 else b[:0], 0.3, seed)
+
+
 @pytest.fixture(params=[True, False], ids=["compiled", "torch"])
 def mask_impl(request, monkeypatch):
     """Runs a test with the compiled mask, then with the PyTorch one (reference.COMPILED_MASK flipped)."""

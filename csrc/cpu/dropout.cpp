@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <tuple>
+#include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -169,37 +171,58 @@ at::Tensor dropout_keep_mask_cpu(int64_t rows, int64_t cols, double p, const at:
   return keep;
 }
 
-// x ⊙ D = x · keep · 1/(1−p) in x's dtype, bit for bit reference.dropout_scale (x.mul(keep).mul_(1/(1−p))):
-// the product is taken in PyTorch's opmath type (float for half and bfloat16), and a dropped NaN or
-// infinity stays NaN as x · 0 does. One pass, row by row: the mask lives one row at a time.
-at::Tensor dropout_scale_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
-  TORCH_CHECK(x.dim() == 2, "dropout_scale: x must be 2-D, got shape ", x.sizes());
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_scale: dropout probability p must be in [0, 1), got ", p);
-  const uint64_t key = seed_key(seed, "dropout_scale");
-  const auto xc = x.contiguous();
-  const int64_t rows = xc.size(0), cols = xc.size(1);
-  auto out = at::empty_like(xc);
-  if (out.numel() == 0) return out;
+// xs[i] ⊙ D = xs[i] · keep · 1/(1−p) in their dtype for 2-D tensors of one shape and dtype, one draw of
+// the mask for all of them; bit for bit reference.dropout_scale (x.mul(keep).mul_(1/(1−p))): the product
+// is taken in PyTorch's opmath type (float for half and bfloat16), and a dropped NaN or infinity stays
+// NaN as x · 0 does. One pass, row by row: the mask lives one row at a time.
+std::vector<at::Tensor> dropout_scale_all(const char* op, c10::ArrayRef<at::Tensor> xs, double p,
+                                          const at::Tensor& seed) {
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
+    TORCH_CHECK(x.sizes() == xs[0].sizes() && x.scalar_type() == xs[0].scalar_type(), op,
+                ": the tensors must share a shape and a dtype, got ", xs[0].sizes(), " ", xs[0].scalar_type(), " and ",
+                x.sizes(), " ", x.scalar_type());
+  }
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": dropout probability p must be in [0, 1), got ", p);
+  const uint64_t key = seed_key(seed, op);
+  std::vector<at::Tensor> ins, outs;
+  for (const auto& x : xs) {
+    ins.push_back(x.contiguous());
+    outs.push_back(at::empty_like(ins.back()));
+  }
+  const int64_t rows = xs[0].size(0), cols = xs[0].size(1);
+  if (rows == 0 || cols == 0) return outs;
   const uint32_t threshold = dropout_threshold(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_scale", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "dropout_scale", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t scale = static_cast<opmath_t>(1.0 / (1.0 - p));
-    const scalar_t* in = xc.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
       std::unique_ptr<bool[]> kept(new bool[cols]);
+      std::unique_ptr<opmath_t[]> factor(new opmath_t[cols]);
       for (int64_t row = begin; row < end; ++row) {
         keep_row(key, threshold, row, cols, kept.get());
-        const scalar_t* in_row = in + row * cols;
-        scalar_t* o_row = o + row * cols;
-        // NOTE: x · (keep ? s : 0) has the bits of (x · keep) · s (x · 0 keeps x's sign and NaN), and vectorises.
-        for (int64_t c = 0; c < cols; ++c) {
-          o_row[c] = static_cast<scalar_t>(static_cast<opmath_t>(in_row[c]) * (kept[c] ? scale : opmath_t(0)));
+        // NOTE: x · D with D = keep ? s : 0 has the bits of (x · keep) · s (x · 0 keeps x's sign and NaN); the
+        // row's factors first, then plain products: both loops vectorise.
+        for (int64_t c = 0; c < cols; ++c) factor[c] = kept[c] ? scale : opmath_t(0);
+        for (size_t i = 0; i < ins.size(); ++i) {
+          const scalar_t* __restrict__ in_row = ins[i].const_data_ptr<scalar_t>() + row * cols;
+          scalar_t* __restrict__ o_row = outs[i].data_ptr<scalar_t>() + row * cols;
+          for (int64_t c = 0; c < cols; ++c) o_row[c] = static_cast<scalar_t>(static_cast<opmath_t>(in_row[c]) * factor[c]);
         }
       }
     });
   });
-  return out;
+  return outs;
+}
+
+at::Tensor dropout_scale_cpu(const at::Tensor& x, double p, const at::Tensor& seed) {
+  return dropout_scale_all("dropout_scale", {x}, p, seed)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_scale_pair_cpu(const at::Tensor& x, const at::Tensor& other, double p,
+                                                          const at::Tensor& seed) {
+  auto outs = dropout_scale_all("dropout_scale_pair", {x, other}, p, seed);
+  return {outs[0], outs[1]};
 }
 
 }  // namespace
@@ -212,11 +235,15 @@ TORCH_LIBRARY_FRAGMENT(lora_kernels, m) {
   m.def("dropout_keep_mask(int rows, int cols, float p, Tensor seed) -> Tensor");
   // x ⊙ D (reference.dropout_scale) for 2-D x on the CPU, in x's dtype; the same mask as dropout_keep_mask.
   m.def("dropout_scale(Tensor x, float p, Tensor seed) -> Tensor");
+  // (x ⊙ D, other ⊙ D) for x and other of one shape and dtype: one draw of the mask for both (backward's x
+  // and g A).
+  m.def("dropout_scale_pair(Tensor x, Tensor other, float p, Tensor seed) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lora_kernels, CPU, m) {
   m.impl("dropout_keep_mask", &dropout_keep_mask_cpu);
   m.impl("dropout_scale", &dropout_scale_cpu);
+  m.impl("dropout_scale_pair", &dropout_scale_pair_cpu);
 }
 
 }  // namespace lora_kernels

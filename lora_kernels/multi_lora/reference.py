@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..reference import dropout_scale
+from ..reference import dropout_scale, dropout_scale_pair
 
 
 def segments(adapter_ids: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -102,18 +102,22 @@ def multi_lora_backward(
     """Op-level backward: ``(dx, dA, dB)``; ``dx`` is empty unless asked for."""
     dy = grad_out
     n = lora_A.shape[0]
-    xd = dropout_scale(x, dropout_p, seed)
     grad_A = torch.empty_like(lora_A)
     grad_B = torch.empty_like(lora_B)
     up = x.new_zeros(x.shape) if need_grad_x else None
+    gs = []
     for i, sel in enumerate(_masks(adapter_ids, n)):
         grad_B[i] = dy.t() @ torch.where(sel, xa, 0.0)
-        g_i = torch.where(sel, _scaled(dy @ lora_B[i], scaling[i]), 0.0)
-        grad_A[i] = g_i.t() @ xd
+        gs.append(torch.where(sel, _scaled(dy @ lora_B[i], scaling[i]), 0.0))
         if need_grad_x:
-            up = up + g_i @ lora_A[i]
+            up = up + gs[i] @ lora_A[i]
+    # The mask drawn once for dA and dx.
     if need_grad_x:
-        grad_x = dy @ weight + dropout_scale(up, dropout_p, seed)
+        xd, up_d = dropout_scale_pair(x, up, dropout_p, seed)
+        grad_x = dy @ weight + up_d
     else:
+        xd = dropout_scale(x, dropout_p, seed)
         grad_x = x.new_empty(0)
+    for i, g_i in enumerate(gs):
+        grad_A[i] = g_i.t() @ xd
     return grad_x, grad_A, grad_B
