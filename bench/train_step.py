@@ -54,6 +54,9 @@ class Config:
 CONFIGS = {
     "tiny": Config(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=160, vocab=256, batch=2, seq=64,
                    dtype="float32"),
+    # The CPU case: a small Llama whose MLP layers are 256→688.
+    "small": Config(hidden=256, layers=2, heads=4, kv_heads=4, intermediate=688, vocab=1024, batch=4, seq=128,
+                    dtype="float32"),
     "llama-2048": Config(hidden=2048, layers=12, heads=16, kv_heads=16, intermediate=5504, vocab=32000, batch=4,
                          seq=2048, dtype="bfloat16"),
 }
