@@ -541,10 +541,10 @@ _GEMM_SHAPES_POINTER = [(128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 5
 # Backward: BLOCK_N is the step over dY's columns, BLOCK_K the dx tile's width (two halves).
 _BACKWARD_SHAPES = [(128, 64, 128, 3, 8), (128, 64, 256, 3, 8), (64, 64, 128, 4, 4), (64, 64, 128, 3, 8), (128, 32, 128, 4, 8),
                     (64, 32, 64, 4, 4), (64, 32, 64, 3, 8)]
-_BACKWARD_SHAPES_POINTER = [(32, 32, 32, 3, 4), (32, 32, 32, 3, 8)]  # fp32 FMA tiles (no wgmma below 64 rows)
+_BACKWARD_SHAPES_POINTER = [(32, 32, 32, 3, 4), (32, 16, 32, 3, 8)]  # fp32 FMA tiles (no wgmma below 64 rows)
 # NOTE: the last entries, 8 warps, are the fallbacks that no Triton of the support matrix spills:
 # Triton 3.4 spills every other TMA config of the fused forward with dropout, 3.6 the 4-warp fp32
-# backward tile.
+# backward tile (and 3.5 its 8-warp tile: the fallback steps over 16 columns of dY).
 
 
 def _gemm_configs(tma: bool = False):
@@ -651,7 +651,8 @@ from ._triton_excluded import EXCLUDED_BY_TRITON  # noqa: E402
 def excluded_configs(version: str) -> set:
     """The exclusion table of Triton ``version``. NOTE: register allocation changes between Triton
     releases (a config that fits on 3.8 spills on 3.6), so each version the compile check ran on
-    has its own entry; a version it has not run on gets every measured version's exclusions."""
+    has its own entry; a version it has not run on gets every measured version's exclusions, a
+    best effort only: run the check with ``--update`` on a Triton before supporting it."""
     key = ".".join(version.split(".")[:2])
     if key in EXCLUDED_BY_TRITON:
         return EXCLUDED_BY_TRITON[key]
@@ -946,6 +947,8 @@ def _g_pass(dy, lora_B):
     block_m, block_n, launch = (G_PASS_ROWS, 32, {}) if INTERPRET else (G_PASS_ROWS, 128, dict(num_warps=4, num_stages=3))
     if dy.element_size() == 8:
         block_n, launch["num_stages"] = 64, 2
+    elif dy.element_size() == 4 and not INTERPRET:
+        block_n = 64  # NOTE: fp32 tiles of 128 columns took a stack frame on Triton 3.5
     splits = _shrink_splits(M, N, block_m, block_n, dy.device)
     span = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
     splits = max(1, triton.cdiv(N, span))
