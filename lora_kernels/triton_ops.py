@@ -911,11 +911,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     block_m, block_k, launch = (32, 32, {}) if INTERPRET else (64, 128, dict(num_warps=4, num_stages=3))
     if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
         block_k, launch["num_stages"] = block_k // 2, 2
-    splits = _shrink_splits(M, K, block_m, block_k, x.device)
-    span = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
-    splits = max(1, triton.cdiv(K, span))
-    part = torch.empty(splits, M, R, device=x.device, dtype=_acc_dtype(x.dtype))
-    _lora_shrink_kernel[(triton.cdiv(M, block_m), splits)](
+    span, part = _split_partials(M, K, R, block_m, block_k, x)
+    _lora_shrink_kernel[(triton.cdiv(M, block_m), part.shape[0])](
         x, lora_A, part, M, K, R, span,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), part.stride(0), part.stride(1), part.stride(2),
         **_dropout_args(dropout_p, seed, K, x.device), **_dtype_flags(x.dtype),
@@ -923,6 +920,15 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     )
     _forward_gemm(x, weight, bias, y, xa, partials=part, b=lora_B, xa_scale=xa_scale)
     return y, xa
+
+
+def _split_partials(M: int, L: int, R: int, block_m: int, block_l: int, t: torch.Tensor):
+    """``(span, part)`` of a thin pass over ``t`` (M, L) into r columns: the L axis split into spans
+    of whole blocks (as many as :func:`_shrink_splits` asks), and the (splits, M, R) fp32 partials."""
+    splits = _shrink_splits(M, L, block_m, block_l, t.device)
+    span = triton.cdiv(triton.cdiv(L, splits), block_l) * block_l
+    splits = max(1, triton.cdiv(L, span))
+    return span, torch.empty(splits, M, R, device=t.device, dtype=_acc_dtype(t.dtype))
 
 
 def _backward_runs(M: int, K: int, R: int, element_size: int, need_grad_x: bool, device) -> int:
@@ -949,11 +955,8 @@ def _g_pass(dy, lora_B):
         block_n, launch["num_stages"] = 64, 2
     elif dy.element_size() == 4 and not INTERPRET:
         block_n = 64  # NOTE: fp32 tiles of 128 columns took a stack frame on Triton 3.5
-    splits = _shrink_splits(M, N, block_m, block_n, dy.device)
-    span = triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
-    splits = max(1, triton.cdiv(N, span))
-    part = torch.empty(splits, M, R, device=dy.device, dtype=_acc_dtype(dy.dtype))
-    _lora_g_kernel[(triton.cdiv(M, block_m), splits)](
+    span, part = _split_partials(M, N, R, block_m, block_n, dy)
+    _lora_g_kernel[(triton.cdiv(M, block_m), part.shape[0])](
         dy, lora_B, part, M, N, R, span,
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), part.stride(0), part.stride(1), part.stride(2),
         **_dtype_flags(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_full_block_r(R), **launch,
