@@ -908,6 +908,15 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         _forward_gemm(x, weight, bias, y, xa, lora_A=lora_A, b=lora_B, xa_scale=xa_scale,
                       dropout_p=dropout_p, seed=seed)
         return y, xa
+    _forward_gemm(x, weight, bias, y, xa, partials=_shrink_partials(x, lora_A, dropout_p, seed), b=lora_B,
+                  xa_scale=xa_scale)
+    return y, xa
+
+
+def _shrink_partials(x, lora_A, dropout_p, seed):
+    """The two_pass forward's first launch: fp32 partials (S, M, R) of ``(x ⊙ D) Aᵀ`` over S splits of K."""
+    M, K = x.shape
+    R = lora_A.shape[0]
     block_m, block_k, launch = (32, 32, {}) if INTERPRET else (64, 128, dict(num_warps=4, num_stages=3))
     if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
         block_k, launch["num_stages"] = block_k // 2, 2
@@ -918,8 +927,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         **_dropout_args(dropout_p, seed, K, x.device), **_dtype_flags(x.dtype),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch,
     )
-    _forward_gemm(x, weight, bias, y, xa, partials=part, b=lora_B, xa_scale=xa_scale)
-    return y, xa
+    return part
 
 
 def _split_partials(M: int, L: int, R: int, block_m: int, block_l: int, t: torch.Tensor):
@@ -1004,14 +1012,21 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
                                             TMA=False, **args)
 
     _launch("backward", (dy, weight, grad_x) if need_grad_x else (dy,), tma, pointer)
+    _reduce_partials(part, grad_A, grad_B, dropout_p)
+    return grad_x, grad_A, grad_B
+
+
+def _reduce_partials(part, grad_A, grad_B, dropout_p):
+    """The backward's last launch: ``dA``, ``dB`` from the per-run partials (runs, K + N, R), in run order."""
+    runs, KN, R = part.shape
+    K = grad_A.shape[1]
     block_j, block_r = (32, 16) if INTERPRET else (128, 16)
-    _reduce_runs_kernel[(triton.cdiv(K + N, block_j), triton.cdiv(R, block_r))](
-        part, grad_A, grad_B, runs, K, N, R,
+    _reduce_runs_kernel[(triton.cdiv(KN, block_j), triton.cdiv(R, block_r))](
+        part, grad_A, grad_B, runs, K, KN - K, R,
         part.stride(0), part.stride(1), part.stride(2), grad_A.stride(0), grad_A.stride(1),
         grad_B.stride(0), grad_B.stride(1), _inv_keep(dropout_p),
-        ACC_DTYPE=_dtype_flags(x.dtype)["ACC_DTYPE"], BLOCK_J=block_j, BLOCK_R=block_r,
+        ACC_DTYPE=tl.float64 if part.dtype == torch.float64 else tl.float32, BLOCK_J=block_j, BLOCK_R=block_r,
     )
-    return grad_x, grad_A, grad_B
 
 
 def lora_merge_(weight, lora_A, lora_B, scaling):

@@ -1,0 +1,284 @@
+"""Triton kernels for the LoRA layer on a bitsandbytes 4-bit base, and their launchers.
+
+The plan of :mod:`lora_kernels.triton_ops`, with ``W0`` read as bitsandbytes stores it (packed
+4-bit codes, per-block absmax, optionally double-quantised: :mod:`lora_kernels.nf4.reference`)
+and dequantised tile by tile inside the GEMM main loops: it never exists in memory at full size.
+
+``_qlora_forward_kernel``   y = x deq(W0)ᵀ + b + xa Bᵀ and xa    the fused plan (xa from the x tile in the
+                                                               main loop) or the two-pass plan (the partials
+                                                               of triton_ops' ``_lora_shrink_kernel``)
+``_qlora_backward_kernel``  dx = dy deq(W0) + (g A) ⊙ D          runs of row blocks as the bf16 backward: g =
+                                                               s·dy B in the main loop (or triton_ops' g pass),
+                                                               per-run fp32 partials of dAᵀ and dB, reduced by
+                                                               triton_ops' ``_reduce_runs_kernel``
+
+Without ``need_grad_x`` the backward does not read ``W0`` at all, so the bf16 launcher runs it.
+The dequantised tile is ``round(round_W(code[q] · absmax), x.dtype)``, bit for bit bitsandbytes'
+``dequantize_4bit(...).to(x.dtype)`` (the kernels are compiled without FMA contraction, so the
+nested ``absmax = code2[q]·absmax2 + offset`` rounds as bitsandbytes rounds it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import triton_ops as t
+from ..triton_ops import _dot, _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _tile_coords
+from .reference import QuantWeight
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+# NOTE: FMA contraction would fuse the nested absmax's multiply-add (one rounding, not bitsandbytes' two).
+_LAUNCH = {} if t.INTERPRET else dict(enable_fp_fusion=False)
+
+
+@triton.jit
+def _dequant_tile(
+    q_ptr,  # packed codes, uint8 (N·K/2,): element i in the high nibble of byte i//2 when i is even
+    absmax_ptr,  # fp32 (N·K/BLOCKSIZE,), or uint8 codes into code2 (NESTED)
+    code_ptr,  # fp32 (16,): the value of each 4-bit code
+    absmax2_ptr, code2_ptr, offset_ptr,  # NESTED: fp32 (blocks/BLOCKSIZE2,), fp32 (256,), fp32 (1,)
+    n0, k0, N, K,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr, W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+):
+    """deq(W0)[n0 : n0 + BLOCK_N, k0 : k0 + BLOCK_K] in OUT_DTYPE, zero outside the matrix (k0 even)."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_byte = k0 // 2 + tl.arange(0, HALF)
+    rows = offs_n.to(tl.int64)[:, None]
+    in_rows = offs_n[:, None] < N
+    packed = tl.load(q_ptr + rows * (K // 2) + offs_byte[None, :],
+                     mask=in_rows & (offs_byte[None, :] < K // 2), other=0).to(tl.int32)
+    # Columns 2j and 2j + 1 are the high and low nibbles of byte j.
+    codes = tl.interleave(packed >> 4, packed & 0xF)
+    values = tl.load(code_ptr + codes)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    inside = in_rows & (offs_k[None, :] < K)
+    block = rows * (K // BLOCKSIZE) + offs_k[None, :] // BLOCKSIZE
+    if NESTED:
+        absmax_q = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + absmax_q) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+    w = _round_to(values * scale, W_DTYPE)
+    return _round_to(tl.where(inside, w.to(tl.float32), 0.0), OUT_DTYPE)
+
+
+@triton.jit
+def _qlora_forward_kernel(
+    x_ptr,  # X (M, K)
+    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # W0 (N, K), 4-bit (_dequant_tile)
+    bias_ptr,  # b (N,) (HAS_BIAS only)
+    a_ptr,  # A (R, K) (FUSED only)
+    l_ptr,  # two_pass: fp32 partial sums of (x ⊙ keep) Aᵀ, (L_SPLITS, M, R)
+    b_ptr,  # B (N, R)
+    y_ptr,  # Y (M, N) = X deq(W0)ᵀ + b + xa Bᵀ
+    xa_ptr,  # xa (M, R) = xa_scale · (x ⊙ keep) Aᵀ, written by the column-block-0 programs
+    M, N, K, R, L_SPLITS,
+    M_BUCKET,  # next power of two of M: the autotuning key
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_ls, stride_lm, stride_lr,
+    stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar,
+    xa_scale,  # s / (1 - p)
+    seed_ptr, threshold, groups_per_row,  # keep-mask over X's elements (DROPOUT only; FUSED only)
+    FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One output tile per program, in grouped order; the epilogue is triton_ops' _forward_tile's."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    xa_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_tile(x_ptr, x_ptr, m0, k0, M, K, stride_xm, stride_xk, BLOCK_M, BLOCK_K, False)
+        w = _dequant_tile(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, n0, k0, N, K,
+                          BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, x_ptr.dtype.element_ty)
+        acc = _dot(x, w.T, acc, UPCAST, IEEE)
+        if FUSED:
+            a = _load_tile(a_ptr, a_ptr, k0, 0, K, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
+            if DROPOUT:
+                x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
+            xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
+    if not FUSED:
+        for s in range(0, L_SPLITS):
+            xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
+                                 BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+    xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
+    if pid_n == 0:
+        _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+    b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+    acc = _dot(xa, b.T, acc, UPCAST, IEEE)
+    if HAS_BIAS:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
+    _store_tile(y_ptr, y_ptr, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, False)
+
+
+@triton.jit
+def _qlora_backward_kernel(
+    dy_ptr,  # dY (M, N)
+    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # W0 (N, K), 4-bit (_dequant_tile)
+    x_ptr,  # X (M, K)
+    a_ptr,  # A (R, K)
+    b_ptr,  # B (N, R)
+    xa_ptr,  # xa (M, R), saved by the forward
+    g_ptr,  # fp32 partial sums of dY B, (G_SPLITS, M, R), from triton_ops' g pass (G_LOADED)
+    dx_ptr,  # dX (M, K) = dY deq(W0) + (g A) ⊙ D
+    part_ptr,  # partial (runs, K + N, R), fp32: rows [0, K) Σ_run (x ⊙ keep)ᵀ g, rows [K, K + N) Σ_run dyᵀ xa
+    M, N, K, R, runs, G_SPLITS,
+    M_BUCKET,  # next power of two of M: the autotuning key
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_ar, stride_ak,
+    stride_bn, stride_br, stride_xam, stride_xar, stride_gs, stride_gm, stride_gr, stride_dxm, stride_dxk,
+    stride_ps, stride_pj, stride_pr,
+    scaling, inv_keep, seed_ptr, threshold, groups_per_row,  # g = s·dY B; D over dX's elements
+    G_LOADED: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """triton_ops' _lora_backward_kernel with NEED_DX (see there): program (run, column block k)
+    walks the row blocks of its run, streaming dY once per row block; W0's tiles are dequantised
+    in the main loop."""
+    HALF: tl.constexpr = BLOCK_K // 2
+    num_kb = tl.cdiv(K, BLOCK_K)
+    pid_k = tl.program_id(0) % num_kb
+    run = tl.program_id(0) // num_kb
+    num_m = tl.cdiv(M, BLOCK_M)
+    run_len = tl.cdiv(num_m, runs)
+    m_first = run * run_len
+    m_end = tl.minimum(num_m, m_first + run_len)
+    part = part_ptr + run.to(tl.int64) * stride_ps
+    k0 = pid_k * BLOCK_K
+    da0 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
+    da1 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
+    if m_first >= m_end:  # an empty run: its dB slots are zero (its dA slots are stored below)
+        for n0 in range(pid_k * BLOCK_N, N, num_kb * BLOCK_N):
+            _store_partial(part, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), K + n0, K + N, R,
+                           stride_pj, stride_pr, False, BLOCK_N, BLOCK_R)
+    for pid_m in range(m_first, m_end):
+        m0 = pid_m * BLOCK_M
+        xa = _load_tile(xa_ptr, xa_ptr, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+        acc0 = tl.zeros((BLOCK_M, HALF), dtype=ACC_DTYPE)
+        acc1 = tl.zeros((BLOCK_M, HALF), dtype=ACC_DTYPE)
+        g = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+        for n0 in range(0, N, BLOCK_N):
+            dy = _load_tile(dy_ptr, dy_ptr, m0, n0, M, N, stride_dym, stride_dyn, BLOCK_M, BLOCK_N, False)
+            w0 = _dequant_tile(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, n0, k0, N, K,
+                               BLOCK_N, HALF, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, dy_ptr.dtype.element_ty)
+            w1 = _dequant_tile(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, n0, k0 + HALF, N, K,
+                               BLOCK_N, HALF, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, dy_ptr.dtype.element_ty)
+            acc0 = _dot(dy, w0, acc0, UPCAST, IEEE)
+            acc1 = _dot(dy, w1, acc1, UPCAST, IEEE)
+            if not G_LOADED:
+                b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+                g = _dot(dy, b, g, UPCAST, IEEE)
+            if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
+                db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+                _store_partial(part, db, K + n0, K + N, R, stride_pj, stride_pr, pid_m > m_first, BLOCK_N, BLOCK_R)
+        if G_LOADED:
+            for s in range(0, G_SPLITS):
+                g += _load_tile(g_ptr + s * stride_gs, g_ptr, m0, 0, M, R, stride_gm, stride_gr,
+                                BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+        g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
+        da0 = t._dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
+                         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                         inv_keep, seed_ptr, threshold, groups_per_row,
+                         DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+        da1 = t._dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
+                         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                         inv_keep, seed_ptr, threshold, groups_per_row,
+                         DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+    _store_partial(part, da0, k0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+    _store_partial(part, da1, k0 + HALF, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+
+
+_FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "FUSED", "DROPOUT", "HAS_BIAS", "NESTED"]
+_BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "G_LOADED", "DROPOUT", "NESTED"]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(name: str):
+    """The autotuned kernels (pointer loads: the bf16 kernels' pointer configs), built on first use.
+    NOTE: the compile check's exclusion table covers the bf16 kernels only; these are pruned by
+    shared memory alone (not yet compiled for registers: see docs/design.md)."""
+    if name == "forward":
+        prune = functools.partial(t._prune, backward=False, kernel=None)
+        return triton.autotune(t._gemm_configs(False), key=_FORWARD_KEY,
+                               prune_configs_by={"early_config_prune": prune})(_qlora_forward_kernel)
+    prune = functools.partial(t._prune, backward=True, kernel=None)
+    return triton.autotune(t._backward_configs(False), key=_BACKWARD_KEY,
+                           prune_configs_by={"early_config_prune": prune})(_qlora_backward_kernel)
+
+
+def _quant_args(q: QuantWeight) -> dict:
+    return dict(q_ptr=q.packed, absmax_ptr=q.absmax, code_ptr=q.code,
+                absmax2_ptr=q.absmax2 if q.nested else q.code, code2_ptr=q.code2 if q.nested else q.code,
+                offset_ptr=q.offset if q.nested else q.code,  # (unused pointer operands still need a tensor)
+                BLOCKSIZE=q.blocksize, BLOCKSIZE2=max(q.blocksize2, 1), NESTED=q.nested, W_DTYPE=_TL_DTYPES[q.dtype])
+
+
+def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """``(y, xa)``: one fused launch, or triton_ops' shrink kernel then the GEMM (triton_ops.forward_plan)."""
+    M, K = x.shape
+    N, R = q.shape[0], lora_A.shape[0]
+    y = x.new_empty(M, N)
+    xa = x.new_empty(M, R)
+    if M == 0 or N == 0:
+        return y, xa.zero_()
+    fused = t.forward_plan(M, K, N, R, x.dtype, dropout_p, x.device) == "fused"
+    part = t._shrink_partials(x, lora_A, dropout_p, seed) if not fused else y.new_empty(1, 1, 1, dtype=t._acc_dtype(y.dtype))
+    tiles = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _autotuned("forward")[tiles](
+        x_ptr=x, **_quant_args(q), bias_ptr=bias if bias is not None else y, a_ptr=lora_A, l_ptr=part,
+        b_ptr=lora_B, y_ptr=y, xa_ptr=xa,
+        M=M, N=N, K=K, R=R, L_SPLITS=part.shape[0], M_BUCKET=triton.next_power_of_2(M),
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+        stride_ls=part.stride(0), stride_lm=part.stride(1), stride_lr=part.stride(2),
+        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_xam=xa.stride(0), stride_xar=xa.stride(1),
+        xa_scale=scaling * t._inv_keep(dropout_p), **t._dropout_args(dropout_p if fused else 0.0, seed, K, x.device),
+        FUSED=fused, HAS_BIAS=bias is not None, BLOCK_R=t._full_block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
+    )
+    return y, xa
+
+
+def qlora_backward(grad_out, x, q: QuantWeight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
+    """``(dx, dA, dB)`` as in reference.qlora_backward: [the g pass,] the backward kernel, the reduction."""
+    dy = grad_out
+    M, K = x.shape
+    N, R = q.shape[0], lora_A.shape[0]
+    if not need_grad_x or M == 0 or N == 0:
+        # NOTE: without dx the bf16 backward never reads W0: it takes any (N, ·) tensor for its shape.
+        return t.lora_backward(dy, x, lora_B, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x)
+    grad_A, grad_B = torch.empty_like(lora_A), torch.empty_like(lora_B)
+    grad_x = x.new_empty(M, K)
+    runs = t._backward_runs(M, K, R, x.element_size(), True, x.device)
+    part = torch.empty(runs, K + N, R, device=x.device, dtype=t._acc_dtype(x.dtype))
+    g_loaded = t.backward_plan(M, K, N, R, x.dtype, dropout_p, True, x.device) == "g_pass"
+    g = t._g_pass(dy, lora_B) if g_loaded else xa.unsqueeze(0)  # (xa: an unused pointer operand)
+    grid = lambda meta: (runs * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    _autotuned("backward")[grid](
+        dy_ptr=dy, **_quant_args(q), x_ptr=x, a_ptr=lora_A, b_ptr=lora_B, xa_ptr=xa, g_ptr=g, dx_ptr=grad_x,
+        part_ptr=part, M=M, N=N, K=K, R=R, runs=runs, G_SPLITS=g.shape[0] if g_loaded else 0,
+        M_BUCKET=triton.next_power_of_2(M),
+        stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
+        stride_xam=xa.stride(0), stride_xar=xa.stride(1),
+        stride_gs=g.stride(0), stride_gm=g.stride(1), stride_gr=g.stride(2),
+        stride_dxm=grad_x.stride(0), stride_dxk=grad_x.stride(1),
+        stride_ps=part.stride(0), stride_pj=part.stride(1), stride_pr=part.stride(2),
+        scaling=scaling, inv_keep=t._inv_keep(dropout_p), **t._dropout_args(dropout_p, seed, K, x.device),
+        G_LOADED=g_loaded, BLOCK_R=t._full_block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
+    )
+    t._reduce_partials(part, grad_A, grad_B, dropout_p)
+    return grad_x, grad_A, grad_B
