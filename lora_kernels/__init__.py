@@ -27,6 +27,7 @@ from .module import (
     print_trainable_parameters,
 )
 from .multi_lora import MultiLoRALinear, multi_lora_linear
+from .nf4 import LoRALinear4bit, qlora_linear
 from .peft_accel import AccelerationReport, accelerate_peft, deaccelerate_peft
 
 __version__ = "0.1.0"
@@ -35,6 +36,7 @@ __all__ = [
     "AccelerationReport",
     "BackendUnavailableError",
     "LoRALinear",
+    "LoRALinear4bit",
     "LoRALinearFunction",
     "MultiLoRALinear",
     "accelerate_peft",
@@ -52,5 +54,6 @@ __all__ = [
     "merge_lora_",
     "multi_lora_linear",
     "print_trainable_parameters",
+    "qlora_linear",
     "unmerge_lora_",
 ]

@@ -62,10 +62,16 @@ class LoRALinear(nn.Module):
     ) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``, sharing (not copying) its weight and bias, which are frozen.
 
-        The factors take ``lora_dtype`` (default: the base weight's dtype).
+        The factors take ``lora_dtype`` (default: the base weight's dtype). A bitsandbytes ``Linear4bit``
+        gives a :class:`lora_kernels.nf4.LoRALinear4bit` (the 4-bit kernels; merging refused).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        from .nf4.module import LoRALinear4bit, is_linear4bit
+
+        if is_linear4bit(linear) and not issubclass(cls, LoRALinear4bit):  # a 4-bit base: QLoRA
+            return LoRALinear4bit.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                              init=init, backend=backend, lora_dtype=lora_dtype)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._configure(r, alpha, dropout, use_rslora, backend)
@@ -209,6 +215,7 @@ def apply_lora(
     lora_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """Swap the chosen ``nn.Linear`` modules of ``model`` for ``LoRALinear`` in place; freeze the rest.
+    A bitsandbytes ``Linear4bit`` becomes a :class:`~lora_kernels.nf4.LoRALinear4bit` (QLoRA).
 
     ``target_modules`` follows PEFT: a regular expression matched against each
     module's full name, or a list of names/suffixes (``["q_proj", "v_proj"]``).
@@ -237,9 +244,18 @@ def apply_lora(
             "these layers already have an adapter (LoRALinear holds one): " + ", ".join(again)
             + "; for several named adapters per layer use PEFT and lora_kernels.accelerate_peft"
         )
-    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen if type(m) is not nn.Linear]
+    from .nf4.module import QuantWeight, is_linear4bit
+
+    wrong = [f"{n} ({type(m).__name__})" for n, m in chosen if type(m) is not nn.Linear and not is_linear4bit(m)]
     if wrong:
-        raise TypeError("LoRALinear replaces nn.Linear only; these targets are not: " + ", ".join(wrong))
+        raise TypeError("LoRALinear replaces nn.Linear (or bitsandbytes' Linear4bit) only; these targets are not: "
+                        + ", ".join(wrong))
+    for n, m in chosen:
+        if is_linear4bit(m):
+            try:
+                QuantWeight.from_param(m.weight)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{n}: {exc}") from None
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear in chosen:
