@@ -11,7 +11,9 @@ attributes again.
 
 At every call the layer's state decides (:func:`_state_reason`, :func:`_call_reason`):
 
-- fused (:func:`lora_kernels.lora_linear`): one active adapter on this layer, plain
+- fused (:func:`lora_kernels.lora_linear`, or :func:`lora_kernels.qlora_linear` for PEFT's 4-bit
+  ``lora.bnb.Linear4bit`` on bitsandbytes' ``Linear4bit``, ``x`` then in its ``compute_dtype``;
+  merging such a layer is refused): one active adapter on this layer, plain
   LoRA (no DoRA or other variant), ``lora_bias=False``, ``fan_in_fan_out=False``,
   dropout an ``nn.Dropout`` or ``nn.Identity``, not merged, adapters enabled, no
   ``adapter_names=`` mix, no extra arguments, ``x`` in the base weight's dtype (or
@@ -46,6 +48,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .functional import _autocast_available, lora_linear, merge_lora_, unmerge_lora_
+from .nf4 import peft_accel as nf4
 
 __all__ = ["AccelerationReport", "accelerate_peft", "deaccelerate_peft"]
 
@@ -73,10 +76,12 @@ class _Settings:
 # --------------------------------------------------------------------------- #
 
 
-def _static_reason(layer: nn.Module, lora_layer) -> Optional[str]:
+def _static_reason(layer: nn.Module, lora_layer, backend: str = "auto") -> Optional[str]:
     """Why this PEFT layer is never accelerated (its class or base layer), or None."""
+    if nf4.is_peft_linear4bit(layer):
+        return nf4.static_reason(layer, backend)
     if type(layer) is not lora_layer.Linear:
-        return (f"{type(layer).__name__} is not PEFT's LoRA Linear (Embedding, Conv, quantised and "
+        return (f"{type(layer).__name__} is not PEFT's LoRA Linear or 4-bit Linear4bit (Embedding, Conv, 8-bit and "
                 "other LoRA layer classes keep PEFT's forward)")
     base = layer.base_layer
     if type(base) is not nn.Linear:
@@ -100,8 +105,9 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
         return "fan_in_fan_out=True"
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     W = layer.base_layer.weight
-    if A.dtype != B.dtype or A.dtype not in _FLOATS or W.dtype not in _FLOATS:
-        return f"dtypes weight={W.dtype}, lora_A={A.dtype}, lora_B={B.dtype} (float factors of one dtype needed)"
+    w_dtype = nf4.weight_dtype(layer) if nf4.is_peft_linear4bit(layer) else W.dtype
+    if A.dtype != B.dtype or A.dtype not in _FLOATS or w_dtype not in _FLOATS:
+        return f"dtypes weight={w_dtype}, lora_A={A.dtype}, lora_B={B.dtype} (float factors of one dtype needed)"
     if not (A.device == B.device == W.device):
         return f"devices weight={W.device}, lora_A={A.device}, lora_B={B.device} differ"
     scaling = layer.scaling[adapter]
@@ -144,13 +150,19 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
     if not isinstance(x, Tensor):
         return f"input is {type(x).__name__}, not a Tensor"
     W = layer.base_layer.weight
+    quantised = nf4.is_peft_linear4bit(layer)
     if x.device != W.device:
         return f"input on {x.device}, weight on {W.device}"
-    if x.dtype != W.dtype and not (_autocast_available(x.device.type)
-                                    and torch.is_autocast_enabled(x.device.type)):
+    if quantised:
+        why = nf4.call_reason(layer, x)
+        if why:
+            return why
+    elif x.dtype != W.dtype and not (_autocast_available(x.device.type)
+                                      and torch.is_autocast_enabled(x.device.type)):
         return f"input dtype {x.dtype} differs from the weight's {W.dtype} (outside autocast)"
-    if x.dim() < 1 or x.shape[-1] != W.shape[1]:
-        return f"input shape {tuple(x.shape)} does not fit in_features={W.shape[1]}"
+    in_features = nf4.in_features(layer) if quantised else W.shape[1]
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        return f"input shape {tuple(x.shape)} does not fit in_features={in_features}"
     return None
 
 
@@ -167,6 +179,8 @@ def _forward(layer: nn.Module, x, *args, **kwargs):
         return type(layer).forward(layer, x, *args, **kwargs)
     base, dropout = layer.base_layer, layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    if nf4.is_peft_linear4bit(layer):
+        return nf4.forward(layer, adapter, x, p, getattr(layer, _STATE).backend)
     return lora_linear(x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
                        layer.scaling[adapter], dropout_p=p, backend=getattr(layer, _STATE).backend)
 
@@ -182,6 +196,8 @@ def _merge(layer: nn.Module, safe_merge: bool = False, adapter_names: Optional[l
     """PEFT's ``Linear.merge``, with the weight update done by :func:`merge_lora_` where it applies."""
     from peft.tuners.tuners_utils import check_adapters_to_merge
 
+    if nf4.is_peft_linear4bit(layer):
+        raise RuntimeError(nf4.MERGE_REFUSED)
     backend = getattr(layer, _STATE).backend
     for adapter in check_adapters_to_merge(layer, adapter_names):
         if adapter not in layer.lora_A:
@@ -207,6 +223,8 @@ def _unmerge(layer: nn.Module) -> None:
     if not layer.merged:
         warnings.warn("Already unmerged. Nothing to do.")
         return
+    if nf4.is_peft_linear4bit(layer):
+        raise RuntimeError(nf4.MERGE_REFUSED)
     backend = getattr(layer, _STATE).backend
     while layer.merged_adapters:
         adapter = layer.merged_adapters.pop()
@@ -298,7 +316,7 @@ def accelerate_peft(model: nn.Module, backend: str = "auto") -> AccelerationRepo
         raise ValueError("accelerate_peft found no PEFT LoRA layer in the model")
     chosen, skipped = [], {}
     for name, layer in layers:
-        why = _static_reason(layer, lora_layer)
+        why = _static_reason(layer, lora_layer, backend)
         if why:
             skipped[name] = why
         else:
