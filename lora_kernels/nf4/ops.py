@@ -26,6 +26,7 @@ from .reference import QuantWeight, quant_weight
 BACKENDS = ("reference", "triton")
 
 
+@torch.compiler.assume_constant_result
 def resolve(name: str, device: torch.device) -> str:
     """``"auto"`` → Triton on CUDA where it runs, else the reference; a named backend is checked."""
     if name == "auto":
