@@ -339,14 +339,15 @@ def _loss_and_grads(model, ids):
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
-def test_peft_qlora_model_accelerated_matches_peft(qlora_checkpoint, nested):
+def test_peft_qlora_model_accelerated_matches_peft(qlora_checkpoint, nested, backend):
     import lora_kernels as lk
 
     model = qlora_model(qlora_checkpoint, nested)
     ids = torch.randint(0, 64, (2, 9), device=DEVICE)
     logits0, grads0 = _loss_and_grads(model, ids)
-    report = lk.accelerate_peft(model)
+    report = lk.accelerate_peft(model, backend=backend)
     assert len(report.accelerated) == 14 and not report.skipped, str(report)
     assert set(report.current().values()) == {"fused"}
     logits1, grads1 = _loss_and_grads(model, ids)
@@ -362,7 +363,7 @@ def test_peft_qlora_model_trains_saves_and_loads(qlora_checkpoint, tmp_path):
     import lora_kernels as lk
 
     model = qlora_model(qlora_checkpoint)
-    lk.accelerate_peft(model)
+    lk.accelerate_peft(model, backend="triton" if "triton" in lk.available_backends(DEVICE) else "auto")
     ids = torch.randint(0, 64, (4, 12), device=DEVICE)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
