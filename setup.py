@@ -489,6 +489,8 @@ setup(
         "integration": ["peft", "transformers", "safetensors"],
         "analysis": ["safetensors", "matplotlib"],
         "bench": ["peft", "matplotlib", "tqdm"],
+        # QLoRA: a bitsandbytes 4-bit base (lora_kernels.nf4); tested with bitsandbytes 0.50.
+        "qlora": ["bitsandbytes>=0.50", "peft"],
         # Everything the test suite exercises (tests of optional packages skip without them).
         "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers", "safetensors", "matplotlib"],
     },

@@ -41,7 +41,8 @@ import torch
 FORWARD_PLANS = ("fused", "two_pass")
 # Every plan predict() knows: ours ("auto" is the forward plan choose_forward_plan picks), the frozen
 # layer (the floor) and the peers.
-PLANS = ("auto", "fused", "two_pass", "frozen", "unsloth", "peft")
+PLANS = ("auto", "fused", "two_pass", "frozen", "unsloth", "peft",
+         "qlora", "qlora_fused", "qlora_dequant", "qlora_unsloth", "qlora_peft")
 MODES = ("fwd", "fwd+bwd")
 
 # Philox-4x32-10 call (4 mask elements): 10 rounds of 2 wide multiplies, 2 three-way xors and 2 key
@@ -134,11 +135,13 @@ class Launch:
     bytes: float
     philox: float = 0.0
     tiles: int = 0
+    simt: float = 0.0  # other SIMT instructions (dequantising a 4-bit W0)
 
     def time(self, spec: DeviceSpec, dtype: torch.dtype) -> float:
         waves = math.ceil(self.tiles / spec.sms) if self.tiles else 1
         efficiency = self.tiles / (waves * spec.sms) if self.tiles else 1.0
-        compute = self.flops / (spec.matmul_flops(dtype) * efficiency) + self.philox * PHILOX_OPS / spec.simt_ops
+        compute = (self.flops / (spec.matmul_flops(dtype) * efficiency)
+                   + (self.philox * PHILOX_OPS + self.simt) / spec.simt_ops)
         return max(compute, self.bytes / spec.bandwidth) + spec.launch_s
 
 
@@ -343,7 +346,10 @@ def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16,
         plan = _choose(s, spec, dtype)
     if backward == "auto":
         backward = _choose_backward(s, spec, dtype, need_grad_x)
-    launches = _steps(plan, s, mode, need_grad_x, backward)
+    if plan.startswith("qlora"):
+        plan, launches = _qlora_steps(plan, s, spec, dtype, mode, need_grad_x, backward)
+    else:
+        launches = _steps(plan, s, mode, need_grad_x, backward)
     frozen = _steps("frozen", s, mode, need_grad_x)
     return Prediction(plan, mode, _seconds(launches, spec, dtype, host_s), _seconds(frozen, spec, dtype, host_s),
                       tuple(launches))
@@ -408,6 +414,124 @@ def _choose_backward_cached(M, K, N, r, dtype, dropout_p, need_grad_x, device) -
 
 
 # --------------------------------------------------------------------------- #
+# A 4-bit base (QLoRA: lora_kernels.nf4), against the frozen 16-bit layer
+# --------------------------------------------------------------------------- #
+
+# Bytes per element of W0 in bitsandbytes' NF4 with double quantisation (QLoRA's default): ½ for
+# the code, 1/64 for a uint8 absmax per 64 elements, 4/(64·256) for an fp32 absmax per 256 of those.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# SIMT instructions to dequantise one element: nibble shift and mask, the code and scale gathers,
+# the multiply, the conversion (the nested scale's multiply-add shared by 64 elements).
+# NOTE: an estimate, not yet measured on a GPU.
+DEQUANT_OPS = 6
+QLORA_VARIANTS = ("fused", "dequant")  # what lora_kernels.nf4.triton_ops runs per call
+
+
+def _dequant(s: Shape) -> Launch:
+    """W0 dequantised once into a 16-bit copy (lora_kernels' kernel, Unsloth's, bitsandbytes')."""
+    return Launch("W0 = deq(W0₄) (a 16-bit copy)", 0.0, s.N * s.K * (NF4_BYTES + s.e), simt=s.N * s.K * DEQUANT_OPS)
+
+
+def _reads_4bit(launch: Launch, s: Shape) -> Launch:
+    """``launch`` (a GEMM over W0) reading W0 in 4 bits and dequantising each tile once per row block."""
+    row_blocks = math.ceil(s.M / s.tiling.block_m)
+    return replace(launch, name=launch.name.replace("W0", "deq(W0₄)"),
+                   bytes=launch.bytes - s.N * s.K * (s.e - NF4_BYTES), simt=launch.simt + s.N * s.K * row_blocks * DEQUANT_OPS)
+
+
+def qlora_forward_launches(variant: str, s: Shape, spec: DeviceSpec, dtype: torch.dtype) -> list[Launch]:
+    """Our forward on a 4-bit W0: ``"fused"`` (dequantised in the GEMM's main loop) or ``"dequant"``
+    (dequantise once, then the 16-bit kernels); either way the 16-bit forward plan the model picks."""
+    launches = forward_launches(_choose(s, spec, dtype), s)
+    if variant == "dequant":
+        return [_dequant(s)] + launches
+    return launches[:-1] + [_reads_4bit(launches[-1], s)]
+
+
+def qlora_backward_launches(variant: str, s: Shape, need_grad_x: bool, backward: str) -> list[Launch]:
+    """Our backward on a 4-bit W0 (``variant`` as in :func:`qlora_forward_launches`); without dx W0 is not read."""
+    launches = backward_launches("auto", s, need_grad_x, backward)
+    if not need_grad_x:
+        return launches
+    if variant == "dequant":
+        return [_dequant(s)] + launches
+    i = 1 if backward == "g_pass" else 0  # the dx GEMM
+    return launches[:i] + [_reads_4bit(launches[i], s)] + launches[i + 1:]
+
+
+def _qlora_steps(plan: str, s: Shape, spec: DeviceSpec, dtype: torch.dtype, mode: str, need_grad_x: bool,
+                 backward: str) -> tuple[str, list[Launch]]:
+    """``(plan, launches)`` of a 4-bit plan; ``"qlora"`` takes the faster variant for the forward and,
+    separately, for the backward (as the launcher does), and names the forward's."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    bwd = mode == "fwd+bwd"
+    if plan in ("qlora_unsloth", "qlora_peft"):  # dequantise, then the 16-bit peer (again for dx)
+        peer = plan.split("_")[1]
+        out = [_dequant(s)] + forward_launches(peer, s)
+        if plan == "qlora_peft":  # PEFT's Linear4bit clones the base output ("defensively")
+            out.insert(2, Launch("result.clone()", 0.0, 2 * s.e * s.M * s.N))
+        if bwd:
+            out += ([_dequant(s)] if need_grad_x else []) + backward_launches(peer, s, need_grad_x)
+        return plan, out
+    if plan == "qlora":
+        fwd = min(QLORA_VARIANTS, key=lambda v: _seconds(qlora_forward_launches(v, s, spec, dtype), spec, dtype, 0.0))
+        bwd_v = min(QLORA_VARIANTS, key=lambda v: _seconds(qlora_backward_launches(v, s, need_grad_x, backward),
+                                                           spec, dtype, 0.0))
+    else:
+        fwd = bwd_v = plan.split("_")[1]
+    out = qlora_forward_launches(fwd, s, spec, dtype)
+    if bwd:
+        out += qlora_backward_launches(bwd_v, s, need_grad_x, backward)
+    return f"qlora_{fwd}", out
+
+
+def choose_qlora_variant(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout_p: float, backward: bool,
+                         need_grad_x: bool = True, device=None) -> str:
+    """``"fused"`` or ``"dequant"``: how the 4-bit launcher runs this forward (or backward), the faster
+    by the model on ``device``. Cheap: cached on its arguments."""
+    return _choose_qlora_cached(M, K, N, r, dtype, float(dropout_p), bool(backward), bool(need_grad_x), device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose_qlora_cached(M, K, N, r, dtype, dropout_p, backward, need_grad_x, device) -> str:
+    s = _shape(max(M, 1), max(K, 1), max(N, 1), max(r, 1), dtype, dropout_p, DEFAULT_TILING)
+    spec = device_spec(device)
+    if not backward:
+        times = {v: _seconds(qlora_forward_launches(v, s, spec, dtype), spec, dtype, 0.0) for v in QLORA_VARIANTS}
+    else:
+        plan = _choose_backward(s, spec, dtype, need_grad_x)
+        times = {v: _seconds(qlora_backward_launches(v, s, need_grad_x, plan), spec, dtype, 0.0)
+                 for v in QLORA_VARIANTS}
+    return min(QLORA_VARIANTS, key=lambda v: (times[v], v != "fused"))
+
+
+QLORA_TABLE_TOKENS = (16, 128, 512, 2048, 8192)
+
+
+def qlora_table(device=DEFAULT_DEVICE, dtype: torch.dtype = torch.bfloat16, r: int = 16) -> str:
+    """Markdown: predicted ratios of the 4-bit plans to the frozen 16-bit layer (docs/cost_model.md)."""
+    spec = device_spec(device)
+    lines = [f"Predicted × frozen {str(dtype).replace('torch.', '')} layer on {spec.name}, r = {r}, p = 0, NF4 with "
+             "double quantisation.", "",
+             "| K→N | M | fwd variant | bwd variant | ours fwd | ours fwd+bwd | fused-deq fwd | dequant-first fwd | "
+             "16-bit ours fwd+bwd | unsloth-4bit fwd+bwd | peft+bnb fwd | peft+bnb fwd+bwd |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, n in TABLE_LAYERS:
+        for m in QLORA_TABLE_TOKENS:
+            def f(plan, mode):
+                return predict(m, k, n, r, dtype, 0.0, mode, plan, spec).ratio
+            cells = [f"{k}→{n}", str(m), choose_qlora_variant(m, k, n, r, dtype, 0.0, False, True, spec),
+                     choose_qlora_variant(m, k, n, r, dtype, 0.0, True, True, spec)]
+            cells += [f"{f(pl, md):.3f}" for pl, md in
+                      (("qlora", "fwd"), ("qlora", "fwd+bwd"), ("qlora_fused", "fwd"), ("qlora_dequant", "fwd"),
+                       ("auto", "fwd+bwd"), ("qlora_unsloth", "fwd+bwd"), ("qlora_peft", "fwd"),
+                       ("qlora_peft", "fwd+bwd"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
 # The table of docs/cost_model.md
 # --------------------------------------------------------------------------- #
 
@@ -453,9 +577,12 @@ def launches_text(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfl
     spec = device_spec(device)
     s = _shape(M, K, N, r, dtype, dropout_p, DEFAULT_TILING)
     out = [f"M={M} K={K} N={N} r={r} {dtype} p={dropout_p:g} on {spec.name}"]
-    runs = [(plan, mode, launches) for plan in PLANS[1:]
+    runs = [(plan, mode, launches) for plan in PLANS[1:] if not plan.startswith("qlora")
             for mode, launches in (("fwd", forward_launches(plan, s)), ("bwd", backward_launches(plan, s)))]
     runs.append(("g_pass", "bwd", backward_launches("auto", s, backward="g_pass")))
+    for v in QLORA_VARIANTS:  # a 4-bit W0
+        runs += [(f"4bit {v}", "fwd", qlora_forward_launches(v, s, spec, dtype)),
+                 (f"4bit {v}", "bwd", qlora_backward_launches(v, s, True, "fused"))]
     for plan, mode, launches in runs:
         for l in launches:
             out.append(f"  {plan:8} {mode}  {l.name:48} {l.flops / 1e9:9.2f} GFLOP {l.bytes / 1e6:9.2f} MB "
@@ -466,6 +593,7 @@ def launches_text(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfl
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora_kernels.cost_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--table", action="store_true", help="the Markdown table of docs/cost_model.md")
+    p.add_argument("--qlora-table", action="store_true", help="the 4-bit base's table of docs/cost_model.md")
     p.add_argument("--device", default=DEFAULT_DEVICE, choices=list(DEVICES))
     p.add_argument("--launches", metavar="M,K,N,r[,p]", help="every launch of every plan for one shape")
     args = p.parse_args(argv)
@@ -473,7 +601,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         vals = args.launches.split(",")
         M, K, N, r = (int(v) for v in vals[:4])
         print(launches_text(M, K, N, r, dropout_p=float(vals[4]) if len(vals) > 4 else 0.0, device=args.device))
-    if args.table or not args.launches:
+    if args.qlora_table:
+        print(qlora_table(args.device))
+    if args.table or not (args.launches or args.qlora_table):
         print(table(args.device))
     return 0
 

@@ -7,6 +7,9 @@ and dequantised tile by tile inside the GEMM main loops: it never exists in memo
 ``_qlora_forward_kernel``   y = x deq(W0)ᵀ + b + xa Bᵀ and xa    the fused plan (xa from the x tile in the
                                                                main loop) or the two-pass plan (the partials
                                                                of triton_ops' ``_lora_shrink_kernel``)
+``_dequant_kernel``         W0 = deq(W0₄)                       the "dequant" variant (large token counts, by the
+                                                               cost model): W0 once into a 16-bit copy for one
+                                                               call, then triton_ops' kernels
 ``_qlora_backward_kernel``  dx = dy deq(W0) + (g A) ⊙ D          runs of row blocks as the bf16 backward: g =
                                                                s·dy B in the main loop (or triton_ops' g pass),
                                                                per-run fp32 partials of dAᵀ and dB, reduced by
@@ -29,6 +32,11 @@ import triton.language as tl
 from .. import triton_ops as t
 from ..triton_ops import _dot, _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _tile_coords
 from .reference import QuantWeight
+
+# Which variant runs: None asks lora_kernels.cost_model.choose_qlora_variant (per forward and per backward);
+# "fused" (W0 dequantised tile by tile in the GEMM main loop, re-done for every row block) or "dequant"
+# (W0 dequantised once into a 16-bit copy that lives for one call, then triton_ops' kernels) force one.
+QLORA_VARIANT = None
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
@@ -68,6 +76,21 @@ def _dequant_tile(
         scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
     w = _round_to(values * scale, W_DTYPE)
     return _round_to(tl.where(inside, w.to(tl.float32), 0.0), OUT_DTYPE)
+
+
+@triton.jit
+def _dequant_kernel(
+    q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # W0 (N, K), 4-bit (_dequant_tile)
+    w_ptr,  # out: W0 (N, K) in its dtype
+    N, K, stride_wn, stride_wk,
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BLOCK_N
+    k0 = tl.program_id(1) * BLOCK_K
+    w = _dequant_tile(q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, n0, k0, N, K,
+                      BLOCK_N, BLOCK_K, BLOCKSIZE, BLOCKSIZE2, NESTED, W_DTYPE, w_ptr.dtype.element_ty)
+    _store_tile(w_ptr, w_ptr, w, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, False)
 
 
 @triton.jit
@@ -227,10 +250,36 @@ def _quant_args(q: QuantWeight) -> dict:
                 BLOCKSIZE=q.blocksize, BLOCKSIZE2=max(q.blocksize2, 1), NESTED=q.nested, W_DTYPE=_TL_DTYPES[q.dtype])
 
 
+def dequantize(q: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``W0`` (N, K) in ``dtype``, dequantised by one launch (bit for bit reference.dequantize)."""
+    N, K = q.shape
+    w = torch.empty(N, K, device=q.device, dtype=dtype)
+    block_n, block_k = (32, 32) if t.INTERPRET else (32, 256)
+    _dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        **_quant_args(q), w_ptr=w, N=N, K=K, stride_wn=w.stride(0), stride_wk=w.stride(1),
+        BLOCK_N=block_n, BLOCK_K=block_k, **_LAUNCH)
+    return w
+
+
+def variant(M, K, N, R, dtype, dropout_p, backward: bool, device) -> str:
+    """``"fused"`` or ``"dequant"``: QLORA_VARIANT if set, else the cost model's choice."""
+    v = QLORA_VARIANT
+    if v is None:
+        from ..cost_model import choose_qlora_variant
+
+        v = choose_qlora_variant(M, K, N, R, dtype, dropout_p, backward, True, device)
+    if v not in ("fused", "dequant"):
+        raise ValueError(f"unknown 4-bit variant {v!r}; expected 'fused' or 'dequant'")
+    return v
+
+
 def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-    """``(y, xa)``: one fused launch, or triton_ops' shrink kernel then the GEMM (triton_ops.forward_plan)."""
+    """``(y, xa)``: W0 dequantised in the main loop of one fused launch (or after triton_ops' shrink
+    kernel, triton_ops.forward_plan), or dequantised once and triton_ops' forward (:func:`variant`)."""
     M, K = x.shape
     N, R = q.shape[0], lora_A.shape[0]
+    if variant(M, K, N, R, x.dtype, dropout_p, False, x.device) == "dequant":
+        return t.lora_forward(x, dequantize(q, x.dtype), bias, lora_A, lora_B, scaling, dropout_p, seed)
     y = x.new_empty(M, N)
     xa = x.new_empty(M, R)
     if M == 0 or N == 0:
@@ -260,6 +309,9 @@ def qlora_backward(grad_out, x, q: QuantWeight, lora_A, lora_B, xa, scaling, dro
     if not need_grad_x or M == 0 or N == 0:
         # NOTE: without dx the bf16 backward never reads W0: it takes any (N, ·) tensor for its shape.
         return t.lora_backward(dy, x, lora_B, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x)
+    if variant(M, K, N, R, x.dtype, dropout_p, True, x.device) == "dequant":
+        # NOTE: dequantised again, not saved by the forward: a 16-bit W0 per layer is what 4 bits save.
+        return t.lora_backward(dy, x, dequantize(q, x.dtype), lora_A, lora_B, xa, scaling, dropout_p, seed, True)
     grad_A, grad_B = torch.empty_like(lora_A), torch.empty_like(lora_B)
     grad_x = x.new_empty(M, K)
     runs = t._backward_runs(M, K, R, x.element_size(), True, x.device)
