@@ -14,8 +14,15 @@ unsloth   an Unsloth-style ``autograd.Function``: cuBLAS GEMMs, scale folded
           into ``addmm_``, saves ``x`` and ``x Aᵀ``, hand-written backward
 triton    ``LoRALinear(backend="triton")``
 cuda      ``LoRALinear(backend="cuda")``
+qlora_triton   ``LoRALinear.from_linear(Linear4bit)``: the 4-bit kernels (lora_kernels.nf4), backend triton
+qlora_peft     PEFT's ``lora.bnb.Linear4bit`` on bitsandbytes' ``Linear4bit`` (QLoRA as users run it)
+qlora_unsloth  dequantise W0 with bitsandbytes, then the Unsloth-style cuBLAS Function (again in backward)
 reference ``LoRALinear(backend="reference")`` (not run by default)
 ========  ==================================================================
+
+The ``qlora_*`` providers hold W0 as bitsandbytes NF4 with double quantisation (QLoRA's
+default) and are checked against the formula on the dequantised W0 (``Built.weight``); their
+ratios are still to the frozen 16-bit ``base``. They have no merge modes.
 
 In the merge modes each provider folds ``s · B A`` into (or out of) a weight;
 ``base`` there is ``W.copy_(W0)``, one copy of the frozen weight.
@@ -35,7 +42,8 @@ from lora_kernels import LoRALinear, backends
 
 from .shapes import Case
 
-PROVIDERS = ("base", "merged", "peft", "eager", "compile", "unsloth", "triton", "cuda", "reference")
+PROVIDERS = ("base", "merged", "peft", "eager", "compile", "unsloth", "triton", "cuda",
+             "qlora_triton", "qlora_peft", "qlora_unsloth", "reference")
 DEFAULT_PROVIDERS = PROVIDERS[:-1]
 OURS = ("triton", "cuda")  # the package's kernels: the targets apply to these
 COMPETITORS = ("peft", "eager", "compile", "unsloth")  # "faster than every other provider"
@@ -50,8 +58,12 @@ DESCRIPTIONS = {
     "unsloth": "Unsloth-style autograd.Function (addmm_ with folded scale, hand-written backward)",
     "triton": "LoRALinear(backend='triton')",
     "cuda": "LoRALinear(backend='cuda')",
+    "qlora_triton": "LoRALinear on a bitsandbytes NF4 Linear4bit, backend triton (lora_kernels.nf4)",
+    "qlora_peft": "PEFT lora.bnb.Linear4bit on bitsandbytes NF4 (QLoRA as users run it)",
+    "qlora_unsloth": "bitsandbytes dequantise + the Unsloth-style Function (W0 dequantised again in backward)",
     "reference": "LoRALinear(backend='reference'), plain PyTorch",
 }
+QLORA = ("qlora_triton", "qlora_peft", "qlora_unsloth")
 
 
 @dataclass
@@ -94,6 +106,7 @@ class Built:
     unmerge: Optional[Callable[[Tensor], None]] = None
     trainable: list[Tensor] = field(default_factory=list)
     params: list[Tensor] = field(default_factory=list)
+    weight: Optional[Tensor] = None  # the W0 it computes with, where not the case's (a 4-bit W0, dequantised)
 
 
 def _linear(weight: nn.Parameter) -> nn.Linear:
@@ -291,6 +304,86 @@ def _build_unsloth(s: Setup) -> Built:
     return Built(forward, merge, unmerge, [a, b], [a, b, w])
 
 
+# --- a 4-bit W0 (QLoRA) -------------------------------------------------------------------
+
+
+def _linear4bit(s: Setup):
+    """W0 as bitsandbytes' NF4 ``Linear4bit`` with double quantisation (quantised on its device)."""
+    import bitsandbytes as bnb
+
+    n, k = s.weight.shape
+    lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=s.weight.dtype, compress_statistics=True,
+                            quant_type="nf4", device="cpu")
+    lin.weight = bnb.nn.Params4bit(s.weight.detach().cpu(), requires_grad=False, compress_statistics=True,
+                                   quant_type="nf4")
+    return lin.to(s.weight.device).train()
+
+
+def _dequantized(lin) -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state)
+
+
+def _build_qlora_triton(s: Setup) -> Built:
+    lin = _linear4bit(s)
+    m = LoRALinear.from_linear(lin, r=s.case.r, alpha=LORA_ALPHA, dropout=s.dropout, backend="triton")
+    with torch.no_grad():
+        m.lora_A.weight.copy_(s.lora_A)
+        m.lora_B.weight.copy_(s.lora_B)
+    trainable = [m.lora_A.weight, m.lora_B.weight]
+    return Built(m.train(), trainable=trainable, params=trainable + [lin.weight], weight=_dequantized(lin))
+
+
+def _build_qlora_peft(s: Setup) -> Built:
+    from peft import LoraConfig, get_peft_model
+
+    lin = _linear4bit(s)
+    wrapper = _Wrapper(lin)
+    wrapper.is_loaded_in_4bit = True  # what PEFT reads off a transformers model loaded in 4 bits
+    config = LoraConfig(target_modules=["proj"], r=s.case.r, lora_alpha=LORA_ALPHA, lora_dropout=s.dropout)
+    layer = get_peft_model(wrapper, config, autocast_adapter_dtype=False).base_model.model.proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        a.copy_(s.lora_A)
+        b.copy_(s.lora_B)
+    return Built(layer.train(), trainable=[a, b], params=[a, b, lin.weight], weight=_dequantized(lin))
+
+
+class DequantizeThenUnsloth(torch.autograd.Function):
+    """The Unsloth approach on a 4-bit W0: dequantise it to a 16-bit copy (bitsandbytes' kernel), run
+    :class:`UnslothStyleLoRA`'s cuBLAS GEMMs, and dequantise again in backward for ``dx = dy W0``
+    (the copy is not kept between forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, x, lin, lora_A, lora_B, scaling, p):
+        ctx.lin = lin
+        with torch.enable_grad():  # the inner Function records its own graph, replayed in backward
+            xd = x.detach().requires_grad_()
+            a, b = lora_A.detach().requires_grad_(), lora_B.detach().requires_grad_()
+            y = UnslothStyleLoRA.apply(xd, _dequantized(lin).to(x.dtype), a, b, scaling, p)
+        ctx.inner = (xd, a, b, y)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, dy):
+        xd, a, b, y = ctx.inner
+        # NOTE: the inner graph saved its dequantised W0; Unsloth re-dequantises instead. Timed
+        # alike (one dequantisation per pass either way), the memory mode counts the saved copy.
+        dx, da, db = torch.autograd.grad(y, (xd, a, b), dy)
+        return dx, None, da, db, None, None
+
+
+def _build_qlora_unsloth(s: Setup) -> Built:
+    lin = _linear4bit(s)
+    a, b = _trainable_copy(s.lora_A), _trainable_copy(s.lora_B)
+
+    def forward(x: Tensor) -> Tensor:
+        return DequantizeThenUnsloth.apply(x, lin, a, b, s.scaling, s.dropout)
+
+    return Built(forward, trainable=[a, b], params=[a, b, lin.weight], weight=_dequantized(lin))
+
+
 BUILDERS: dict[str, Callable[[Setup], Built]] = {
     "base": _build_base,
     "merged": _build_merged,
@@ -300,19 +393,25 @@ BUILDERS: dict[str, Callable[[Setup], Built]] = {
     "unsloth": _build_unsloth,
     "triton": _build_lora("triton"),
     "cuda": _build_lora("cuda"),
+    "qlora_triton": _build_qlora_triton,
+    "qlora_peft": _build_qlora_peft,
+    "qlora_unsloth": _build_qlora_unsloth,
     "reference": _build_lora("reference"),
 }
 
 
 def unavailable_reason(name: str, device: torch.device, allow_interpreter: bool = False) -> str:
     """Empty if provider ``name`` can run on ``device``; otherwise why not."""
-    if name == "peft" and importlib.util.find_spec("peft") is None:
+    if name in ("peft", "qlora_peft") and importlib.util.find_spec("peft") is None:
         return "peft is not installed (pip install peft)"
-    if name in ("triton", "cuda", "reference"):
-        why = backends.unavailable_reason(name, device)
+    if name in QLORA and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install 'lora_kernels[qlora]')"
+    if name in ("triton", "cuda", "reference", "qlora_triton"):
+        backend = "triton" if name == "qlora_triton" else name
+        why = backends.unavailable_reason(backend, device)
         if why:
             return why
-        if name == "triton" and device.type != "cuda" and not allow_interpreter:
+        if backend == "triton" and device.type != "cuda" and not allow_interpreter:
             return "Triton would run under its CPU interpreter (TRITON_INTERPRET=1): its times mean nothing"
     return ""
 
@@ -323,6 +422,8 @@ def skip_reason(name: str, mode: str, case: Case) -> str:
         return "a merged layer is inference only: its adapter cannot be trained"
     if name == "merged" and case.dropout > 0:
         return "a merged layer runs in eval mode: no dropout"
+    if name in QLORA and mode in ("merge", "unmerge"):
+        return "a 4-bit base is not merged (requantising W0 + s·B A is lossy: lora_kernels refuses it)"
     return ""
 
 

@@ -11,6 +11,7 @@ See docs/benchmarks.md for what each provider and mode means and how times are t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import sys
@@ -189,6 +190,13 @@ def reference_grads(s: prov.Setup, x: torch.Tensor, dy: torch.Tensor) -> dict[st
             "base": {"y": y0, "x": (dy.float() @ w)}}
 
 
+def reference_for(built: prov.Built, s: prov.Setup, ref: Optional[dict], x: torch.Tensor, dy: torch.Tensor):
+    """``ref``, or for a provider computing with its own W0 (a 4-bit one, dequantised) the formula on that weight."""
+    if built.weight is None or ref is None:
+        return ref
+    return reference_grads(dataclasses.replace(s, weight=built.weight), x, dy)
+
+
 def check_provider(name: str, built: prov.Built, x: torch.Tensor, dy: Optional[torch.Tensor],
                    ref: Optional[dict]) -> float:
     """Largest relative error of the output (and, when ``dy`` is given, of dx, dA, dB) against fp32.
@@ -245,7 +253,7 @@ def run_activation_case(case, config, device, dtype, progress, results) -> None:
         try:
             built = prov.build(name, setup)
             trains = any(md in ("fwd+bwd", "memory") for md in todo)
-            err = check_provider(name, built, xs[0], dy0 if trains else None, ref)
+            err = check_provider(name, built, xs[0], dy0 if trains else None, reference_for(built, setup, ref, xs[0], dy0))
         except Exception as exc:  # noqa: BLE001 - one provider failing must not stop the suite
             for mode in todo:
                 results.append(_row(case, mode, name, "error", f"{type(exc).__name__}: {exc}"))
@@ -317,7 +325,7 @@ def run_merge_case(case, config, device, dtype, progress, results) -> None:
     if "compile" in config["providers"]:
         torch._dynamo.reset()
     for name in config["providers"]:
-        why = prov.unavailable_reason(name, device)
+        why = prov.unavailable_reason(name, device) or (prov.skip_reason(name, modes[0], case) if modes else "")
         if why:
             for mode in modes:
                 results.append(_row(case, mode, name, "skipped", why))
@@ -378,7 +386,7 @@ def add_ratios(results: list[dict]) -> None:
 # The cost model's plan for each provider it covers (lora_kernels/cost_model.py). The eager formula
 # runs PEFT's kernels; a merged layer's forward is the frozen layer's.
 MODEL_PLANS = {"base": "frozen", "merged": "frozen", "triton": "auto", "unsloth": "unsloth", "peft": "peft",
-               "eager": "peft"}
+               "eager": "peft", "qlora_triton": "qlora", "qlora_unsloth": "qlora_unsloth", "qlora_peft": "qlora_peft"}
 
 
 def add_predictions(results: list[dict], device: torch.device, dtype: torch.dtype) -> str:
@@ -391,7 +399,7 @@ def add_predictions(results: list[dict], device: torch.device, dtype: torch.dtyp
             continue
         pred = cost_model.predict(r["tokens"], r["in"], r["out"], r["r"], dtype, r["dropout"], r["mode"], plan, spec)
         r["predicted_ratio"] = pred.ratio
-        if plan == "auto":
+        if plan in ("auto", "qlora"):
             r["predicted_plan"] = pred.plan
     return spec.name
 

@@ -2,7 +2,8 @@
 
 Ratios are to the frozen base layer measured in the same process (in the merge
 modes: to one copy of W0). The kernel targets apply to this package's
-providers (``triton``, ``cuda``); "merged forward = base" to ``merged``.
+providers (``triton``, ``cuda``); "merged forward = base" to ``merged``; the 4-bit target to
+``qlora_triton``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ TARGETS = (
     Target("faster than every other provider", ("fwd", "fwd+bwd", "merge", "unmerge"), OURS,
            lambda r: True, None),
     Target("saved activations ≤ x + x·Aᵀ", ("memory",), OURS, lambda r: True, None),
+    # Issue #20: a 4-bit (NF4) base, against the frozen 16-bit layer.
+    Target("4-bit fwd+bwd ≤ 1.2× the frozen 16-bit base (8192 tokens, 4096→4096, r = 16, p = 0)", ("fwd+bwd",),
+           ("qlora_triton",), lambda r: r["tokens"] == 8192 and (r["in"], r["out"], r["r"]) == (4096, 4096, 16)
+           and r["dropout"] == 0, 1.2),
 )
 
 
