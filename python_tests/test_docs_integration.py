@@ -7,7 +7,8 @@ import socket
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
-NEEDS = {"peft": "peft", "transformers": "transformers", "safetensors": "safetensors"}
+NEEDS = {"peft": "peft", "transformers": "transformers", "safetensors": "safetensors",
+         "BitsAndBytesConfig": "bitsandbytes"}
 
 
 def _blocks(name):
