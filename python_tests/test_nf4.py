@@ -438,3 +438,12 @@ def test_cost_model_rows_of_the_4bit_base():
                 assert ours.plan in ("qlora_fused", "qlora_dequant")
                 for peer in ("qlora_unsloth", "qlora_peft"):
                     assert ours.ratio < cm.predict(M, K, N, 16, bf16, 0.0, mode, peer).ratio, (M, K, N, mode, peer)
+
+
+def test_the_4bit_table_in_the_docs_is_current():
+    import pathlib
+
+    from lora_kernels import cost_model as cm
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "cost_model.md").read_text()
+    assert cm.qlora_table() in doc, "regenerate: python -m lora_kernels.cost_model --qlora-table"

@@ -229,18 +229,33 @@ _FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "FUSED", "DROPOUT", "HAS_BIAS", "NEST
 _BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "G_LOADED", "DROPOUT", "NESTED"]
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the 16-bit kernels' configs that compile for
+# sm_90a without spills and within an H100's shared memory with the dequantised tile (Triton 3.8,
+# bf16, double quantisation, r = 16; compiled without a GPU as python_tests/triton_compile_check.py
+# compiles). NOTE: the others spill (up to 2.4 KB) or, at 128x256, need 300 KB of shared memory:
+# the dequantisation's layout conversions take registers and shared memory the 16-bit tiles do not.
+# Not yet checked for sm_80 or other Tritons (docs/design.md).
+_FORWARD_SHAPES = [(128, 128, 64, 4, 8), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4)]
+_BACKWARD_SHAPES = [(64, 64, 128, 3, 8), (64, 32, 64, 3, 8), (64, 32, 64, 4, 4), (32, 16, 32, 3, 8)]
+
+
+def _configs(backward: bool):
+    if t.INTERPRET:
+        return t._backward_configs() if backward else t._gemm_configs()
+    group = {} if backward else {"GROUP_M": 8}
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **group}, num_stages=st, num_warps=w)
+            for bm, bn, bk, st, w in (_BACKWARD_SHAPES if backward else _FORWARD_SHAPES)]
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(name: str):
-    """The autotuned kernels (pointer loads: the bf16 kernels' pointer configs), built on first use.
-    NOTE: the compile check's exclusion table covers the bf16 kernels only; these are pruned by
-    shared memory alone (not yet compiled for registers: see docs/design.md)."""
-    if name == "forward":
-        prune = functools.partial(t._prune, backward=False, kernel=None)
-        return triton.autotune(t._gemm_configs(False), key=_FORWARD_KEY,
-                               prune_configs_by={"early_config_prune": prune})(_qlora_forward_kernel)
-    prune = functools.partial(t._prune, backward=True, kernel=None)
-    return triton.autotune(t._backward_configs(False), key=_BACKWARD_KEY,
-                           prune_configs_by={"early_config_prune": prune})(_qlora_backward_kernel)
+    """The autotuned kernels (pointer loads), built on first use; pruned by shared memory (for wider
+    operands than bf16) as the 16-bit kernels are."""
+    backward = name == "backward"
+    prune = functools.partial(t._prune, backward=backward, kernel=None)
+    return triton.autotune(_configs(backward), key=_BACKWARD_KEY if backward else _FORWARD_KEY,
+                           prune_configs_by={"early_config_prune": prune})(
+        _qlora_backward_kernel if backward else _qlora_forward_kernel)
 
 
 def _quant_args(q: QuantWeight) -> dict:
