@@ -447,3 +447,19 @@ def test_the_4bit_table_in_the_docs_is_current():
 
     doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "cost_model.md").read_text()
     assert cm.qlora_table() in doc, "regenerate: python -m lora_kernels.cost_model --qlora-table"
+
+
+def test_peft_qlora_model_compiles_fullgraph(qlora_checkpoint):
+    import lora_kernels as lk
+
+    model = qlora_model(qlora_checkpoint)
+    lk.accelerate_peft(model)
+    ids = torch.randint(0, 64, (2, 9), device=DEVICE)
+    logits, grads = _loss_and_grads(model, ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager" if DEVICE.type == "cpu" else "inductor")
+    logits_c, grads_c = _loss_and_grads(compiled, ids)
+    assert relative_error(logits_c, logits) < 1e-5
+    grads_c = {n.removeprefix("_orig_mod."): g for n, g in grads_c.items()}  # the compiled wrapper's names
+    for n, g in grads.items():
+        assert relative_error(grads_c[n], g) < 1e-5, n
