@@ -169,6 +169,15 @@ def test_frozen_input_gradients_of_factors_only(backend):
     assert relative_error(dA, dA64) < 1e-5 and relative_error(dB, dB64) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_fp64(backend):
+    q = quantize(torch.randn(4, 64, device=DEVICE), True)
+    f64 = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
+    x, A, B, b = torch.randn(3, 64, **f64), torch.randn(1, 64, **f64), torch.randn(4, 1, **f64), torch.randn(4, **f64)
+    assert torch.autograd.gradcheck(
+        lambda x, A, B, b: qlora_linear(x, q, b, A, B, 0.5, dropout_p=0.3, backend=backend, seed=5), (x, A, B, b))
+
+
 def _op_args(backend, dtype=torch.float32, dropout=0.0):
     q = quantize(torch.randn(24, 64, device=DEVICE), True)
     x = torch.randn(10, 64, dtype=dtype, device=DEVICE, requires_grad=True)
