@@ -234,8 +234,11 @@ _BACKWARD_KEY = ["M_BUCKET", "N", "K", "R", "G_LOADED", "DROPOUT", "NESTED"]
 # bf16, double quantisation, r = 16; compiled without a GPU as python_tests/triton_compile_check.py
 # compiles). NOTE: the others spill (up to 2.4 KB) or, at 128x256, need 300 KB of shared memory:
 # the dequantisation's layout conversions take registers and shared memory the 16-bit tiles do not.
-# Not yet checked for sm_80 or other Tritons (docs/design.md).
-_FORWARD_SHAPES = [(128, 128, 64, 4, 8), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4)]
+# The last of each list is what fp32 and fp64 operands run (FMA tiles: the others spill up to 14 KB
+# there; with 4 warps the 32x32 forward tile spills 8 bytes in fp32, with 8 none). On sm_80 (bf16) the
+# backward's 64-row tiles spill 64-152 bytes. fp64 is not checked (gradcheck only), nor other Tritons.
+_FORWARD_SHAPES = [(128, 128, 64, 4, 8), (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 32, 32, 4, 4),
+                   (32, 32, 32, 3, 8)]
 _BACKWARD_SHAPES = [(64, 64, 128, 3, 8), (64, 32, 64, 3, 8), (64, 32, 64, 4, 4), (32, 16, 32, 3, 8)]
 
 
@@ -247,12 +250,18 @@ def _configs(backward: bool):
             for bm, bn, bk, st, w in (_BACKWARD_SHAPES if backward else _FORWARD_SHAPES)]
 
 
+def _prune(configs, named_args, backward, **kwargs):
+    if named_args["dy_ptr" if backward else "y_ptr"].element_size() >= 4:
+        configs = configs[-1:]
+    return t._prune(configs, named_args, backward, None)
+
+
 @functools.lru_cache(maxsize=None)
 def _autotuned(name: str):
     """The autotuned kernels (pointer loads), built on first use; pruned by shared memory (for wider
     operands than bf16) as the 16-bit kernels are."""
     backward = name == "backward"
-    prune = functools.partial(t._prune, backward=backward, kernel=None)
+    prune = functools.partial(_prune, backward=backward)
     return triton.autotune(_configs(backward), key=_BACKWARD_KEY if backward else _FORWARD_KEY,
                            prune_configs_by={"early_config_prune": prune})(
         _qlora_backward_kernel if backward else _qlora_forward_kernel)
