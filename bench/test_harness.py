@@ -133,7 +133,7 @@ def test_targets_met_and_missed():
     run.add_ratios(results)
     checks = {(c["mode"], c["case"], c["provider"], c["target"]): c["met"] for c in targets.evaluate(results)}
     n = [x.name for x in targets.TARGETS]
-    fwd_t, fb_t, fbd_t, small_t, _, merged_t, fastest_t, _ = n
+    fwd_t, fb_t, fbd_t, small_t, _, merged_t, fastest_t, _ = n[:8]
     assert checks[("fwd", big.key, "triton", fwd_t)] is True
     assert checks[("fwd", big.key, "cuda", fwd_t)] is False
     assert checks[("fwd", big.key, "merged", merged_t)] is True
@@ -146,6 +146,17 @@ def test_targets_met_and_missed():
     assert checks[("fwd+bwd", small.key, "cuda", small_t)] is False
     assert ("fwd+bwd", big.key, "triton", fbd_t) not in checks  # p = 0 here
     assert not any(k[3].startswith("fwd+bwd ≤ 1.15") for k in checks)  # dropout target is for ≥ 4096 tokens
+
+
+def test_the_4bit_target():
+    """Issue #20: the 4-bit layer, fwd+bwd, ≤ 1.2× the frozen 16-bit layer at 8192 tokens, 4096→4096, r = 16."""
+    case = shapes.Case(shapes.Layer("t", 4096, 4096), 8192, 16, 0.0)
+    other = shapes.Case(shapes.Layer("t", 4096, 4096), 2048, 16, 0.0)
+    results = (_rows("fwd+bwd", case, base=2.0, qlora_triton=2.3, qlora_peft=3.5)
+               + _rows("fwd+bwd", other, base=1.0, qlora_triton=1.5))
+    run.add_ratios(results)
+    checks = [c for c in targets.evaluate(results) if c["target"].startswith("4-bit")]
+    assert [(c["case"], c["provider"], c["met"]) for c in checks] == [(case.key, "qlora_triton", True)]  # 1.15
 
 
 def test_memory_and_merge_targets():
