@@ -253,7 +253,8 @@ def run_activation_case(case, config, device, dtype, progress, results) -> None:
         try:
             built = prov.build(name, setup)
             trains = any(md in ("fwd+bwd", "memory") for md in todo)
-            err = check_provider(name, built, xs[0], dy0 if trains else None, reference_for(built, setup, ref, xs[0], dy0))
+            mine = reference_for(built, setup, ref, xs[0], dy0)
+            err = check_provider(name, built, xs[0], dy0 if trains else None, mine)
         except Exception as exc:  # noqa: BLE001 - one provider failing must not stop the suite
             for mode in todo:
                 results.append(_row(case, mode, name, "error", f"{type(exc).__name__}: {exc}"))

@@ -436,7 +436,8 @@ def _reads_4bit(launch: Launch, s: Shape) -> Launch:
     """``launch`` (a GEMM over W0) reading W0 in 4 bits and dequantising each tile once per row block."""
     row_blocks = math.ceil(s.M / s.tiling.block_m)
     return replace(launch, name=launch.name.replace("W0", "deq(W0₄)"),
-                   bytes=launch.bytes - s.N * s.K * (s.e - NF4_BYTES), simt=launch.simt + s.N * s.K * row_blocks * DEQUANT_OPS)
+                   bytes=launch.bytes - s.N * s.K * (s.e - NF4_BYTES),
+                   simt=launch.simt + s.N * s.K * row_blocks * DEQUANT_OPS)
 
 
 def qlora_forward_launches(variant: str, s: Shape, spec: DeviceSpec, dtype: torch.dtype) -> list[Launch]:

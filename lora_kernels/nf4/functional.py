@@ -66,7 +66,8 @@ def check_inputs(x: Tensor, q: QuantWeight, bias: Optional[Tensor], lora_A: Tens
         raise ValueError(f"x is on {x.device} but the 4-bit weight is on {q.device}")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if t.dim() != 2 or t.dtype not in _FLOAT_DTYPES or t.device != q.device:
-            raise ValueError(f"{name} must be a 2-D float tensor on {q.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+            raise ValueError(f"{name} must be a 2-D float tensor on {q.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     r = lora_A.shape[0]
     if r == 0 or lora_A.shape[1] != K or tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_A must be (r, {K}) and lora_B ({N}, r) with r > 0, got {tuple(lora_A.shape)} "

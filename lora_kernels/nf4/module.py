@@ -41,7 +41,8 @@ class LoRALinear4bit(LoRALinear):
     def from_linear(cls, linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0, use_rslora: bool = False,
                     init: str = "kaiming", backend: str = "auto", lora_dtype: Optional[torch.dtype] = None):
         if not is_linear4bit(linear):
-            raise TypeError(f"LoRALinear4bit.from_linear expects a bitsandbytes Linear4bit, got {type(linear).__name__}")
+            raise TypeError(
+                f"LoRALinear4bit.from_linear expects a bitsandbytes Linear4bit, got {type(linear).__name__}")
         QuantWeight.from_param(linear.weight)  # refuses what the kernels cannot read, before anything changes
         self = cls.__new__(cls)
         nn.Module.__init__(self)

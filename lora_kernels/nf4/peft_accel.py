@@ -22,7 +22,8 @@ MERGE_REFUSED = ("accelerate_peft: " + _MERGE_REFUSED + ". deaccelerate_peft(mod
 
 
 def is_peft_linear4bit(layer: nn.Module) -> bool:
-    """Whether ``layer`` is PEFT's 4-bit LoRA layer (False, importing nothing, where PEFT's bnb module is not loaded)."""
+    """Whether ``layer`` is PEFT's 4-bit LoRA layer (False, importing nothing, where PEFT's bnb module
+    is not loaded)."""
     cls = getattr(sys.modules.get("peft.tuners.lora.bnb"), "Linear4bit", None)
     return cls is not None and type(layer) is cls
 

@@ -108,7 +108,8 @@ class QuantWeight:
         if qs.nested:
             state2 = qs.state2
             absmax2, code2 = state2.absmax.float(), state2.code.float()
-            offset, blocksize2 = torch.as_tensor(qs.offset, dtype=torch.float32, device=packed.device).reshape(1), state2.blocksize
+            offset = torch.as_tensor(qs.offset, dtype=torch.float32, device=packed.device).reshape(1)
+            blocksize2 = state2.blocksize
         else:
             absmax2, code2, offset, blocksize2 = empty, empty, empty, 0
         shape = tuple(int(d) for d in qs.shape)

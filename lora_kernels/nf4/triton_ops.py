@@ -309,7 +309,8 @@ def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, s
     if M == 0 or N == 0:
         return y, xa.zero_()
     fused = t.forward_plan(M, K, N, R, x.dtype, dropout_p, x.device) == "fused"
-    part = t._shrink_partials(x, lora_A, dropout_p, seed) if not fused else y.new_empty(1, 1, 1, dtype=t._acc_dtype(y.dtype))
+    part = (t._shrink_partials(x, lora_A, dropout_p, seed) if not fused
+            else y.new_empty(1, 1, 1, dtype=t._acc_dtype(y.dtype)))  # (an unused pointer operand)
     tiles = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _autotuned("forward")[tiles](
         x_ptr=x, **_quant_args(q), bias_ptr=bias if bias is not None else y, a_ptr=lora_A, l_ptr=part,
