@@ -7,7 +7,7 @@ one call. Without bitsandbytes the non-nested weights are quantised here in plai
 algorithm), so the kernels are still tested; what needs bitsandbytes itself skips with the reason.
 """
 
-import copy
+import os
 import sys
 
 import pytest
@@ -472,3 +472,41 @@ def test_peft_qlora_model_compiles_fullgraph(qlora_checkpoint):
     grads_c = {n.removeprefix("_orig_mod."): g for n, g in grads_c.items()}  # the compiled wrapper's names
     for n, g in grads.items():
         assert relative_error(grads_c[n], g) < 1e-5, n
+
+
+def test_the_package_works_without_bitsandbytes():
+    """In a fresh interpreter where `import bitsandbytes` fails: the package, its 16-bit layers and
+    accelerate_peft work, and a 4-bit weight (quantised here in PyTorch) runs on the reference path."""
+    import pathlib
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent('''
+        import sys
+        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError
+        import torch
+        import lora_kernels as lk
+        from lora_kernels.nf4 import reference as q4
+        from test_nf4 import quantize_torch
+        assert not q4.bitsandbytes_available()
+        layer = lk.LoRALinear(64, 8, r=2)
+        layer(torch.randn(3, 64)).sum().backward()
+        q = quantize_torch(torch.randn(8, 64))
+        y = lk.qlora_linear(torch.randn(3, 64), q, None, torch.randn(2, 64), torch.randn(8, 2), 0.5, backend="reference")
+        assert y.shape == (3, 8)
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(64, 8)), LoraConfig(r=2, target_modules=["0"]))
+        assert lk.accelerate_peft(model).accelerated == ["base_model.model.0"]
+        model(torch.randn(3, 64)).sum().backward()
+        try:
+            q4.require_bitsandbytes("LoRALinear4bit")
+        except ImportError as e:
+            assert "pip install" in str(e)
+        else:
+            raise AssertionError("no ImportError")
+        print("ok")
+    ''')
+    here = pathlib.Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=here, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
