@@ -151,7 +151,7 @@ run_tune() {
   stage autotune 120 $py autotune --out "$out"
   if [ -n "$ncu" ] && [ "$dry" = 0 ]; then
     local kernels="regex:_lora_(forward|backward|shrink|g)_kernel|_reduce_runs_kernel"
-    stage ncu 90 "$ncu" --csv --page details --print-units base --clock-control none --kernel-name "$kernels" --launch-skip 0 \
+    stage ncu 90 "$ncu" --csv --page details --print-units base --clock-control none --kernel-name "$kernels" --nvtx --nvtx-include "profile/" \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed \
       --log-file "$build_dir/ncu.csv" $py ncu-target --out "$out"
     stage ncu-report 15 $py ncu-report --csv "$build_dir/ncu.csv" --out "$out"
