@@ -239,7 +239,7 @@ def run_activation_case(case, config, device, dtype, progress, results) -> None:
         torch._dynamo.reset()  # one static graph per case; never hit the recompile limit
 
     for name in config["providers"]:
-        why = prov.unavailable_reason(name, device)
+        why = prov.unavailable_reason(name, device, config.get("allow_interpreter", False))
         todo = []
         for mode in modes:
             skip = why or prov.skip_reason(name, mode, case)
@@ -386,8 +386,11 @@ def add_ratios(results: list[dict]) -> None:
 
 # The cost model's plan for each provider it covers (lora_kernels/cost_model.py). The eager formula
 # runs PEFT's kernels; a merged layer's forward is the frozen layer's.
+# NOTE: cuda's forward is the two-pass plan (docs/cuda.md); the model's backward for it is the Triton
+# one's, which moves the same dy, W0 and x bytes and differs only in the thin passes: an approximation.
 MODEL_PLANS = {"base": "frozen", "merged": "frozen", "triton": "auto", "unsloth": "unsloth", "peft": "peft",
-               "eager": "peft", "qlora_triton": "qlora", "qlora_unsloth": "qlora_unsloth", "qlora_peft": "qlora_peft"}
+               "eager": "peft", "cuda": "two_pass",
+               "qlora_triton": "qlora", "qlora_unsloth": "qlora_unsloth", "qlora_peft": "qlora_peft"}
 
 
 def add_predictions(results: list[dict], device: torch.device, dtype: torch.dtype) -> str:
