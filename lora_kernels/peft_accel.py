@@ -12,7 +12,8 @@ attributes again.
 At every call the layer's state decides (:func:`_state_reason`, :func:`_call_reason`):
 
 - fused (:func:`lora_kernels.lora_linear`): one active adapter on this layer, plain
-  LoRA (no DoRA or other variant), ``lora_bias=False``, ``fan_in_fan_out=False``,
+  LoRA or DoRA (:func:`lora_kernels.dora.dora_linear`: the row norms from the low-rank
+  structure, never PEFT's dense ``B A``; no other variant), ``lora_bias=False``, ``fan_in_fan_out=False``,
   dropout an ``nn.Dropout`` or ``nn.Identity``, not merged, adapters enabled, no
   ``adapter_names=`` mix, no extra arguments, ``x`` in the base weight's dtype (or
   under autocast) and device, no forward hooks on the base layer or the factors.
@@ -45,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from .dora import WeightSquares, dora_linear
 from .functional import _autocast_available, lora_linear, merge_lora_, unmerge_lora_
 
 __all__ = ["AccelerationReport", "accelerate_peft", "deaccelerate_peft"]
@@ -66,6 +68,8 @@ def _peft_lora():
 @dataclass
 class _Settings:
     backend: str
+    # DoRA: ‖W0ᵢ‖² of the base weight, recomputed when the weight changes
+    weight_squares: WeightSquares = field(default_factory=WeightSquares)
 
 
 # --------------------------------------------------------------------------- #
@@ -90,10 +94,21 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return variant is not None and type(variant).__name__ == "DoraLinearVariant"
+
+
 def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     """Why adapter ``adapter`` of ``layer`` cannot be fused (forward or merge), or None."""
-    if adapter in layer.lora_variant:
+    if adapter in layer.lora_variant and not _is_dora(layer, adapter):
         return f"adapter {adapter!r} is a LoRA variant ({type(layer.lora_variant[adapter]).__name__})"
+    if _is_dora(layer, adapter):
+        mag = layer.lora_magnitude_vector[adapter].weight
+        W = layer.base_layer.weight
+        if mag.device != W.device or mag.dtype not in _FLOATS or mag.shape != W.shape[:1]:
+            return (f"DoRA magnitude of adapter {adapter!r}: {tuple(mag.shape)} {mag.dtype} on {mag.device} "
+                    f"(needs ({W.shape[0]},), a float dtype, the weight's device)")
     if layer.lora_bias.get(adapter, False):
         return f"adapter {adapter!r} has lora_bias=True"
     if layer.fan_in_fan_out:
@@ -167,12 +182,20 @@ def _forward(layer: nn.Module, x, *args, **kwargs):
         return type(layer).forward(layer, x, *args, **kwargs)
     base, dropout = layer.base_layer, layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return lora_linear(x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                       layer.scaling[adapter], dropout_p=p, backend=getattr(layer, _STATE).backend)
+    settings = getattr(layer, _STATE)
+    A, B, s = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
+    if _is_dora(layer, adapter):
+        # NOTE: PEFT's DoRA draws its dropout with nn.Dropout (torch's generator): so does dora_linear.
+        return dora_linear(x, base.weight, base.bias, A, B, s, layer.lora_magnitude_vector[adapter].weight,
+                           dropout_p=p, backend=settings.backend,
+                           weight_squares=settings.weight_squares(base.weight))
+    return lora_linear(x, base.weight, base.bias, A, B, s, dropout_p=p, backend=settings.backend)
 
 
 def _merge_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     why = _adapter_reason(layer, adapter)
+    if why is None and _is_dora(layer, adapter):
+        why = "DoRA adapter (PEFT's merge: it keeps the row norms that its unmerge needs)"
     if why is None and any(_is_dtensor(t) for t in (layer.base_layer.weight, layer.lora_A[adapter].weight)):
         why = "sharded (DTensor) parameters"
     return why
