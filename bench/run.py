@@ -203,7 +203,8 @@ def check_provider(name: str, built: prov.Built, x: torch.Tensor, dy: Optional[t
         y.backward(dy)
         outs["x"] = x.grad
         if name != "base":
-            outs["A"], outs["B"] = (t.grad for t in built.trainable)
+            # NOTE: the first two trainable tensors are A and B (DoRA's magnitude comes third)
+            outs["A"], outs["B"] = (t.grad for t in built.trainable[:2])
     if ref is None:
         err = 0.0 if all(t is not None and torch.isfinite(t).all() for t in outs.values()) else math.inf
     else:
@@ -317,7 +318,7 @@ def run_merge_case(case, config, device, dtype, progress, results) -> None:
     if "compile" in config["providers"]:
         torch._dynamo.reset()
     for name in config["providers"]:
-        why = prov.unavailable_reason(name, device)
+        why = prov.unavailable_reason(name, device) or prov.skip_reason(name, modes[0], case)
         if why:
             for mode in modes:
                 results.append(_row(case, mode, name, "skipped", why))
@@ -380,7 +381,7 @@ def add_ratios(results: list[dict]) -> None:
 # NOTE: cuda's forward is the two-pass plan (docs/cuda.md); the model's backward for it is the Triton
 # one's, which moves the same dy, W0 and x bytes and differs only in the thin passes: an approximation.
 MODEL_PLANS = {"base": "frozen", "merged": "frozen", "triton": "auto", "unsloth": "unsloth", "peft": "peft",
-               "eager": "peft", "cuda": "two_pass"}
+               "eager": "peft", "cuda": "two_pass", "dora": "dora", "peft_dora": "peft_dora"}
 
 
 def add_predictions(results: list[dict], device: torch.device, dtype: torch.dtype) -> str:

@@ -110,8 +110,7 @@ def dora_linear(
     c = (magnitude / norm.to(magnitude.dtype)).to(x.dtype)
     if dropout_p == 0.0:
         z = lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p=0.0, backend=backend)
-        y = z * c
-        return y if bias is None else y + bias
+        return z * c if bias is None else torch.addcmul(bias, z, c)  # one pass over y
     x_d = F.dropout(x, dropout_p, training=True)
     z = lora_linear(x_d, weight, None, lora_A, lora_B, scaling, dropout_p=0.0, backend=backend)
     return F.linear(x - x_d, weight, bias) + z * c
