@@ -125,8 +125,14 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     return None
 
 
-def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
-    """``(reason, None)`` when the layer's current state needs PEFT's forward, else ``(None, adapter)``."""
+def _dropout_p(dropout: nn.Module) -> float:
+    """The dropout probability a call applies now (0 for nn.Identity or in eval mode)."""
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[tuple[str, ...]]]:
+    """``(reason, None)`` when the layer's current state needs PEFT's forward, else ``(None, adapters)``:
+    the active adapters the fused call computes (one, or several summed as one stacked rank)."""
     if layer.disable_adapters:
         return "adapters disabled (base layer only, PEFT's forward)", None
     if layer.merged:
@@ -134,20 +140,27 @@ def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if not active:
         return "no active adapter on this layer", None
+    for adapter in active:
+        why = _adapter_reason(layer, adapter)
+        if why:
+            return why, None
+        dropout = layer.lora_dropout[adapter]
+        if type(dropout) not in (nn.Dropout, nn.Identity):
+            return f"dropout module is {type(dropout).__name__}, not nn.Dropout or nn.Identity", None
+        hooked = [n for n, m in (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
+                                 ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout)) if _has_hooks(m)]
+        if hooked:
+            return f"forward hooks or a replaced forward on {hooked}", None
     if len(active) > 1:
-        return f"{len(active)} active adapters {active} (the fused path takes one)", None
-    (adapter,) = active
-    why = _adapter_reason(layer, adapter)
-    if why:
-        return why, None
-    dropout = layer.lora_dropout[adapter]
-    if type(dropout) not in (nn.Dropout, nn.Identity):
-        return f"dropout module is {type(dropout).__name__}, not nn.Dropout or nn.Identity", None
-    hooked = [n for n, m in (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
-                             ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout)) if _has_hooks(m)]
-    if hooked:
-        return f"forward hooks or a replaced forward on {hooked}", None
-    return None, adapter
+        if any(_is_dora(layer, a) for a in active):
+            return f"{len(active)} active adapters {active}, DoRA among them (summed by PEFT's forward)", None
+        if any(_dropout_p(layer.lora_dropout[a]) > 0 for a in active):
+            return (f"{len(active)} active adapters {active} with dropout in training (PEFT draws a mask per "
+                    "adapter; the stacked fused call would share one)"), None
+        A = [layer.lora_A[a].weight for a in active]
+        if len({t.dtype for t in A}) > 1:
+            return f"{len(active)} active adapters {active} of different dtypes", None
+    return None, tuple(active)
 
 
 def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str]:
@@ -175,14 +188,20 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
 
 
 def _forward(layer: nn.Module, x, *args, **kwargs):
-    adapter = None
+    adapters = None
     if _call_reason(layer, x, args, kwargs) is None:
-        adapter = _state_reason(layer)[1]
-    if adapter is None:
+        adapters = _state_reason(layer)[1]
+    if adapters is None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    base, dropout = layer.base_layer, layer.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    settings = getattr(layer, _STATE)
+    base, settings = layer.base_layer, getattr(layer, _STATE)
+    if len(adapters) > 1:
+        # Σₐ sₐ·(x Aₐᵀ) Bₐᵀ = (x [A₁; A₂; …]ᵀ) [s₁B₁ | s₂B₂ | …]ᵀ: one fused call of the summed rank (the
+        # stacking is differentiable, so each adapter gets its own gradients); no dropout here.
+        A = torch.cat([layer.lora_A[a].weight for a in adapters])
+        B = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], dim=1)
+        return lora_linear(x, base.weight, base.bias, A, B, 1.0, dropout_p=0.0, backend=settings.backend)
+    (adapter,) = adapters
+    p = _dropout_p(layer.lora_dropout[adapter])
     A, B, s = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
     if _is_dora(layer, adapter):
         # NOTE: PEFT's DoRA draws its dropout with nn.Dropout (torch's generator): so does dora_linear.
