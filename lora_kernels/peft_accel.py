@@ -163,11 +163,57 @@ def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[tuple[str, 
     return None, tuple(active)
 
 
+def _mixed_reason(layer: nn.Module, x, names) -> Optional[str]:
+    """Why an ``adapter_names=`` call (PEFT's mixed batch) needs PEFT's forward, or None."""
+    if layer.disable_adapters or layer.merged:
+        return "adapter_names= on a layer with adapters disabled or merged (PEFT's forward decides)"
+    if not isinstance(names, (list, tuple)) or not isinstance(x, Tensor) or x.dim() < 2 or len(names) != len(x):
+        return "adapter_names= that does not name one adapter per input row (PEFT's forward reports it)"
+    used = [a for a in dict.fromkeys(names) if a in layer.lora_A]
+    for adapter in used:
+        why = _adapter_reason(layer, adapter) or ("DoRA" if _is_dora(layer, adapter) else None)
+        if why:
+            return f"adapter_names= with adapter {adapter!r}: {why}"
+        dropout = layer.lora_dropout[adapter]
+        if type(dropout) not in (nn.Dropout, nn.Identity) or _dropout_p(dropout) > 0:
+            return f"adapter_names= with dropout active on adapter {adapter!r} (training)"
+    if len({layer.lora_A[a].weight.dtype for a in used}) > 1:
+        return "adapter_names= over adapters of different dtypes"
+    return None
+
+
+def _mixed_forward(layer: nn.Module, x: Tensor, names) -> Tensor:
+    """PEFT's mixed batch (``adapter_names=``; ``"__base__"`` rows and adapters absent from this layer
+    get the base layer only) as one call of the segmented multi-adapter kernels."""
+    from .multi_lora import multi_lora_linear
+
+    used = [a for a in dict.fromkeys(names) if a in layer.lora_A]
+    index = {a: i for i, a in enumerate(used)}
+    base = layer.base_layer
+    ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64, device=x.device)
+    if not used:
+        return base(x)
+    r = max(layer.lora_A[a].weight.shape[0] for a in used)
+    ref = layer.lora_A[used[0]].weight
+    A = ref.new_zeros(len(used), r, ref.shape[1])
+    B = ref.new_zeros(len(used), base.weight.shape[0], r)
+    for i, a in enumerate(used):  # adapters of smaller rank zero-padded to the largest
+        a_w, b_w = layer.lora_A[a].weight, layer.lora_B[a].weight
+        A[i, : a_w.shape[0]] = a_w
+        B[i, :, : b_w.shape[1]] = b_w
+    backend = getattr(layer, _STATE).backend
+    # NOTE: the multi-adapter kernels have Triton and reference backends; "cuda" asks for the former.
+    return multi_lora_linear(x, base.weight, base.bias, A, B, [float(layer.scaling[a]) for a in used], ids,
+                             backend="auto" if backend == "cuda" else backend, check_ids=False)
+
+
 def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str]:
     """Why this particular call needs PEFT's forward (its arguments), or None."""
     if kwargs.get("adapter_names") is not None:
-        return "adapter_names= mixes adapters in the batch"
-    if args or any(v is not None for v in kwargs.values()):
+        why = _mixed_reason(layer, x, kwargs["adapter_names"])
+        if why:
+            return why
+    if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
         return "extra forward arguments"
     if not isinstance(x, Tensor):
         return f"input is {type(x).__name__}, not a Tensor"
@@ -188,8 +234,11 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
 
 
 def _forward(layer: nn.Module, x, *args, **kwargs):
+    names = kwargs.get("adapter_names")
+    if names is not None and _call_reason(layer, x, args, kwargs) is None:
+        return _mixed_forward(layer, x, names)
     adapters = None
-    if _call_reason(layer, x, args, kwargs) is None:
+    if names is None and _call_reason(layer, x, args, kwargs) is None:
         adapters = _state_reason(layer)[1]
     if adapters is None:
         return type(layer).forward(layer, x, *args, **kwargs)
