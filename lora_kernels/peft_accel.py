@@ -13,10 +13,13 @@ At every call the layer's state decides (:func:`_state_reason`, :func:`_call_rea
 
 - fused (:func:`lora_kernels.lora_linear`): one active adapter on this layer, plain
   LoRA or DoRA (:func:`lora_kernels.dora.dora_linear`: the row norms from the low-rank
-  structure, never PEFT's dense ``B A``; no other variant), ``lora_bias=False``, ``fan_in_fan_out=False``,
-  dropout an ``nn.Dropout`` or ``nn.Identity``, not merged, adapters enabled, no
-  ``adapter_names=`` mix, no extra arguments, ``x`` in the base weight's dtype (or
-  under autocast) and device, no forward hooks on the base layer or the factors.
+  structure, never PEFT's dense ``B A``; no other variant), ``lora_bias=False``,
+  ``fan_in_fan_out=False``, dropout an ``nn.Dropout`` or ``nn.Identity``, not merged,
+  adapters enabled, no extra arguments, ``x`` in the base weight's dtype (or under
+  autocast) and device, no forward hooks on the base layer or the factors. Several
+  active plain adapters without dropout in training: one fused call of their stacked
+  rank (``[A₁; A₂]``, ``[s₁B₁ | s₂B₂]``). ``adapter_names=`` (PEFT's mixed batch, eval):
+  one call of the segmented multi-adapter kernels (:func:`lora_kernels.multi_lora_linear`).
   The scaling is PEFT's stored ``layer.scaling[adapter]`` (so rsLoRA,
   ``alpha_pattern`` and ``set_scale`` are honoured); a base bias (trainable with
   ``bias="all"``/``"lora_only"``) gets its gradient.
