@@ -18,11 +18,16 @@ qlora_triton   ``LoRALinear.from_linear(Linear4bit)``: the 4-bit kernels (lora_k
 qlora_peft     PEFT's ``lora.bnb.Linear4bit`` on bitsandbytes' ``Linear4bit`` (QLoRA as users run it)
 qlora_unsloth  dequantise W0 with bitsandbytes, then the Unsloth-style cuBLAS Function (again in backward)
 reference ``LoRALinear(backend="reference")`` (not run by default)
+dora      ``LoRALinear(use_dora=True)`` (backend ``auto``; not run by default)
+peft_dora PEFT's DoRA layer (``LoraConfig(use_dora=True)``; not run by default)
 ========  ==================================================================
 
 The ``qlora_*`` providers hold W0 as bitsandbytes NF4 with double quantisation (QLoRA's
 default) and are checked against the formula on the dequantised W0 (``Built.weight``); their
 ratios are still to the frozen 16-bit ``base``. They have no merge modes.
+The DoRA providers start with the magnitude equal to the row norms of ``W0 + s·B A``, so
+their output is the plain LoRA formula's and the suite's correctness check applies to them;
+the time is DoRA's all the same (norms, column scale, ``dm``).
 
 In the merge modes each provider folds ``s · B A`` into (or out of) a weight;
 ``base`` there is ``W.copy_(W0)``, one copy of the frozen weight.
@@ -39,12 +44,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lora_kernels import LoRALinear, backends
+from lora_kernels.dora import dora_weight_norm
 
 from .shapes import Case
 
 PROVIDERS = ("base", "merged", "peft", "eager", "compile", "unsloth", "triton", "cuda",
-             "qlora_triton", "qlora_peft", "qlora_unsloth", "reference")
-DEFAULT_PROVIDERS = PROVIDERS[:-1]
+             "qlora_triton", "qlora_peft", "qlora_unsloth", "reference", "dora", "peft_dora")
+# Not run by default: the reference path, and DoRA (asked for by name)
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p not in ("reference", "dora", "peft_dora"))
 OURS = ("triton", "cuda")  # the package's kernels: the targets apply to these
 COMPETITORS = ("peft", "eager", "compile", "unsloth")  # "faster than every other provider"
 LORA_ALPHA = 16.0
@@ -62,6 +69,8 @@ DESCRIPTIONS = {
     "qlora_peft": "PEFT lora.bnb.Linear4bit on bitsandbytes NF4 (QLoRA as users run it)",
     "qlora_unsloth": "bitsandbytes dequantise + the Unsloth-style Function (W0 dequantised again in backward)",
     "reference": "LoRALinear(backend='reference'), plain PyTorch",
+    "dora": "LoRALinear(use_dora=True), backend auto: DoRA on the fused kernels",
+    "peft_dora": "HuggingFace PEFT lora.Linear with use_dora=True",
 }
 QLORA = ("qlora_triton", "qlora_peft", "qlora_unsloth")
 
@@ -212,6 +221,35 @@ def _build_peft(s: Setup) -> Built:
         layer.unmerge()
 
     return Built(layer, merge, unmerge, [a, b], [a, b, s.weight])
+
+
+def _build_dora(s: Setup) -> Built:
+    m = LoRALinear.from_linear(_linear(_frozen(s)), r=s.case.r, alpha=LORA_ALPHA, dropout=s.dropout,
+                               use_dora=True)
+    with torch.no_grad():
+        m.lora_A.weight.copy_(s.lora_A)
+        m.lora_B.weight.copy_(s.lora_B)
+        m.lora_magnitude_vector.copy_(dora_weight_norm(m.weight, m.lora_A.weight, m.lora_B.weight, m.scaling))
+    merge, unmerge = _module_merge_fns(m)
+    trainable = m._adapter_params()
+    return Built(m.train(), merge, unmerge, trainable, trainable + [s.weight])
+
+
+def _build_peft_dora(s: Setup) -> Built:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(target_modules=["proj"], r=s.case.r, lora_alpha=LORA_ALPHA, lora_dropout=s.dropout,
+                        use_dora=True)
+    model = get_peft_model(_Wrapper(_linear(_frozen(s))), config, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag = layer.lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        a.copy_(s.lora_A)
+        b.copy_(s.lora_B)
+        mag.copy_(dora_weight_norm(s.weight, a, b, layer.scaling["default"]))
+    layer.train()
+    return Built(layer, None, None, [a, b, mag], [a, b, mag, s.weight])
 
 
 def _eager_parts(s: Setup):
@@ -397,12 +435,14 @@ BUILDERS: dict[str, Callable[[Setup], Built]] = {
     "qlora_peft": _build_qlora_peft,
     "qlora_unsloth": _build_qlora_unsloth,
     "reference": _build_lora("reference"),
+    "dora": _build_dora,
+    "peft_dora": _build_peft_dora,
 }
 
 
 def unavailable_reason(name: str, device: torch.device, allow_interpreter: bool = False) -> str:
     """Empty if provider ``name`` can run on ``device``; otherwise why not."""
-    if name in ("peft", "qlora_peft") and importlib.util.find_spec("peft") is None:
+    if name in ("peft", "qlora_peft", "peft_dora") and importlib.util.find_spec("peft") is None:
         return "peft is not installed (pip install peft)"
     if name in QLORA and importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed (pip install 'lora_kernels[qlora]')"
@@ -424,6 +464,8 @@ def skip_reason(name: str, mode: str, case: Case) -> str:
         return "a merged layer runs in eval mode: no dropout"
     if name in QLORA and mode in ("merge", "unmerge"):
         return "a 4-bit base is not merged (requantising W0 + s·B A is lossy: lora_kernels refuses it)"
+    if name in ("dora", "peft_dora") and mode in ("merge", "unmerge"):
+        return "DoRA's merge (a row scale after the plain one) is not among the suite's merge providers"
     return ""
 
 

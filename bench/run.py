@@ -211,7 +211,8 @@ def check_provider(name: str, built: prov.Built, x: torch.Tensor, dy: Optional[t
         y.backward(dy)
         outs["x"] = x.grad
         if name != "base":
-            outs["A"], outs["B"] = (t.grad for t in built.trainable)
+            # NOTE: the first two trainable tensors are A and B (DoRA's magnitude comes third)
+            outs["A"], outs["B"] = (t.grad for t in built.trainable[:2])
     if ref is None:
         err = 0.0 if all(t is not None and torch.isfinite(t).all() for t in outs.values()) else math.inf
     else:
@@ -389,7 +390,7 @@ def add_ratios(results: list[dict]) -> None:
 # NOTE: cuda's forward is the two-pass plan (docs/cuda.md); the model's backward for it is the Triton
 # one's, which moves the same dy, W0 and x bytes and differs only in the thin passes: an approximation.
 MODEL_PLANS = {"base": "frozen", "merged": "frozen", "triton": "auto", "unsloth": "unsloth", "peft": "peft",
-               "eager": "peft", "cuda": "two_pass",
+               "eager": "peft", "cuda": "two_pass", "dora": "dora", "peft_dora": "peft_dora",
                "qlora_triton": "qlora", "qlora_unsloth": "qlora_unsloth", "qlora_peft": "qlora_peft"}
 
 

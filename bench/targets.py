@@ -25,6 +25,8 @@ class Target:
     providers: tuple[str, ...]
     applies: Callable[[dict], bool]
     bound: Optional[float]  # on the ratio; None for the "fastest" and memory targets
+    # The ratio is to this provider's time in the same case (default: the frozen base layer).
+    relative_to: Optional[str] = None
 
 
 TARGETS = (
@@ -45,6 +47,8 @@ TARGETS = (
     Target("4-bit fwd+bwd ≤ 1.2× the frozen 16-bit base (8192 tokens, 4096→4096, r = 16, p = 0)", ("fwd+bwd",),
            ("qlora_triton",), lambda r: r["tokens"] == 8192 and (r["in"], r["out"], r["r"]) == (4096, 4096, 16)
            and r["dropout"] == 0, 1.2),
+    Target("DoRA fwd+bwd ≤ 1.05× the fused plain LoRA (≥4096 tokens, p = 0)", ("fwd+bwd",), ("dora",),
+           lambda r: r["tokens"] >= LARGE_TOKENS and r["dropout"] == 0, 1.05, relative_to="triton"),
 )
 
 
@@ -72,6 +76,12 @@ def evaluate(results: list[dict]) -> list[dict]:
                 elif mode == "memory":
                     check.update(value=row["saved_bytes"], bound=row["bound_bytes"],
                                  met=row["saved_bytes"] <= row["bound_bytes"])
+                elif target.relative_to is not None:
+                    ref = rows.get(target.relative_to)
+                    if ref is None or ref["status"] != "ok" or "ms" not in row:
+                        continue
+                    value = row["ms"] / ref["ms"]
+                    check.update(value=value, bound=target.bound, met=value <= target.bound)
                 else:
                     if row.get("ratio") is None:
                         continue

@@ -8,6 +8,7 @@ specification every backend is tested against.
 
 from . import ops  # noqa: F401  (registers the lora_kernels::* ops)
 from .backends import BackendUnavailableError, available_backends
+from .dora import dora_linear, dora_weight_norm
 from .functional import (
     LoRALinearFunction,
     lora_linear,
@@ -40,6 +41,8 @@ __all__ = [
     "LoRALinearFunction",
     "MultiLoRALinear",
     "accelerate_peft",
+    "dora_linear",
+    "dora_weight_norm",
     "adapters_disabled",
     "apply_lora",
     "available_backends",

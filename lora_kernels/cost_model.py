@@ -43,6 +43,9 @@ FORWARD_PLANS = ("fused", "two_pass")
 # layer (the floor) and the peers.
 PLANS = ("auto", "fused", "two_pass", "frozen", "unsloth", "peft",
          "qlora", "qlora_fused", "qlora_dequant", "qlora_unsloth", "qlora_peft")
+# DoRA (lora_kernels.dora): ours is the fused layer (its forward plan chosen as for "auto") plus the
+# row norms and the column scale; PEFT's builds B A and W0 + s·B A every call (dora_launches).
+DORA_PLANS = ("dora", "peft_dora")
 MODES = ("fwd", "fwd+bwd")
 
 # Philox-4x32-10 call (4 mask elements): 10 rounds of 2 wide multiplies, 2 three-way xors and 2 key
@@ -312,6 +315,47 @@ def _shape(M, K, N, r, dtype, dropout_p, tiling) -> Shape:
     return Shape(M, K, N, r, torch.empty((), dtype=dtype).element_size(), dropout_p > 0.0, tiling)
 
 
+def dora_launches(plan: str, s: Shape, mode: str) -> list[Launch]:
+    """What DoRA adds to a LoRA layer's launches (``plan`` ``"dora"``: ours; ``"peft_dora"``: PEFT's).
+
+    Ours: the row norms ``‖W0ᵢ‖² + 2s·Bᵢ(W0 Aᵀ)ᵢ + s²·Bᵢ G Bᵢᵀ`` (``‖W0ᵢ‖²`` cached: one thin pass
+    over W0 for ``W0 Aᵀ``), ``y = c ⊙ z + b`` (one elementwise pass; z is the fused layer's output),
+    and in the backward ``c ⊙ dy`` and ``dm = Σ dy ⊙ z / n`` (z saved: M·N elements).
+    PEFT's (peft/tuners/lora/dora.py): ``B A`` through an identity (K×K), ``W0 + s·B A`` and its
+    norms (N×K each), then the base GEMM's output rescaled and the LoRA term added in elementwise
+    passes; its backward runs those passes' gradients.
+    """
+    M, K, N, r, e = s.M, s.K, s.N, s.r, s.e
+    if plan == "dora":
+        out = [_thin("n: W0 Aᵀ (‖W0ᵢ‖² cached)", s, N, K, r, e * (N * K + K * r) + BYTES_FP32 * N * r),
+               Launch("y = c ⊙ z + b (addcmul)", 0.0, 2 * e * M * N)]
+        if mode == "fwd+bwd":
+            out += [Launch("dz = c ⊙ dy", 0.0, 2 * e * M * N), Launch("dm = Σ dy ⊙ z / n", 0.0, 2 * e * M * N)]
+        if s.dropout:  # PEFT's formula: y = (x − x_d) W0ᵀ + b + c ⊙ z(x_d): a second frozen GEMM each way
+            out += [Launch("x_d = dropout(x)", 0.0, M * K * (2 * e + 1), M * K / 4),
+                    Launch("x − x_d", 0.0, 3 * e * M * K), _gemm("(x − x_d) W0ᵀ + b", s, M, N, K, c_read=True)]
+            if mode == "fwd+bwd":
+                out += [_gemm("d(x − x_d) = dy W0", s, M, K, N), Launch("dx from x, x_d", 0.0, 4 * e * M * K)]
+        return out
+    if plan == "peft_dora":
+        out = [Launch("eye(K)", 0.0, e * K * K),
+               _thin("lora_A(eye)", s, K, K, r, e * (K * K + K * r)),
+               _gemm("B A = lora_B(·)", s, K, N, r),
+               Launch("s · B A", 0.0, 2 * e * N * K), Launch("W0 + s·B A", 0.0, 3 * e * N * K),
+               Launch("row norms of W0 + s·B A", 0.0, e * N * K),
+               Launch("(c − 1) · base", 0.0, 2 * e * M * N), Launch("c · lora · s", 0.0, 4 * e * M * N),
+               Launch("sum of the two", 0.0, 3 * e * M * N)]
+        if mode == "fwd+bwd":
+            out += [Launch("gradients of the elementwise passes", 0.0, 10 * e * M * N),
+                    Launch("dm = Σ dy ⊙ (base + lora s) / n", 0.0, 3 * e * M * N)]
+        if s.dropout:  # with dropout PEFT computes x_d W0ᵀ again (base_result=None), and its gradient
+            out.append(_gemm("x_d W0ᵀ", s, M, N, K))
+            if mode == "fwd+bwd":
+                out.append(_gemm("dy W0 (for x_d)", s, M, K, N))
+        return out
+    raise ValueError(f"unknown DoRA plan {plan!r}; expected one of {DORA_PLANS}")
+
+
 def _steps(plan: str, s: Shape, mode: str, need_grad_x: bool, backward: str = "fused") -> list[Launch]:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -334,12 +378,16 @@ def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16,
 
     ``plan``: ``"auto"`` (ours, with the forward plan :func:`choose_forward_plan` picks),
     ``"fused"``/``"two_pass"`` (ours, that forward plan forced), ``"frozen"``, ``"unsloth"``
-    (cuBLAS + ``addmm_``), ``"peft"`` (PEFT's layer; also the eager formula). ``host_s``: host
+    (cuBLAS + ``addmm_``), ``"peft"`` (PEFT's layer; also the eager formula), ``"dora"`` / ``"peft_dora"``
+    (DoRA, ours and PEFT's: :func:`dora_launches`). ``host_s``: host
     cost per launch; a step takes the longer of its GPU and host times. ``backward``: how our
     backward gets g (:func:`backward_launches`); ``"auto"``: :func:`choose_backward_plan`'s choice.
     """
-    if plan not in PLANS:
-        raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS}")
+    if plan not in PLANS + DORA_PLANS:
+        raise ValueError(f"unknown plan {plan!r}; expected one of {PLANS + DORA_PLANS}")
+    dora = plan if plan in DORA_PLANS else None
+    if dora:
+        plan = "auto" if dora == "dora" else "peft"
     spec = device_spec(device)
     s = _shape(M, K, N, r, dtype, dropout_p, tiling)
     if plan == "auto":
@@ -350,6 +398,11 @@ def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16,
         plan, launches = _qlora_steps(plan, s, spec, dtype, mode, need_grad_x, backward)
     else:
         launches = _steps(plan, s, mode, need_grad_x, backward)
+    if dora:
+        # NOTE: ours runs the fused layer without dropout on x_d (dropout goes through dora_launches)
+        inner = _steps(plan, replace(s, dropout=False), mode, need_grad_x, backward) if dora == "dora" else launches
+        launches = inner + dora_launches(dora, s, mode)
+        plan = dora
     frozen = _steps("frozen", s, mode, need_grad_x)
     return Prediction(plan, mode, _seconds(launches, spec, dtype, host_s), _seconds(frozen, spec, dtype, host_s),
                       tuple(launches))

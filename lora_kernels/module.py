@@ -13,6 +13,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .dora import WeightSquares, dora_linear, dora_merge_, dora_unmerge_, dora_weight_norm
 from .functional import check_dropout, lora_linear, lora_scaling, merge_lora_, unmerge_lora_
 
 
@@ -27,6 +28,9 @@ class LoRALinear(nn.Module):
     ``(r, in_features)`` and ``lora_B.weight`` is ``(out_features, r)``.
     ``lora_A`` starts Kaiming-uniform (PEFT's default) or Gaussian, ``lora_B``
     at zero, so a new layer computes exactly its base layer.
+
+    ``use_dora=True``: DoRA as PEFT computes it (:mod:`lora_kernels.dora`), with the trainable
+    ``lora_magnitude_vector`` (out_features,) starting at the row norms of the weight.
     """
 
     def __init__(
@@ -42,9 +46,10 @@ class LoRALinear(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
-        self._configure(r, alpha, dropout, use_rslora, backend)
+        self._configure(r, alpha, dropout, use_rslora, backend, use_dora)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._attach(base.weight, base.bias, init)
 
@@ -59,30 +64,37 @@ class LoRALinear(nn.Module):
         init: str = "kaiming",
         backend: str = "auto",
         lora_dtype: Optional[torch.dtype] = None,
+        use_dora: bool = False,
     ) -> "LoRALinear":
         """Wrap an existing ``nn.Linear``, sharing (not copying) its weight and bias, which are frozen.
 
-        The factors take ``lora_dtype`` (default: the base weight's dtype). A bitsandbytes ``Linear4bit``
-        gives a :class:`lora_kernels.nf4.LoRALinear4bit` (the 4-bit kernels; merging refused).
+        The factors (and DoRA's magnitude) take ``lora_dtype`` (default: the base weight's dtype). A
+        bitsandbytes ``Linear4bit`` gives a :class:`lora_kernels.nf4.LoRALinear4bit` (the 4-bit kernels;
+        merging refused; no DoRA).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         from .nf4.module import LoRALinear4bit, is_linear4bit
 
         if is_linear4bit(linear) and not issubclass(cls, LoRALinear4bit):  # a 4-bit base: QLoRA
+            if use_dora:
+                raise ValueError(_DORA_4BIT)
             return LoRALinear4bit.from_linear(linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                                               init=init, backend=backend, lora_dtype=lora_dtype)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._configure(r, alpha, dropout, use_rslora, backend)
+        self._configure(r, alpha, dropout, use_rslora, backend, use_dora)
         self._attach(linear.weight, linear.bias, init, lora_dtype)
         self.train(linear.training)
         return self
 
-    def _configure(self, r, alpha, dropout, use_rslora, backend) -> None:
+    def _configure(self, r, alpha, dropout, use_rslora, backend, use_dora=False) -> None:
         self.scaling = lora_scaling(r, alpha, use_rslora)
         check_dropout(dropout)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.use_dora = bool(use_dora)
+        self._weight_squares = WeightSquares()  # DoRA: ‖W0ᵢ‖², recomputed when the weight changes
+        self._merged_norm: Optional[Tensor] = None  # DoRA: the row norms a merge used, for unmerge
         self.backend = backend
         self.merged = False
         self.adapter_enabled = True  # see disable_adapters(); not saved
@@ -106,6 +118,7 @@ class LoRALinear(nn.Module):
         factory = dict(device=weight.device, dtype=lora_dtype or weight.dtype)
         self.lora_A = nn.Linear(in_features, self.r, bias=False, **factory)
         self.lora_B = nn.Linear(self.r, out_features, bias=False, **factory)
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, **factory)) if self.use_dora else None
         self.reset_lora_parameters(init)
 
     @torch.no_grad()
@@ -120,6 +133,9 @@ class LoRALinear(nn.Module):
         else:
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:  # m = ‖W0 + s·B A‖ = ‖W0‖ with B = 0: the layer starts as its base layer
+            self.lora_magnitude_vector.copy_(
+                dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.adapter_enabled:
@@ -127,18 +143,24 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("LoRALinear: the adapter is disabled but merged into the weight; unmerge() first")
             return nn.functional.linear(x, self.weight, self.bias)
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (
-                self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
-            ):
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self._adapter_params()):
                 raise RuntimeError(
                     "LoRALinear is merged: its adapter cannot be trained in this state; "
                     "call unmerge() before training (or eval() / torch.no_grad() for inference)"
                 )
             return nn.functional.linear(x, self.weight, self.bias)
+        p = self.dropout if self.training else 0.0
+        if self.use_dora:
+            return dora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                               self.lora_magnitude_vector, dropout_p=p, backend=self.backend,
+                               weight_squares=self._weight_squares(self.weight))
         return lora_linear(
             x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-            dropout_p=self.dropout if self.training else 0.0, backend=self.backend,
+            dropout_p=p, backend=self.backend,
         )
+
+    def _adapter_params(self) -> list[Tensor]:
+        return [self.lora_A.weight, self.lora_B.weight] + ([self.lora_magnitude_vector] if self.use_dora else [])
 
     def _refuse_sharded(self, what: str) -> None:
         if any(_is_dtensor(t) for t in (self.weight, self.lora_A.weight, self.lora_B.weight)):
@@ -153,7 +175,12 @@ class LoRALinear(nn.Module):
         self._refuse_sharded("merge")
         if self.merged:
             raise RuntimeError("LoRALinear is already merged; call unmerge() first")
-        merge_lora_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling, self.backend)
+        if self.use_dora:  # W ← (m / n) ⊙ (W0 + s·B A); n is kept for unmerge
+            self._merged_norm = dora_merge_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data,
+                                            self.scaling, self.lora_magnitude_vector.data, self.backend)
+        else:
+            merge_lora_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling,
+                        self.backend)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -161,7 +188,17 @@ class LoRALinear(nn.Module):
         self._refuse_sharded("unmerge")
         if not self.merged:
             raise RuntimeError("LoRALinear is not merged; nothing to unmerge")
-        unmerge_lora_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling, self.backend)
+        if self.use_dora:
+            if self._merged_norm is None:
+                raise RuntimeError(
+                    "this DoRA LoRALinear was loaded merged: the row norms of its unmerged weight are not known, "
+                    "so it cannot be unmerged (as in PEFT); load the unmerged weight instead")
+            dora_unmerge_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling,
+                          self.lora_magnitude_vector.data, self._merged_norm, self.backend)
+            self._merged_norm = None
+        else:
+            unmerge_lora_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling,
+                          self.backend)
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -169,8 +206,13 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha}, dropout={self.dropout}, "
             f"use_rslora={self.use_rslora}, backend={self.backend!r}, merged={self.merged}"
+            + (", use_dora=True" if self.use_dora else "")
             + ("" if self.adapter_enabled else ", adapter disabled")
         )
+
+
+_DORA_4BIT = ("use_dora=True on a bitsandbytes Linear4bit: DoRA's row norms need the 16-bit weight and the 4-bit "
+              "kernels have no DoRA; use a 16-bit base, or PEFT (accelerate_peft leaves such layers to PEFT)")
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -213,6 +255,7 @@ def apply_lora(
     init: str = "kaiming",
     backend: str = "auto",
     lora_dtype: Optional[torch.dtype] = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Swap the chosen ``nn.Linear`` modules of ``model`` for ``LoRALinear`` in place; freeze the rest.
     A bitsandbytes ``Linear4bit`` becomes a :class:`~lora_kernels.nf4.LoRALinear4bit` (QLoRA).
@@ -250,6 +293,8 @@ def apply_lora(
     if wrong:
         raise TypeError("LoRALinear replaces nn.Linear (or bitsandbytes' Linear4bit) only; these targets are not: "
                         + ", ".join(wrong))
+    if use_dora and any(is_linear4bit(m) for _, m in chosen):
+        raise ValueError(_DORA_4BIT)
     for n, m in chosen:
         if is_linear4bit(m):
             try:
@@ -263,15 +308,17 @@ def apply_lora(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear.from_linear(
             linear, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-            init=init, backend=backend, lora_dtype=lora_dtype,
+            init=init, backend=backend, lora_dtype=lora_dtype, use_dora=use_dora,
         ))
     _patch_transformers_methods(model)
     return model
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Only the adapter factors of ``model`` (keys ending in ``lora_A.weight`` / ``lora_B.weight``)."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in f".{k}" or ".lora_B." in f".{k}"}
+    """Only the adapter of ``model``: the factors (keys ending in ``lora_A.weight`` / ``lora_B.weight``)
+    and DoRA's magnitudes (``lora_magnitude_vector``)."""
+    return {k: v for k, v in model.state_dict().items()
+            if ".lora_A." in f".{k}" or ".lora_B." in f".{k}" or k.split(".")[-1] == "lora_magnitude_vector"}
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, "LoRALinear"]]:
@@ -352,7 +399,8 @@ LORA_CONFIG_FILE = "lora_kernels.json"
 
 
 def _layer_settings(m: "LoRALinear") -> dict:
-    return dict(r=m.r, alpha=m.alpha, dropout=m.dropout, use_rslora=m.use_rslora, scaling=m.scaling)
+    return dict(r=m.r, alpha=m.alpha, dropout=m.dropout, use_rslora=m.use_rslora, scaling=m.scaling,
+                use_dora=m.use_dora)
 
 
 def _save_pretrained(model: nn.Module, save_directory, *args, **kwargs):
@@ -430,7 +478,8 @@ def load_lora_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> nn.
         )
     with open(config_file) as f:
         settings = json.load(f)["layers"]
-    keys = {f"{n}.{k}" for n in settings for k in ("lora_A.weight", "lora_B.weight", "_extra_state")}
+    keys = {f"{n}.{k}" for n in settings
+            for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "_extra_state")}
     tensors = _checkpoint_tensors(path, keys)
     plan, errors = [], []
     for name, cfg in settings.items():
@@ -450,18 +499,25 @@ def load_lora_pretrained(model: nn.Module, path: Union[str, os.PathLike]) -> nn.
         if tuple(A.shape) != (r, module.in_features) or tuple(B.shape) != (module.out_features, r):
             errors.append(f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit the layer")
             continue
-        plan.append((name, module, cfg, A, B, bool(tensors.get(f"{name}._extra_state", torch.tensor(False)))))
+        mag = tensors.get(f"{name}.lora_magnitude_vector")
+        if cfg.get("use_dora") and (mag is None or tuple(mag.shape) != (module.out_features,)):
+            errors.append(f"{name}: a DoRA layer without its lora_magnitude_vector of shape ({module.out_features},)")
+            continue
+        plan.append((name, module, cfg, A, B, mag, bool(tensors.get(f"{name}._extra_state", torch.tensor(False)))))
     if errors:
         raise ValueError("load_lora_pretrained: nothing was loaded:\n  " + "\n  ".join(errors))
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module, cfg, A, B, merged in plan:
+    for name, module, cfg, A, B, mag, merged in plan:
         layer = LoRALinear.from_linear(module, r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"],
-                                       use_rslora=cfg["use_rslora"], lora_dtype=A.dtype)
+                                       use_rslora=cfg["use_rslora"], lora_dtype=A.dtype,
+                                       use_dora=cfg.get("use_dora", False))
         layer.scaling = cfg["scaling"]
         with torch.no_grad():
             layer.lora_A.weight.copy_(A)
             layer.lora_B.weight.copy_(B)
+            if layer.use_dora:
+                layer.lora_magnitude_vector.copy_(mag)
         layer.merged = merged  # a merged checkpoint's weight already holds scaling·B A
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)

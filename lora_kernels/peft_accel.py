@@ -14,10 +14,14 @@ At every call the layer's state decides (:func:`_state_reason`, :func:`_call_rea
 - fused (:func:`lora_kernels.lora_linear`, or :func:`lora_kernels.qlora_linear` for PEFT's 4-bit
   ``lora.bnb.Linear4bit`` on bitsandbytes' ``Linear4bit``, ``x`` then in its ``compute_dtype``;
   merging such a layer is refused): one active adapter on this layer, plain
-  LoRA (no DoRA or other variant), ``lora_bias=False``, ``fan_in_fan_out=False``,
-  dropout an ``nn.Dropout`` or ``nn.Identity``, not merged, adapters enabled, no
-  ``adapter_names=`` mix, no extra arguments, ``x`` in the base weight's dtype (or
-  under autocast) and device, no forward hooks on the base layer or the factors.
+  LoRA or DoRA (:func:`lora_kernels.dora.dora_linear`: the row norms from the low-rank
+  structure, never PEFT's dense ``B A``; no other variant; 16-bit bases), ``lora_bias=False``,
+  ``fan_in_fan_out=False``, dropout an ``nn.Dropout`` or ``nn.Identity``, not merged,
+  adapters enabled, no extra arguments, ``x`` in the base weight's dtype (or under
+  autocast) and device, no forward hooks on the base layer or the factors. Several
+  active plain adapters without dropout in training (16-bit bases): one fused call of their
+  stacked rank (``[A₁; A₂]``, ``[s₁B₁ | s₂B₂]``). ``adapter_names=`` (PEFT's mixed batch, eval,
+  16-bit bases): one call of the segmented multi-adapter kernels (:func:`lora_kernels.multi_lora_linear`).
   The scaling is PEFT's stored ``layer.scaling[adapter]`` (so rsLoRA,
   ``alpha_pattern`` and ``set_scale`` are honoured); a base bias (trainable with
   ``bias="all"``/``"lora_only"``) gets its gradient.
@@ -47,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from .dora import WeightSquares, dora_linear
 from .functional import _autocast_available, lora_linear, merge_lora_, unmerge_lora_
 from .nf4 import peft_accel as nf4
 
@@ -69,6 +74,8 @@ def _peft_lora():
 @dataclass
 class _Settings:
     backend: str
+    # DoRA: ‖W0ᵢ‖² of the base weight, recomputed when the weight changes
+    weight_squares: WeightSquares = field(default_factory=WeightSquares)
 
 
 # --------------------------------------------------------------------------- #
@@ -95,10 +102,23 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
 
 
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return variant is not None and type(variant).__name__ == "DoraLinearVariant"
+
+
 def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     """Why adapter ``adapter`` of ``layer`` cannot be fused (forward or merge), or None."""
-    if adapter in layer.lora_variant:
+    if adapter in layer.lora_variant and not _is_dora(layer, adapter):
         return f"adapter {adapter!r} is a LoRA variant ({type(layer.lora_variant[adapter]).__name__})"
+    if _is_dora(layer, adapter) and nf4.is_peft_linear4bit(layer):
+        return f"adapter {adapter!r} is DoRA on a 4-bit base (the 4-bit kernels have no DoRA)"
+    if _is_dora(layer, adapter):
+        mag = layer.lora_magnitude_vector[adapter].weight
+        W = layer.base_layer.weight
+        if mag.device != W.device or mag.dtype not in _FLOATS or mag.shape != W.shape[:1]:
+            return (f"DoRA magnitude of adapter {adapter!r}: {tuple(mag.shape)} {mag.dtype} on {mag.device} "
+                    f"(needs ({W.shape[0]},), a float dtype, the weight's device)")
     if layer.lora_bias.get(adapter, False):
         return f"adapter {adapter!r} has lora_bias=True"
     if layer.fan_in_fan_out:
@@ -116,8 +136,14 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     return None
 
 
-def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
-    """``(reason, None)`` when the layer's current state needs PEFT's forward, else ``(None, adapter)``."""
+def _dropout_p(dropout: nn.Module) -> float:
+    """The dropout probability a call applies now (0 for nn.Identity or in eval mode)."""
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[tuple[str, ...]]]:
+    """``(reason, None)`` when the layer's current state needs PEFT's forward, else ``(None, adapters)``:
+    the active adapters the fused call computes (one, or several summed as one stacked rank)."""
     if layer.disable_adapters:
         return "adapters disabled (base layer only, PEFT's forward)", None
     if layer.merged:
@@ -125,27 +151,84 @@ def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if not active:
         return "no active adapter on this layer", None
+    for adapter in active:
+        why = _adapter_reason(layer, adapter)
+        if why:
+            return why, None
+        dropout = layer.lora_dropout[adapter]
+        if type(dropout) not in (nn.Dropout, nn.Identity):
+            return f"dropout module is {type(dropout).__name__}, not nn.Dropout or nn.Identity", None
+        hooked = [n for n, m in (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
+                                 ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout)) if _has_hooks(m)]
+        if hooked:
+            return f"forward hooks or a replaced forward on {hooked}", None
     if len(active) > 1:
-        return f"{len(active)} active adapters {active} (the fused path takes one)", None
-    (adapter,) = active
-    why = _adapter_reason(layer, adapter)
-    if why:
-        return why, None
-    dropout = layer.lora_dropout[adapter]
-    if type(dropout) not in (nn.Dropout, nn.Identity):
-        return f"dropout module is {type(dropout).__name__}, not nn.Dropout or nn.Identity", None
-    hooked = [n for n, m in (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
-                             ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout)) if _has_hooks(m)]
-    if hooked:
-        return f"forward hooks or a replaced forward on {hooked}", None
-    return None, adapter
+        if nf4.is_peft_linear4bit(layer):
+            return f"{len(active)} active adapters {active} on a 4-bit base (the 4-bit kernels take one)", None
+        if any(_is_dora(layer, a) for a in active):
+            return f"{len(active)} active adapters {active}, DoRA among them (summed by PEFT's forward)", None
+        if any(_dropout_p(layer.lora_dropout[a]) > 0 for a in active):
+            return (f"{len(active)} active adapters {active} with dropout in training (PEFT draws a mask per "
+                    "adapter; the stacked fused call would share one)"), None
+        A = [layer.lora_A[a].weight for a in active]
+        if len({t.dtype for t in A}) > 1:
+            return f"{len(active)} active adapters {active} of different dtypes", None
+    return None, tuple(active)
+
+
+def _mixed_reason(layer: nn.Module, x, names) -> Optional[str]:
+    """Why an ``adapter_names=`` call (PEFT's mixed batch) needs PEFT's forward, or None."""
+    if layer.disable_adapters or layer.merged:
+        return "adapter_names= on a layer with adapters disabled or merged (PEFT's forward decides)"
+    if nf4.is_peft_linear4bit(layer):
+        return "adapter_names= on a 4-bit base (the multi-adapter kernels take a 16-bit weight)"
+    if not isinstance(names, (list, tuple)) or not isinstance(x, Tensor) or x.dim() < 2 or len(names) != len(x):
+        return "adapter_names= that does not name one adapter per input row (PEFT's forward reports it)"
+    used = [a for a in dict.fromkeys(names) if a in layer.lora_A]
+    for adapter in used:
+        why = _adapter_reason(layer, adapter) or ("DoRA" if _is_dora(layer, adapter) else None)
+        if why:
+            return f"adapter_names= with adapter {adapter!r}: {why}"
+        dropout = layer.lora_dropout[adapter]
+        if type(dropout) not in (nn.Dropout, nn.Identity) or _dropout_p(dropout) > 0:
+            return f"adapter_names= with dropout active on adapter {adapter!r} (training)"
+    if len({layer.lora_A[a].weight.dtype for a in used}) > 1:
+        return "adapter_names= over adapters of different dtypes"
+    return None
+
+
+def _mixed_forward(layer: nn.Module, x: Tensor, names) -> Tensor:
+    """PEFT's mixed batch (``adapter_names=``; ``"__base__"`` rows and adapters absent from this layer
+    get the base layer only) as one call of the segmented multi-adapter kernels."""
+    from .multi_lora import multi_lora_linear
+
+    used = [a for a in dict.fromkeys(names) if a in layer.lora_A]
+    index = {a: i for i, a in enumerate(used)}
+    base = layer.base_layer
+    ids = torch.tensor([index.get(a, -1) for a in names], dtype=torch.int64, device=x.device)
+    if not used:
+        return base(x)
+    r = max(layer.lora_A[a].weight.shape[0] for a in used)
+    ref = layer.lora_A[used[0]].weight
+    A = ref.new_zeros(len(used), r, ref.shape[1])
+    B = ref.new_zeros(len(used), base.weight.shape[0], r)
+    for i, a in enumerate(used):  # adapters of smaller rank zero-padded to the largest
+        a_w, b_w = layer.lora_A[a].weight, layer.lora_B[a].weight
+        A[i, : a_w.shape[0]] = a_w
+        B[i, :, : b_w.shape[1]] = b_w
+    backend = getattr(layer, _STATE).backend
+    # NOTE: the multi-adapter kernels have Triton and reference backends; "cuda" asks for the former.
+    return multi_lora_linear(x, base.weight, base.bias, A, B, [float(layer.scaling[a]) for a in used], ids,
+                             backend="auto" if backend == "cuda" else backend, check_ids=False)
 
 
 def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str]:
     """Why this particular call needs PEFT's forward (its arguments), or None."""
     if kwargs.get("adapter_names") is not None:
-        return "adapter_names= mixes adapters in the batch"
-    if args or any(v is not None for v in kwargs.values()):
+        why = _mixed_reason(layer, x, kwargs["adapter_names"])
+        if why:
+            return why
+    if args or any(v is not None for k, v in kwargs.items() if k != "adapter_names"):
         return "extra forward arguments"
     if not isinstance(x, Tensor):
         return f"input is {type(x).__name__}, not a Tensor"
@@ -172,21 +255,38 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
 
 
 def _forward(layer: nn.Module, x, *args, **kwargs):
-    adapter = None
-    if _call_reason(layer, x, args, kwargs) is None:
-        adapter = _state_reason(layer)[1]
-    if adapter is None:
+    names = kwargs.get("adapter_names")
+    if names is not None and _call_reason(layer, x, args, kwargs) is None:
+        return _mixed_forward(layer, x, names)
+    adapters = None
+    if names is None and _call_reason(layer, x, args, kwargs) is None:
+        adapters = _state_reason(layer)[1]
+    if adapters is None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    base, dropout = layer.base_layer, layer.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    base, settings = layer.base_layer, getattr(layer, _STATE)
+    if len(adapters) > 1:
+        # Σₐ sₐ·(x Aₐᵀ) Bₐᵀ = (x [A₁; A₂; …]ᵀ) [s₁B₁ | s₂B₂ | …]ᵀ: one fused call of the summed rank (the
+        # stacking is differentiable, so each adapter gets its own gradients); no dropout here.
+        A = torch.cat([layer.lora_A[a].weight for a in adapters])
+        B = torch.cat([layer.lora_B[a].weight * layer.scaling[a] for a in adapters], dim=1)
+        return lora_linear(x, base.weight, base.bias, A, B, 1.0, dropout_p=0.0, backend=settings.backend)
+    (adapter,) = adapters
+    p = _dropout_p(layer.lora_dropout[adapter])
     if nf4.is_peft_linear4bit(layer):
-        return nf4.forward(layer, adapter, x, p, getattr(layer, _STATE).backend)
-    return lora_linear(x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                       layer.scaling[adapter], dropout_p=p, backend=getattr(layer, _STATE).backend)
+        return nf4.forward(layer, adapter, x, p, settings.backend)
+    A, B, s = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
+    if _is_dora(layer, adapter):
+        # NOTE: PEFT's DoRA draws its dropout with nn.Dropout (torch's generator): so does dora_linear.
+        return dora_linear(x, base.weight, base.bias, A, B, s, layer.lora_magnitude_vector[adapter].weight,
+                           dropout_p=p, backend=settings.backend,
+                           weight_squares=settings.weight_squares(base.weight))
+    return lora_linear(x, base.weight, base.bias, A, B, s, dropout_p=p, backend=settings.backend)
 
 
 def _merge_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     why = _adapter_reason(layer, adapter)
+    if why is None and _is_dora(layer, adapter):
+        why = "DoRA adapter (PEFT's merge: it keeps the row norms that its unmerge needs)"
     if why is None and any(_is_dtensor(t) for t in (layer.base_layer.weight, layer.lora_A[adapter].weight)):
         why = "sharded (DTensor) parameters"
     return why

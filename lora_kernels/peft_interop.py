@@ -262,7 +262,8 @@ def save_peft_adapter(
     """Write the LoRA layers of ``model`` as a PEFT adapter directory at ``path``.
 
     Writes ``adapter_model.safetensors`` (keys ``base_model.model.<name>.lora_A.weight``
-    and ``...lora_B.weight``, in the factors' dtype) and ``adapter_config.json``
+    and ``...lora_B.weight``, in the factors' dtype, and for DoRA layers
+    ``...lora_magnitude_vector``, as PEFT writes it) and ``adapter_config.json``
     (``peft_type`` LORA; ranks and alphas that differ between layers go into
     ``rank_pattern``/``alpha_pattern``). ``target_modules`` defaults to the layers'
     leaf names when those select exactly the LoRA layers, else to a regular
@@ -286,7 +287,7 @@ def save_peft_adapter(
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("save_peft_adapter: the model has no LoRALinear layer")
-    for attr, what in (("use_rslora", "use_rslora"), ("dropout", "dropout")):
+    for attr, what in (("use_rslora", "use_rslora"), ("dropout", "dropout"), ("use_dora", "use_dora")):
         values = {getattr(m, attr) for _, m in layers}
         if len(values) > 1:
             raise UnsupportedPeftFeature(
@@ -315,7 +316,7 @@ def save_peft_adapter(
         "alpha_pattern": {re.escape(n): m.alpha for n, m in layers if m.alpha != alpha},
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": layers[0][1].use_dora,
         "lora_bias": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -325,6 +326,8 @@ def save_peft_adapter(
     for name, m in layers:
         for part in ("lora_A", "lora_B"):
             tensors[f"{KEY_PREFIX}{name}.{part}.weight"] = getattr(m, part).weight.detach().cpu().contiguous()
+        if m.use_dora:
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach().cpu().contiguous()
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     if peft_config is not None:  # as PeftModel.save_pretrained writes it
@@ -366,7 +369,7 @@ def _config_refusals(config: dict) -> list[str]:
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"peft_type={config.get('peft_type')!r} (only LORA)")
-    for key in ("use_dora", "lora_bias", "fan_in_fan_out"):
+    for key in ("lora_bias", "fan_in_fan_out"):
         if config.get(key):
             problems.append(f"{key}=True")
     if config.get("bias", "none") != "none":
@@ -394,17 +397,22 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: b
     problems = _config_refusals(config)
     if problems:
         raise UnsupportedPeftFeature(f"load_peft_adapter: unsupported adapter features: {', '.join(problems)}")
+    dora = bool(config.get("use_dora", False))
     factors: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
-        if m is None:
-            raise UnsupportedPeftFeature(f"load_peft_adapter: unexpected tensor {key!r} (only lora_A/lora_B weights)")
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key) or \
+            re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?", key)
+        if m is None or (m.group(2) == "lora_magnitude_vector" and not dora):
+            raise UnsupportedPeftFeature(
+                f"load_peft_adapter: unexpected tensor {key!r} (only lora_A/lora_B weights, and "
+                "lora_magnitude_vector with use_dora=True)")
         factors.setdefault(m.group(1), {})[m.group(2)] = value
 
     plan, errors = [], []
     for name, pair in factors.items():
-        if set(pair) != {"lora_A", "lora_B"}:
-            errors.append(f"{name}: has only {sorted(pair)}")
+        mag = pair.pop("lora_magnitude_vector", None)
+        if set(pair) != {"lora_A", "lora_B"} or (dora and mag is None):
+            errors.append(f"{name}: has only {sorted(pair) + (['lora_magnitude_vector'] if mag is not None else [])}")
             continue
         try:
             module = model.get_submodule(name)
@@ -419,6 +427,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: b
             out_f, in_f = module.out_features, module.in_features
             if module.merged:
                 errors.append(f"{name}: is merged; unmerge() before loading")
+            elif module.use_dora != dora:
+                errors.append(f"{name}: layer has use_dora={module.use_dora}; the adapter use_dora={dora}")
             elif module.r != r or abs(module.scaling - lora_scaling(r, alpha, rslora)) > 1e-12 * abs(module.scaling):
                 errors.append(f"{name}: layer has r={module.r}, scaling={module.scaling}; adapter has r={r}, "
                               f"scaling={lora_scaling(r, alpha, rslora)}")
@@ -431,7 +441,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: b
             errors.append(f"{name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
                           f"r={r}, in={in_f}, out={out_f}")
             continue
-        plan.append((name, module, r, alpha, rslora, A, B))
+        if mag is not None and tuple(mag.shape) != (out_f,):
+            errors.append(f"{name}: lora_magnitude_vector {tuple(mag.shape)} does not fit out={out_f}")
+            continue
+        plan.append((name, module, r, alpha, rslora, A, B, mag))
     if strict:
         uncovered = [n for n, _ in _lora_layers(model) if n not in factors]
         if uncovered:
@@ -440,16 +453,19 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], strict: b
         raise ValueError("load_peft_adapter: nothing was loaded:\n  " + "\n  ".join(errors))
 
     wrapped = False
-    for name, module, r, alpha, rslora, A, B in plan:
+    for name, module, r, alpha, rslora, A, B, mag in plan:
         if not isinstance(module, LoRALinear):
             module = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),
-                                            use_rslora=rslora, lora_dtype=A.dtype)
+                                            use_rslora=rslora, lora_dtype=A.dtype, use_dora=dora)
             _swap(model, name, module)
             wrapped = True
         with torch.no_grad():
             module.lora_A.weight.copy_(A)
             module.lora_B.weight.copy_(B)
+            if mag is not None:
+                module.lora_magnitude_vector.copy_(mag)
     if wrapped:
         for n, p in model.named_parameters():
-            p.requires_grad_(".lora_A." in f".{n}" or ".lora_B." in f".{n}")
+            p.requires_grad_(".lora_A." in f".{n}" or ".lora_B." in f".{n}"
+                             or n.split(".")[-1] == "lora_magnitude_vector")
     return given
