@@ -327,6 +327,18 @@ def test_apply_lora_refuses_a_4bit_layer_it_cannot_read():
     assert isinstance(model[0], bnb.nn.Linear4bit)
 
 
+@requires_bnb
+def test_dora_on_a_4bit_base_is_refused_and_changes_nothing():
+    import lora_kernels as lk
+
+    model = torch.nn.Sequential(linear4bit(), torch.nn.ReLU(), torch.nn.Linear(48, 8))
+    with pytest.raises(ValueError, match="use_dora=True on a bitsandbytes Linear4bit"):
+        lk.apply_lora(model, ["0", "2"], use_dora=True)
+    assert type(model[2]) is torch.nn.Linear and model[2].weight.requires_grad
+    with pytest.raises(ValueError, match="use_dora=True on a bitsandbytes Linear4bit"):
+        lk.LoRALinear.from_linear(model[0], use_dora=True)
+
+
 # --------------------------------------------------------------------------- #
 # A PEFT QLoRA model, accelerated in one call
 # --------------------------------------------------------------------------- #
