@@ -91,10 +91,11 @@ def _refusal(layer: nn.Module, lora_layer) -> Optional[str]:
     (name,) = adapters
     if name not in layer.lora_A:
         return f"active adapter {name!r} has no LoRA weights on this layer"
-    if layer.use_dora.get(name, False) or len(layer.lora_magnitude_vector) > 0:
-        return "DoRA (use_dora=True)"
+    dora = bool(layer.use_dora.get(name, False))
+    if dora != (name in layer.lora_magnitude_vector):
+        return "DoRA (use_dora) without its magnitude vector, or a magnitude vector without use_dora"
     variant = getattr(layer, "lora_variant", {}).get(name)
-    if variant is not None:
+    if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
         return f"LoRA variant {type(variant).__name__}"
     if layer.lora_bias.get(name, False) or layer.lora_B[name].bias is not None:
         return "lora_bias=True"
@@ -126,6 +127,8 @@ def _peft_layout_hooks(layer: LoRALinear, adapter: str) -> None:
         "lora_A.weight": f"lora_A.{adapter}.weight",
         "lora_B.weight": f"lora_B.{adapter}.weight",
     }
+    if layer.use_dora:
+        renames["lora_magnitude_vector"] = f"lora_magnitude_vector.{adapter}.weight"
 
     def to_peft_keys(module, state_dict, prefix, local_metadata):
         if module.merged:  # PEFT's layout has no place for the flag, and a merged weight needs it
@@ -189,10 +192,13 @@ def from_peft(peft_model: nn.Module, backend: str = "auto") -> nn.Module:
                 base, r=layer.r[adapter], alpha=layer.lora_alpha[adapter],
                 dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
                 use_rslora=layer.use_rslora.get(adapter, False), backend=backend, lora_dtype=A.weight.dtype,
+                use_dora=bool(layer.use_dora.get(adapter, False)),
             )
         for p, flag in zip((base.weight, base.bias), flags):
             p.requires_grad_(flag)
         new.lora_A, new.lora_B = A, B
+        if new.use_dora:  # PEFT's magnitude Parameter itself, shared as the factors are
+            new.lora_magnitude_vector = layer.lora_magnitude_vector[adapter].weight
         new.scaling = layer.scaling[adapter]  # honours set_scale / alpha_pattern
         new.train(layer.training)
         _peft_layout_hooks(new, adapter)

@@ -189,8 +189,29 @@ def _fan_in_fan_out(model):
     model.base_model.model.v_proj.fan_in_fan_out = True
 
 
+def test_from_peft_converts_dora_layers_sharing_their_magnitude(tmp_path):
+    model = peft_block(use_dora=True)
+    x = torch.randn(6, 24)
+    y_ref, dx_ref, g_ref = grads(model, x)
+    model.save_pretrained(tmp_path / "before")
+    mags = {n: p for n, p in model.named_parameters() if "lora_magnitude_vector" in n}
+    from_peft(model)
+    layer = model.base_model.model.q_proj
+    assert isinstance(layer, lk.LoRALinear) and layer.use_dora
+    assert any(layer.lora_magnitude_vector is m for m in mags.values())  # shared, not copied
+    y, dx, g = grads(model, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    mag_grads = {n: p.grad for n, p in model.named_parameters() if n.endswith("lora_magnitude_vector")}
+    assert len(mag_grads) == 4 and all(v is not None for v in mag_grads.values())
+    model.save_pretrained(tmp_path / "after")
+    before = load_file(tmp_path / "before" / "adapter_model.safetensors")
+    after = load_file(tmp_path / "after" / "adapter_model.safetensors")
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert any(k.endswith("lora_magnitude_vector") for k in after)
+
+
 @pytest.mark.parametrize("make, change, message", [
-    (lambda: peft_block(use_dora=True), None, "DoRA"),
     (lambda: peft_block(target_modules=["q_proj", "embed"]), None, "non-Linear LoRA target \\(Embedding\\)"),
     (peft_block, _multiple_active, "multiple active adapters"),
     (peft_block, lambda m: m.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj"])),
@@ -198,7 +219,7 @@ def _fan_in_fan_out(model):
     (_lora_bias, None, "lora_bias"),
     (peft_block, _fan_in_fan_out, "fan_in_fan_out"),
     (peft_block, lambda m: m.base_model.model.q_proj.merge(), "merged"),
-], ids=["dora", "embedding", "multi-active", "multi-loaded", "lora_bias", "fan_in_fan_out", "merged"])
+], ids=["embedding", "multi-active", "multi-loaded", "lora_bias", "fan_in_fan_out", "merged"])
 def test_from_peft_refuses_unsupported_features_and_changes_nothing(make, change, message):
     model = make()
     if change:
