@@ -78,7 +78,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 FAMILIES = ("forward fused", "forward two_pass", "backward fused", "backward g_pass", "backward no-dx",
-            "dropout", "merge/unmerge", "multi-adapter")
+            "dropout", "merge/unmerge", "multi-adapter", "4-bit fused", "4-bit dequant")
 # The families the cuda backend has (its forward and backward plans are chosen in C++).
 CUDA_FAMILIES = ("forward", "backward", "backward no-dx", "dropout", "merge/unmerge")
 
@@ -340,6 +340,54 @@ def check_multi(backend: str, shape, dtype) -> dict[str, float]:
             "dA": relative_error(ag.grad, da), "dB": relative_error(bg.grad, db)}
 
 
+def _random_quant_weight(N: int, K: int, dtype, dev, nested: bool):
+    """A 4-bit weight in bitsandbytes' storage (lora_kernels.nf4.reference) with random codes and scales:
+    any bytes are a valid weight, so the kernels' dequantisation is checked on all of them."""
+    from lora_kernels.nf4.reference import QuantWeight
+
+    blocks = N * K // 64
+    code = torch.sort(torch.randn(16, device=dev)).values
+    packed = torch.randint(0, 256, (N * K // 2,), device=dev, dtype=torch.uint8)
+    empty = torch.empty(0, device=dev)
+    if not nested:
+        absmax = torch.rand(blocks, device=dev) / K**0.5
+        return QuantWeight(packed, absmax, code, empty, empty, empty, 64, 0, (N, K), dtype)
+    absmax = torch.randint(0, 256, (blocks,), device=dev, dtype=torch.uint8)
+    code2 = torch.sort(torch.rand(256, device=dev)).values
+    absmax2 = torch.rand(-(-blocks // 256), device=dev) / K**0.5
+    return QuantWeight(packed, absmax, code, absmax2, code2, torch.full((1,), 0.01, device=dev), 64, 256, (N, K), dtype)
+
+
+def check_4bit(backend: str, variant: str, shape, dtype) -> dict[str, float]:
+    """The 4-bit base (lora_kernels.nf4) in one of its variants, against float64 on its dequantised W0;
+    K is rounded up to the 64-element block."""
+    from lora_kernels.nf4 import qlora_linear
+    from lora_kernels.nf4 import triton_ops as q4_ops
+    from lora_kernels.nf4.reference import dequantize_torch
+    from lora_kernels import reference
+
+    M, K, N, r = shape
+    K = -(-K // 64) * 64
+    dev = device()
+    x, _, b, a, bb, dy = _layer(M, K, N, r, dtype, dev, bias=M % 2 == 1)
+    q = _random_quant_weight(N, K, dtype, dev, nested=M % 2 == 0)
+    xg, ag, bg = x.clone().requires_grad_(), a.clone().requires_grad_(), bb.clone().requires_grad_()
+    saved = q4_ops.QLORA_VARIANT
+    q4_ops.QLORA_VARIANT = variant
+    try:
+        with poisoned():
+            y = qlora_linear(xg, q, b, ag, bg, 0.75, backend=backend)
+            y.backward(dy)
+    finally:
+        q4_ops.QLORA_VARIANT = saved
+    sync()
+    x64, a64, b64 = (_d64(t).requires_grad_() for t in (x, a, bb))
+    y64 = reference.lora_linear_reference(x64, _d64(dequantize_torch(q)), _d64(b), a64, b64, 0.75)
+    y64.backward(_d64(dy))
+    return {"y": relative_error(y, y64), "dx": relative_error(xg.grad, x64.grad),
+            "dA": relative_error(ag.grad, a64.grad), "dB": relative_error(bg.grad, b64.grad)}
+
+
 def correctness_cases(backend: str):
     """(dtype name, family, shape) in the order that matters: bf16 first, every family at each
     dtype before the next dtype, the large shape once in bf16."""
@@ -375,6 +423,8 @@ def stage_correctness(out: Path, res: Results, backend: str) -> int:
         try:
             if family == "multi-adapter":
                 errs = check_multi(backend, shape, dtype)
+            elif family.startswith("4-bit"):
+                errs = check_4bit(backend, family.split()[1], shape, dtype)
             else:
                 errs = check_single(backend, family, shape, dtype)
             worst = max(errs.values())
