@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import device_seed, triton_interpreted
+from ._runtime import device_seed, triton_interpreted
 from .reference import dropout_threshold
 
 INTERPRET = triton_interpreted()
