@@ -44,18 +44,19 @@ def _launch_points() -> list[tuple[type, str]]:
     """``(class, method)`` pairs through which every Triton kernel launch passes.
 
     Compiled kernels launch through ``JITFunction.run``; interpreted ones through
-    ``GridExecutor.__call__`` (every Triton version: 3.4's ``InterpretedFunction`` has no
-    ``run`` method, it builds a ``GridExecutor`` from ``kernel[grid]`` directly).
+    ``InterpretedFunction.run`` where it exists (its counterpart: the interpreter's own
+    ``GridExecutor`` set-up, which a GPU never runs, is left out of the host time), else
+    ``GridExecutor.__call__`` (3.4's ``InterpretedFunction`` has no ``run`` method, it builds
+    a ``GridExecutor`` from ``kernel[grid]`` directly).
     """
     from triton.runtime.jit import JITFunction
 
     points = [(JITFunction, "run")]
     try:
-        from triton.runtime.interpreter import GridExecutor
-
-        points.append((GridExecutor, "__call__"))
+        from triton.runtime.interpreter import GridExecutor, InterpretedFunction
     except ImportError:
-        pass
+        return points
+    points.append((InterpretedFunction, "run") if "run" in InterpretedFunction.__dict__ else (GridExecutor, "__call__"))
     return points
 
 
