@@ -154,7 +154,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
         ctx.x_shape = x.shape
-        inputs = (x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        inputs = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         y, xa = ops.forward(*inputs)
         ops.setup_context(ctx, inputs, (y, xa))
         ctx.mark_non_differentiable(xa)

@@ -861,8 +861,6 @@ def backward_plan(M, K, N, R, dtype, dropout_p, need_grad_x, device) -> str:
 # PLAN_CACHE_SIZE keys it starts over.
 PLAN_CACHE_SIZE = 512
 _PLANS: dict = {}
-# Autotuned launches: the config the autotuner chose per plan key (see _tuned_launch).
-_TUNED: dict = {}
 
 
 def _remember(cache: dict, key, value):
@@ -878,9 +876,8 @@ def _cached_plan(key, build):
 
 
 def clear_launch_caches() -> None:
-    """Forget every launch plan and tuned config (they are rebuilt on the next call)."""
+    """Forget every launch plan, and with them the tuned configs (rebuilt on the next call)."""
     _PLANS.clear()
-    _TUNED.clear()
 
 
 def _settings() -> tuple:
@@ -888,21 +885,22 @@ def _settings() -> tuple:
     return (FORWARD_PLAN, BACKWARD_PLAN, AUTOTUNE, USE_TMA, FLATTEN, FUSED_MAX_RANK)
 
 
-def _tuned_launch(kernel, key, grid, kwargs) -> None:
+def _tuned_launch(kernel, plan, slot, grid, kwargs) -> None:
     """``kernel[grid](**kwargs)`` for an autotuned ``kernel``.
 
     NOTE: the autotuner's dispatch (its key rebuilt from every argument, the config's arguments
     merged) costs more host time than a small layer's launch. Once it has chosen a config for a
-    plan key (which fixes every shape, stride, dtype and flag its key reads), later calls with that
-    key run the config's pre-hook and the JIT function directly, as the autotuner itself would.
-    ``key=None``, or an autotuner without ``best_config`` or a ``fn.run``, always dispatches.
+    cached ``plan`` (whose key fixes every shape, stride, dtype and flag the autotuner's key reads),
+    it is kept in ``plan[slot]`` and later calls run the config's pre-hook and the JIT function
+    directly, as the autotuner itself would. ``plan=None`` (a plan not cached), or an autotuner
+    without ``best_config`` or a ``fn.run``, always dispatches.
     """
-    tuned = _TUNED.get(key) if key is not None else None
+    tuned = plan.get(slot) if plan is not None else None
     if tuned is None:
         kernel[grid](**kwargs)
         best = getattr(kernel, "best_config", None)
-        if key is not None and best is not None and callable(getattr(kernel.fn, "run", None)):
-            _remember(_TUNED, key, (best, best.all_kwargs()))
+        if plan is not None and best is not None and callable(getattr(kernel.fn, "run", None)):
+            plan[slot] = (best, best.all_kwargs())
         return
     config, config_kwargs = tuned
     if config.pre_hook is not None:
@@ -941,29 +939,31 @@ def _forward_gemm_plan(x, w, bias, y, xa, a, part, b, xa_scale, dropout_p, fused
                 grid_tma=lambda meta: (min(programs, tiles(meta)),), grid_pointer=lambda meta: (tiles(meta),))
 
 
-def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale, dropout_p=0.0, seed=0, key=None):
+def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale, dropout_p=0.0, seed=0, owner=None):
     """The forward kernel: ``y = x wᵀ + bias + xa bᵀ`` with xa from ``lora_A`` (fused) or from the
     fp32 ``partials`` (S, M, R) of the shrink kernel, times ``xa_scale``; xa is stored when given.
-    ``key``: the call's plan key (see _PLANS), or None to build the plan afresh."""
+    ``owner``: the call's cached plan (see _PLANS), which keeps this kernel's plan, or None to
+    build it afresh."""
     fused = partials is None
     dropout_p = dropout_p if fused else 0.0
     a = lora_A if fused else b  # an unused pointer operand still needs a tensor
     part = partials if not fused else _placeholder(y.device, _acc_dtype(y.dtype))
-
-    def build():
-        return _forward_gemm_plan(x, w, bias, y, xa, a, part, b, xa_scale, dropout_p, fused)
-
-    plan = build() if key is None else _cached_plan(key, build)
+    plan = owner.get("gemm") if owner is not None else None
+    if plan is None:
+        plan = _forward_gemm_plan(x, w, bias, y, xa, a, part, b, xa_scale, dropout_p, fused)
+        if owner is not None:
+            owner["gemm"] = plan
+    cached = plan if owner is not None else None
     args = dict(plan["args"], bias_ptr=bias if bias is not None else y, a_ptr=a, l_ptr=part, b_ptr=b, y_ptr=y,
                 xa_ptr=xa if xa is not None else y, seed_ptr=_seed_arg(dropout_p, seed, x.device))
 
     def tma():
-        _tuned_launch(_autotuned("forward", True), key and key + (True,), plan["grid_tma"], dict(
+        _tuned_launch(_autotuned("forward", True), cached, "tma", plan["grid_tma"], dict(
             args, x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y),
             TMA=True, FLATTEN=plan["flatten"]))
 
     def pointer():
-        _tuned_launch(_autotuned("forward", False), key and key + (False,), plan["grid_pointer"], dict(
+        _tuned_launch(_autotuned("forward", False), cached, "pointer", plan["grid_pointer"], dict(
             args, x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False))
 
     _launch("forward", (x, w, y), tma, pointer)
@@ -1016,20 +1016,20 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if M == 0 or N == 0:
         return y, xa.zero_()
     key = _forward_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    plan = _cached_plan(key + ("plan",), lambda: dict(
+    plan = _cached_plan(key, lambda: dict(
         fused=forward_plan(M, K, N, R, x.dtype, dropout_p, x.device) == "fused",
         xa_scale=scaling * _inv_keep(dropout_p)))
     if plan["fused"]:
         _forward_gemm(x, weight, bias, y, xa, lora_A=lora_A, b=lora_B, xa_scale=plan["xa_scale"],
-                      dropout_p=dropout_p, seed=seed, key=key)
+                      dropout_p=dropout_p, seed=seed, owner=plan)
         return y, xa
-    shrink = _cached_plan(key + ("shrink",), lambda: _shrink_plan(x, lora_A, R, dropout_p))
+    shrink = plan.get("shrink") or plan.setdefault("shrink", _shrink_plan(x, lora_A, R, dropout_p))
     part = torch.empty(shrink["part_shape"], device=x.device, dtype=_acc_dtype(x.dtype))
     _lora_shrink_kernel[shrink["grid"]](
         x, lora_A, part, M, K, R, shrink["span"],
         seed_ptr=_seed_arg(dropout_p, seed, x.device), **shrink["args"],
     )
-    _forward_gemm(x, weight, bias, y, xa, partials=part, b=lora_B, xa_scale=plan["xa_scale"], key=key)
+    _forward_gemm(x, weight, bias, y, xa, partials=part, b=lora_B, xa_scale=plan["xa_scale"], owner=plan)
     return y, xa
 
 
@@ -1145,11 +1145,11 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
     def tma():
         descs = (dict(w_desc=_descriptor(weight), dx_desc=_descriptor(grad_x)) if need_grad_x
                  else dict(w_desc=None, dx_desc=None))
-        _tuned_launch(_autotuned("backward", True), key + (True,), plan["grid"], dict(
+        _tuned_launch(_autotuned("backward", True), plan, "tma", plan["grid"], dict(
             args, dy_ptr=dy, dy_desc=_descriptor(dy), w_ptr=weight, TMA=True, **descs))
 
     def pointer():
-        _tuned_launch(_autotuned("backward", False), key + (False,), plan["grid"], dict(
+        _tuned_launch(_autotuned("backward", False), plan, "pointer", plan["grid"], dict(
             args, dy_ptr=dy, dy_desc=None, w_ptr=weight, w_desc=None, dx_desc=None, TMA=False))
 
     _launch("backward", (dy, weight, grad_x) if need_grad_x else (dy,), tma, pointer)
