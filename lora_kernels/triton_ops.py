@@ -711,7 +711,7 @@ def _tma_case(kernel: str, *tensors) -> tuple:
 
 def _use_tma(kernel: str, *tensors) -> bool:
     """Whether ``kernel`` runs with tensor descriptors for ``tensors`` (its TMA operands)."""
-    if USE_TMA is None and not tensors[0].is_cuda:  # automatic mode off the GPU: never, and nothing to warn
+    if USE_TMA is None and HAS_TENSOR_DESCRIPTOR and not _tma_by_default(tensors[0]):  # cheap checks first
         return False
     if USE_TMA is False or not all(_tma_addressable(t) for t in tensors):
         return False
