@@ -44,18 +44,19 @@ def _launch_points() -> list[tuple[type, str]]:
     """``(class, method)`` pairs through which every Triton kernel launch passes.
 
     Compiled kernels launch through ``JITFunction.run``; interpreted ones through
-    ``GridExecutor.__call__`` (every Triton version: 3.4's ``InterpretedFunction`` has no
-    ``run`` method, it builds a ``GridExecutor`` from ``kernel[grid]`` directly).
+    ``InterpretedFunction.run`` where it exists (its counterpart: the interpreter's own
+    ``GridExecutor`` set-up, which a GPU never runs, is left out of the host time), else
+    ``GridExecutor.__call__`` (3.4's ``InterpretedFunction`` has no ``run`` method, it builds
+    a ``GridExecutor`` from ``kernel[grid]`` directly).
     """
     from triton.runtime.jit import JITFunction
 
     points = [(JITFunction, "run")]
     try:
-        from triton.runtime.interpreter import GridExecutor
-
-        points.append((GridExecutor, "__call__"))
+        from triton.runtime.interpreter import GridExecutor, InterpretedFunction
     except ImportError:
-        pass
+        return points
+    points.append((InterpretedFunction, "run") if "run" in InterpretedFunction.__dict__ else (GridExecutor, "__call__"))
     return points
 
 
@@ -207,24 +208,80 @@ def host_times(layer, x, dy, reps: int, suppress: bool, plan: Optional[str] = No
     return {"fwd": stats(fwd), "bwd": stats(bwd)}
 
 
+def _module_times(module, x, dy, reps: int, params=()) -> dict:
+    """The same timer around any module's forward and backward (it computes for real)."""
+    fwd, bwd = [], []
+    for i in range(reps + 5):
+        _sync(x.device)
+        t0 = time.perf_counter_ns()
+        y = module(x)
+        t1 = time.perf_counter_ns()
+        y.backward(dy)
+        t2 = time.perf_counter_ns()
+        x.grad = None
+        for p in params:
+            p.grad = None
+        if i >= 5:
+            fwd.append((t1 - t0) / 1e3)
+            bwd.append((t2 - t1) / 1e3)
+    return {"fwd": {"us": statistics.median(fwd)}, "bwd": {"us": statistics.median(bwd)}}
+
+
 def frozen_times(M: int, K: int, N: int, device, dtype, reps: int) -> dict:
     """The same timer around a frozen nn.Linear (on the CPU it computes its tiny GEMM)."""
     lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    fwd, bwd = [], []
-    for i in range(reps + 5):
-        _sync(device)
-        t0 = time.perf_counter_ns()
-        y = lin(x)
-        t1 = time.perf_counter_ns()
-        y.backward(dy)
-        t2 = time.perf_counter_ns()
-        x.grad = None
-        if i >= 5:
-            fwd.append((t1 - t0) / 1e3)
-            bwd.append((t2 - t1) / 1e3)
-    return {"fwd": {"us": statistics.median(fwd)}, "bwd": {"us": statistics.median(bwd)}}
+    return _module_times(lin, x, dy, reps)
+
+
+def peft_times(M: int, K: int, N: int, r: int, dropout: float, device, dtype, reps: int) -> Optional[dict]:
+    """The same timer around PEFT's whole ``lora.Linear`` (its real compute included); None without PEFT."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        return None
+
+    class _Wrapper(torch.nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+    config = LoraConfig(target_modules=["proj"], r=r, lora_alpha=16.0, lora_dropout=dropout)
+    layer = get_peft_model(_Wrapper(base), config, autocast_adapter_dtype=False).base_model.model.proj.train()
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    return _module_times(layer, x, dy, reps, [p for p in layer.parameters() if p.requires_grad])
+
+
+def comparison(M: int, K: int, N: int, r: int, device, dtype, reps: int, repeats: int) -> dict:
+    """Medians over ``repeats`` rounds (each a median of ``reps`` calls) of forward and forward+backward
+    host µs: ours (plan "fused", launches as in :func:`host_times`), PEFT's layer, a frozen nn.Linear."""
+    rows: dict = {"nn.Linear (frozen)": [], "PEFT lora.Linear": [], "lora_kernels p=0": [], "lora_kernels p=0.1": []}
+    for _ in range(repeats):
+        fr = frozen_times(M, K, N, device, dtype, reps)
+        rows["nn.Linear (frozen)"].append(fr)
+        pf = peft_times(M, K, N, r, 0.0, device, dtype, reps)
+        if pf is not None:
+            rows["PEFT lora.Linear"].append(pf)
+        for p_drop in (0.0, 0.1):
+            layer, x, dy = make_layer(M, K, N, r, p_drop, device, dtype)
+            layer(x).backward(dy)  # warm
+            _clear(layer, x)
+            rows[f"lora_kernels p={p_drop:g}"].append(
+                host_times(layer, x, dy, reps, suppress=not torch.cuda.is_available(), plan="fused"))
+    out = {}
+    for name, runs in rows.items():
+        if runs:
+            fwd = statistics.median(t["fwd"]["us"] for t in runs)
+            total = statistics.median(t["fwd"]["us"] + t["bwd"]["us"] for t in runs)
+            out[name] = {"fwd": fwd, "fwd_bwd": total}
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -232,6 +289,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--shape", default="16,64,48,8", help="M,K,N,r (tiny: host time only)")
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--real", action="store_true", help="GPU only: time real launches (host time, CPU-side timer)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of the comparison with PEFT and nn.Linear (median)")
     args = p.parse_args(argv)
     M, K, N, r = (int(v) for v in args.shape.split(","))
     gpu = torch.cuda.is_available()
@@ -256,6 +314,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"  launches fwd {len(n['fwd_triton'])} triton {n['fwd_torch'] or ''}"
                   f" bwd {len(n['bwd_triton'])} triton {n['bwd_torch'] or ''}")
             print(f"           fwd kernels: {', '.join(n['fwd_triton'])}; bwd kernels: {', '.join(n['bwd_triton'])}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"In one process, median of {args.repeats} rounds (each a median of {args.reps} calls); "
+          f"load average {load:.2f} on {os.cpu_count()} CPUs:")
+    table = comparison(M, K, N, r, device, dtype, args.reps, args.repeats)
+    for name, t in table.items():
+        print(f"  {name:20} fwd {t['fwd']:6.1f}  fwd+bwd {t['fwd_bwd']:6.1f}")
+    ours, lin, peft = (table.get(k, {}).get("fwd_bwd") for k in ("lora_kernels p=0", "nn.Linear (frozen)",
+                                                                 "PEFT lora.Linear"))
+    if ours and lin:
+        print(f"  ours / nn.Linear: {ours / lin:.2f}x (target <= 3)"
+              + (f"; ours / PEFT: {ours / peft:.2f}x (target <= 1)" if peft else "; PEFT not installed"))
     return 0
 
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from ._runtime import device_seed, triton_interpreted  # noqa: F401  (re-exported)
 
 BACKENDS = ("reference", "triton", "cuda")
 AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
@@ -56,18 +57,6 @@ class Backend:
     forward: Callable
     backward: Callable
     merge_: Callable
-
-
-def device_seed(seed, device: torch.device) -> torch.Tensor:
-    """A launcher's ``seed`` (an int or a 0-dim int64 tensor) as the tensor on ``device`` that kernels read."""
-    if not isinstance(seed, torch.Tensor):
-        return torch.tensor(int(seed), dtype=torch.int64, device=device)
-    return seed if seed.device == device else seed.to(device)
-
-
-def triton_interpreted() -> bool:
-    """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

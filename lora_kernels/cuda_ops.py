@@ -29,7 +29,7 @@ from torch import Tensor
 
 import lora_kernels._C  # noqa: F401  (registers torch.ops.lora_kernels.cuda_*)
 
-from .backends import device_seed
+from ._runtime import device_seed
 
 _ops = torch.ops.lora_kernels
 

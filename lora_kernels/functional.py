@@ -154,7 +154,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
         ctx.x_shape = x.shape
-        inputs = (x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        inputs = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         y, xa = ops.forward(*inputs)
         ops.setup_context(ctx, inputs, (y, xa))
         ctx.mark_non_differentiable(xa)
@@ -172,6 +172,37 @@ class LoRALinearFunction(torch.autograd.Function):
         if grads[0] is None or len(ctx.x_shape) == 2:
             return grads
         return (grads[0].view(ctx.x_shape),) + tuple(grads[1:])
+
+
+# NOTE: the full checks and the backend's resolution run once per call signature (every shape,
+# dtype and device the checks read, the scalars and the backend asked for); a call whose signature
+# was accepted before skips them. Bounded: past _CHECKED_SIZE signatures the cache starts over.
+_CHECKED: dict = {}
+_CHECKED_SIZE = 1024
+
+
+def _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend) -> tuple:
+    return (x.shape, x.dtype, x.device, weight.shape, weight.dtype, weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            lora_A.shape, lora_A.dtype, lora_A.device, lora_B.shape, lora_B.dtype, lora_B.device,
+            scaling, dropout_p, backend)
+
+
+def _checked_backend(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend: str) -> str:
+    """:func:`check_inputs`, then the concrete backend for ``backend``; from the cache for a signature
+    accepted before (never while tracing: the compiler sees the checks themselves)."""
+    if ops.tracing():
+        check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        return backends.resolve(backend, x.device)
+    key = _signature(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
+    name = _CHECKED.get(key)
+    if name is None:
+        check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+        name = backends.resolve(backend, x.device)
+        if len(_CHECKED) >= _CHECKED_SIZE:
+            _CHECKED.clear()
+        _CHECKED[key] = name
+    return name
 
 
 def lora_linear(
@@ -197,8 +228,7 @@ def lora_linear(
     ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
     """
     x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
-    check_inputs(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
-    name = backends.resolve(backend, x.device)
+    name = _checked_backend(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
     if dropout_p == 0.0:
         seed_t = _NO_SEED
     elif seed is None:
@@ -206,7 +236,9 @@ def lora_linear(
     else:
         seed_t = seed_tensor(seed, x.device)
     y, _ = LoRALinearFunction.apply(
-        x, weight, bias, lora_A.to(x.dtype), lora_B.to(x.dtype),
+        x, weight, bias,
+        lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype),
+        lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype),
         float(scaling), float(dropout_p), seed_t, name,
     )
     return y

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import device_seed, triton_interpreted
+from ._runtime import device_seed, triton_interpreted
 from .reference import dropout_threshold
 
 INTERPRET = triton_interpreted()
@@ -711,6 +711,8 @@ def _tma_case(kernel: str, *tensors) -> tuple:
 
 def _use_tma(kernel: str, *tensors) -> bool:
     """Whether ``kernel`` runs with tensor descriptors for ``tensors`` (its TMA operands)."""
+    if USE_TMA is None and HAS_TENSOR_DESCRIPTOR and not _tma_by_default(tensors[0]):  # cheap checks first
+        return False
     if USE_TMA is False or not all(_tma_addressable(t) for t in tensors):
         return False
     if not HAS_TENSOR_DESCRIPTOR:
@@ -764,6 +766,17 @@ def _launch(kernel: str, tma_tensors, launch_tma, launch_pointer):
 # --------------------------------------------------------------------------- #
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints. NOTE: not ``triton.cdiv``: since Triton 3.5 that is a
+    ``constexpr_function`` whose wrapper costs ~2 µs per host call, several per launch."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of two ≥ ``n`` (1 for n ≤ 1), as ``triton.next_power_of_2`` (see :func:`_cdiv`)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _block_r(R: int) -> int:
     """Rank chunk of kernels that loop over r (merge, multi-adapter): tl.dot needs every
     dimension ≥ 16; wider ranks loop over chunks of 64."""
@@ -772,7 +785,7 @@ def _block_r(R: int) -> int:
 
 def _full_block_r(R: int) -> int:
     """Rank block of the single-adapter GEMMs, which hold all of r in one block."""
-    return max(16, triton.next_power_of_2(R))
+    return max(16, _next_pow2(R))
 
 
 def _dtype_flags(dtype: torch.dtype) -> dict:
@@ -797,7 +810,7 @@ def _unused_seed(device: torch.device) -> torch.Tensor:
 def _dropout_args(dropout_p: float, seed, cols: int, device: torch.device) -> dict:
     """Kernel arguments of the dropout mask; ``seed`` is an int or a 0-dim int64 tensor."""
     seed = _unused_seed(device) if dropout_p == 0.0 else device_seed(seed, device)
-    return dict(seed_ptr=seed, threshold=dropout_threshold(dropout_p), groups_per_row=triton.cdiv(cols, 4),
+    return dict(seed_ptr=seed, threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(cols, 4),
                 DROPOUT=dropout_p > 0.0)
 
 
@@ -841,38 +854,117 @@ def backward_plan(M, K, N, R, dtype, dropout_p, need_grad_x, device) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale, dropout_p=0.0, seed=0):
-    """The forward kernel: ``y = x wᵀ + bias + xa bᵀ`` with xa from ``lora_A`` (fused) or from the
-    fp32 ``partials`` (S, M, R) of the shrink kernel, times ``xa_scale``; xa is stored when given."""
+# NOTE: what a launch's shapes fix (plans, block sizes, splits, strides, grids, every non-tensor
+# argument) is computed once per plan key: every shape, stride and dtype of the call's tensors,
+# its device, scalars and the module's settings. Per call only the tensors are put in. The cache is
+# bounded: a token count that changes every step makes a new key each time, and past
+# PLAN_CACHE_SIZE keys it starts over.
+PLAN_CACHE_SIZE = 512
+_PLANS: dict = {}
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= PLAN_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _cached_plan(key, build):
+    plan = _PLANS.get(key)
+    return plan if plan is not None else _remember(_PLANS, key, build())
+
+
+def clear_launch_caches() -> None:
+    """Forget every launch plan, and with them the tuned configs (rebuilt on the next call)."""
+    _PLANS.clear()
+
+
+def _settings() -> tuple:
+    """The module settings a plan depends on (they may be changed at run time)."""
+    return (FORWARD_PLAN, BACKWARD_PLAN, AUTOTUNE, USE_TMA, FLATTEN, FUSED_MAX_RANK)
+
+
+def _tuned_launch(kernel, plan, slot, grid, kwargs) -> None:
+    """``kernel[grid](**kwargs)`` for an autotuned ``kernel``.
+
+    NOTE: the autotuner's dispatch (its key rebuilt from every argument, the config's arguments
+    merged) costs more host time than a small layer's launch. Once it has chosen a config for a
+    cached ``plan`` (whose key fixes every shape, stride, dtype and flag the autotuner's key reads),
+    it is kept in ``plan[slot]`` and later calls run the config's pre-hook and the JIT function
+    directly, as the autotuner itself would. ``plan=None`` (a plan not cached), or an autotuner
+    without ``best_config`` or a ``fn.run``, always dispatches.
+    """
+    tuned = plan.get(slot) if plan is not None else None
+    if tuned is None:
+        kernel[grid](**kwargs)
+        best = getattr(kernel, "best_config", None)
+        if plan is not None and best is not None and callable(getattr(kernel.fn, "run", None)):
+            plan[slot] = (best, best.all_kwargs())
+        return
+    config, config_kwargs = tuned
+    if config.pre_hook is not None:
+        config.pre_hook({**kwargs, **config_kwargs})
+    kernel.fn.run(grid=grid, warmup=False, **kwargs, **config_kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A (1, 1, 1) tensor for a pointer operand a kernel variant never reads."""
+    return torch.empty(1, 1, 1, device=device, dtype=dtype)
+
+
+def _seed_arg(dropout_p: float, seed, device: torch.device) -> torch.Tensor:
+    return _unused_seed(device) if dropout_p == 0.0 else device_seed(seed, device)
+
+
+def _forward_gemm_plan(x, w, bias, y, xa, a, part, b, xa_scale, dropout_p, fused) -> dict:
+    """The non-tensor arguments and grids of the forward kernel for these tensors' shapes and strides."""
     M, K = x.shape
     N, R = w.shape[0], b.shape[1]
-    fused = partials is None
-    a = lora_A if fused else b  # an unused pointer operand still needs a tensor
-    part = partials if not fused else y.new_empty(1, 1, 1, dtype=_acc_dtype(y.dtype))
     args = dict(
-        bias_ptr=bias if bias is not None else y, a_ptr=a, l_ptr=part, b_ptr=b, y_ptr=y,
-        xa_ptr=xa if xa is not None else y,
-        M=M, N=N, K=K, R=R, L_SPLITS=part.shape[0], M_BUCKET=triton.next_power_of_2(M),
+        M=M, N=N, K=K, R=R, L_SPLITS=part.shape[0], M_BUCKET=_next_pow2(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
         stride_ar=a.stride(0), stride_ak=a.stride(1),
         stride_ls=part.stride(0), stride_lm=part.stride(1), stride_lr=part.stride(2),
         stride_bn=b.stride(0), stride_br=b.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_xam=xa.stride(0) if xa is not None else 0, stride_xar=xa.stride(1) if xa is not None else 0,
-        xa_scale=xa_scale, **_dropout_args(dropout_p if fused else 0.0, seed, K, x.device),
-        FUSED=fused, STORE_XA=xa is not None, HAS_BIAS=bias is not None, BLOCK_R=_full_block_r(R),
-        **_dtype_flags(x.dtype),
+        xa_scale=xa_scale, threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(K, 4),
+        DROPOUT=dropout_p > 0.0, FUSED=fused, STORE_XA=xa is not None, HAS_BIAS=bias is not None,
+        BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
     )
-    tiles = lambda meta: triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    tiles = lambda meta: _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])  # noqa: E731
+    programs = _num_sms(x.device)
+    return dict(args=args, flatten=bool(FLATTEN and HAS_FLATTEN),
+                grid_tma=lambda meta: (min(programs, tiles(meta)),), grid_pointer=lambda meta: (tiles(meta),))
+
+
+def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale, dropout_p=0.0, seed=0, owner=None):
+    """The forward kernel: ``y = x wᵀ + bias + xa bᵀ`` with xa from ``lora_A`` (fused) or from the
+    fp32 ``partials`` (S, M, R) of the shrink kernel, times ``xa_scale``; xa is stored when given.
+    ``owner``: the call's cached plan (see _PLANS), which keeps this kernel's plan, or None to
+    build it afresh."""
+    fused = partials is None
+    dropout_p = dropout_p if fused else 0.0
+    a = lora_A if fused else b  # an unused pointer operand still needs a tensor
+    part = partials if not fused else _placeholder(y.device, _acc_dtype(y.dtype))
+    plan = owner.get("gemm") if owner is not None else None
+    if plan is None:
+        plan = _forward_gemm_plan(x, w, bias, y, xa, a, part, b, xa_scale, dropout_p, fused)
+        if owner is not None:
+            owner["gemm"] = plan
+    cached = plan if owner is not None else None
+    args = dict(plan["args"], bias_ptr=bias if bias is not None else y, a_ptr=a, l_ptr=part, b_ptr=b, y_ptr=y,
+                xa_ptr=xa if xa is not None else y, seed_ptr=_seed_arg(dropout_p, seed, x.device))
 
     def tma():
-        programs = _num_sms(x.device)
-        _autotuned("forward", True)[lambda meta: (min(programs, tiles(meta)),)](
-            x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y), TMA=True,
-            FLATTEN=bool(FLATTEN and HAS_FLATTEN), **args)
+        _tuned_launch(_autotuned("forward", True), cached, "tma", plan["grid_tma"], dict(
+            args, x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y),
+            TMA=True, FLATTEN=plan["flatten"]))
 
     def pointer():
-        _autotuned("forward", False)[lambda meta: (tiles(meta),)](
-            x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False, **args)
+        _tuned_launch(_autotuned("forward", False), cached, "pointer", plan["grid_pointer"], dict(
+            args, x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False))
 
     _launch("forward", (x, w, y), tma, pointer)
     return y
@@ -891,8 +983,28 @@ def gemm_lora_up(x, w, bias, l, u):
 def _shrink_splits(M: int, K: int, block_m: int, block_k: int, device) -> int:
     """Splits of the reduced length K of a thin pass (the shrink kernel, the g pass): only when
     its row blocks alone leave the GPU idle."""
-    row_blocks = triton.cdiv(M, block_m)
-    return max(1, min(triton.cdiv(K, block_k), _num_sms(device) // row_blocks))
+    row_blocks = _cdiv(M, block_m)
+    return max(1, min(_cdiv(K, block_k), _num_sms(device) // row_blocks))
+
+
+def _forward_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple:
+    """The plan key of a forward call (see _PLANS)."""
+    return ("forward", x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape, lora_A.stride(),
+            lora_B.stride(), bias is not None, x.dtype, x.device, scaling, dropout_p, _settings())
+
+
+def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
+    """Block sizes, splits, grid and non-tensor arguments of the shrink kernel (two-pass forward)."""
+    M, K = x.shape
+    block_m, block_k, launch = (32, 32, {}) if INTERPRET else (64, 128, dict(num_warps=4, num_stages=3))
+    if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
+        block_k, launch["num_stages"] = block_k // 2, 2
+    span, splits = _split_shape(M, K, block_m, block_k, x.device)
+    return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), span=span, args=dict(
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+        stride_ps=M * R, stride_pm=R, stride_pr=1,
+        threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(K, 4), DROPOUT=dropout_p > 0.0,
+        **_dtype_flags(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch))
 
 
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
@@ -903,39 +1015,50 @@ def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     xa = x.new_empty(M, R)
     if M == 0 or N == 0:
         return y, xa.zero_()
-    xa_scale = scaling * _inv_keep(dropout_p)
-    if forward_plan(M, K, N, R, x.dtype, dropout_p, x.device) == "fused":
-        _forward_gemm(x, weight, bias, y, xa, lora_A=lora_A, b=lora_B, xa_scale=xa_scale,
-                      dropout_p=dropout_p, seed=seed)
+    key = _forward_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p)
+    plan = _cached_plan(key, lambda: dict(
+        fused=forward_plan(M, K, N, R, x.dtype, dropout_p, x.device) == "fused",
+        xa_scale=scaling * _inv_keep(dropout_p)))
+    if plan["fused"]:
+        _forward_gemm(x, weight, bias, y, xa, lora_A=lora_A, b=lora_B, xa_scale=plan["xa_scale"],
+                      dropout_p=dropout_p, seed=seed, owner=plan)
         return y, xa
-    _forward_gemm(x, weight, bias, y, xa, partials=_shrink_partials(x, lora_A, dropout_p, seed), b=lora_B,
-                  xa_scale=xa_scale)
+    part = _shrink_partials(x, lora_A, dropout_p, seed, plan)
+    _forward_gemm(x, weight, bias, y, xa, partials=part, b=lora_B, xa_scale=plan["xa_scale"], owner=plan)
     return y, xa
 
 
-def _shrink_partials(x, lora_A, dropout_p, seed):
-    """The two_pass forward's first launch: fp32 partials (S, M, R) of ``(x ⊙ D) Aᵀ`` over S splits of K."""
+def _shrink_partials(x, lora_A, dropout_p, seed, plan=None):
+    """The two_pass forward's first launch: fp32 partials (S, M, R) of ``(x ⊙ D) Aᵀ`` over S splits of K.
+
+    ``plan``: the caller's cached launch plan, which keeps the shrink's own (the 4-bit forward has none)."""
     M, K = x.shape
     R = lora_A.shape[0]
-    block_m, block_k, launch = (32, 32, {}) if INTERPRET else (64, 128, dict(num_warps=4, num_stages=3))
-    if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
-        block_k, launch["num_stages"] = block_k // 2, 2
-    span, part = _split_partials(M, K, R, block_m, block_k, x)
-    _lora_shrink_kernel[(triton.cdiv(M, block_m), part.shape[0])](
-        x, lora_A, part, M, K, R, span,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        **_dropout_args(dropout_p, seed, K, x.device), **_dtype_flags(x.dtype),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch,
+    shrink = None if plan is None else plan.get("shrink")
+    if shrink is None:
+        shrink = _shrink_plan(x, lora_A, R, dropout_p)
+        if plan is not None:
+            plan["shrink"] = shrink
+    part = torch.empty(shrink["part_shape"], device=x.device, dtype=_acc_dtype(x.dtype))
+    _lora_shrink_kernel[shrink["grid"]](
+        x, lora_A, part, M, K, R, shrink["span"],
+        seed_ptr=_seed_arg(dropout_p, seed, x.device), **shrink["args"],
     )
     return part
+
+
+def _split_shape(M: int, L: int, block_m: int, block_l: int, device) -> tuple[int, int]:
+    """``(span, splits)`` of a thin pass over an (M, L) operand: the L axis split into spans of whole
+    blocks, as many as :func:`_shrink_splits` asks."""
+    splits = _shrink_splits(M, L, block_m, block_l, device)
+    span = _cdiv(_cdiv(L, splits), block_l) * block_l
+    return span, max(1, _cdiv(L, span))
 
 
 def _split_partials(M: int, L: int, R: int, block_m: int, block_l: int, t: torch.Tensor):
     """``(span, part)`` of a thin pass over ``t`` (M, L) into r columns: the L axis split into spans
     of whole blocks (as many as :func:`_shrink_splits` asks), and the (splits, M, R) fp32 partials."""
-    splits = _shrink_splits(M, L, block_m, block_l, t.device)
-    span = triton.cdiv(triton.cdiv(L, splits), block_l) * block_l
-    splits = max(1, triton.cdiv(L, span))
+    span, splits = _split_shape(M, L, block_m, block_l, t.device)
     return span, torch.empty(splits, M, R, device=t.device, dtype=_acc_dtype(t.dtype))
 
 
@@ -943,18 +1066,17 @@ def _backward_runs(M: int, K: int, R: int, element_size: int, need_grad_x: bool,
     """How many runs of row blocks the backward splits M into: enough programs to fill the GPU
     (one per (run, dx column block)), no more, and no more than keeps the partials (a (K + N) x r
     fp32 block per run, written once and read once) within 1/8 of the bytes of x and dy."""
-    column_blocks = triton.cdiv(K, 128) if need_grad_x else 1
+    column_blocks = _cdiv(K, 128) if need_grad_x else 1
     partial_cap = M * element_size // (32 * max(R, 1))
-    return max(1, min(_num_sms(device) // column_blocks, triton.cdiv(M, 64), partial_cap))
+    return max(1, min(_num_sms(device) // column_blocks, _cdiv(M, 64), partial_cap))
 
 
 # Rows per program of the g pass (cost_model.G_PASS_ROWS models the same).
 G_PASS_ROWS = 32
 
 
-def _g_pass(dy, lora_B):
-    """fp32 partials (S, M, R) of ``dy B`` over S splits of N: the first launch of the "g_pass"
-    backward. S = 1 unless the row blocks alone cannot fill the GPU (as the forward's shrink)."""
+def _g_pass_plan(dy, lora_B) -> dict:
+    """Block sizes, splits, grid and non-tensor arguments of the g pass."""
     M, N = dy.shape
     R = lora_B.shape[1]
     # NOTE: 32-row blocks so that this memory-bound pass has many programs (256 at 8192 tokens).
@@ -963,13 +1085,52 @@ def _g_pass(dy, lora_B):
         block_n, launch["num_stages"] = 64, 2
     elif dy.element_size() == 4 and not INTERPRET:
         block_n = 64  # NOTE: fp32 tiles of 128 columns took a stack frame on Triton 3.5
-    span, part = _split_partials(M, N, R, block_m, block_n, dy)
-    _lora_g_kernel[(triton.cdiv(M, block_m), part.shape[0])](
-        dy, lora_B, part, M, N, R, span,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), part.stride(0), part.stride(1), part.stride(2),
-        **_dtype_flags(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_full_block_r(R), **launch,
-    )
+    span, splits = _split_shape(M, N, block_m, block_n, dy.device)
+    return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), args=dict(
+        M=M, N=N, R=R, span=span, stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
+        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_ps=M * R, stride_pm=R, stride_pr=1,
+        **_dtype_flags(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_full_block_r(R), **launch))
+
+
+def _g_pass(dy, lora_B, plan=None):
+    """fp32 partials (S, M, R) of ``dy B`` over S splits of N: the first launch of the "g_pass"
+    backward. S = 1 unless the row blocks alone cannot fill the GPU (as the forward's shrink)."""
+    plan = plan or _g_pass_plan(dy, lora_B)
+    part = torch.empty(plan["part_shape"], device=dy.device, dtype=_acc_dtype(dy.dtype))
+    _lora_g_kernel[plan["grid"]](dy, lora_B, part, **plan["args"])
     return part
+
+
+def _backward_plan(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, need_grad_x) -> dict:
+    """Everything of a backward call that its shapes, strides and flags fix (see _PLANS)."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    runs = _backward_runs(M, K, R, x.element_size(), need_grad_x, x.device)
+    g_loaded = backward_plan(M, K, N, R, x.dtype, dropout_p, need_grad_x, x.device) == "g_pass"
+    g_plan = _g_pass_plan(dy, lora_B) if g_loaded else None
+    # g: the g pass's contiguous (S, M, R) partials, or xa.unsqueeze(0) as an unused pointer operand
+    g_strides = (M * R, R, 1) if g_loaded else (xa.shape[0] * xa.stride(0), xa.stride(0), xa.stride(1))
+    dx_strides = (K, 1) if need_grad_x else x.stride()
+    part_strides = ((K + N) * R, R, 1)
+    args = dict(
+        M=M, N=N, K=K, R=R, runs=runs, G_SPLITS=g_plan["part_shape"][0] if g_loaded else 0, M_BUCKET=_next_pow2(M),
+        stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1),
+        stride_gs=g_strides[0], stride_gm=g_strides[1], stride_gr=g_strides[2],
+        stride_dxm=dx_strides[0], stride_dxk=dx_strides[1],
+        stride_ps=part_strides[0], stride_pj=part_strides[1], stride_pr=part_strides[2],
+        scaling=scaling, inv_keep=_inv_keep(dropout_p), threshold=dropout_threshold(dropout_p),
+        groups_per_row=_cdiv(K, 4), DROPOUT=dropout_p > 0.0,
+        NEED_DX=need_grad_x, G_LOADED=g_loaded, BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
+    )
+    column_blocks = lambda meta: _cdiv(K, meta["BLOCK_K"]) if need_grad_x else 1  # noqa: E731
+    # grad_A / grad_B come from empty_like(lora_A / lora_B): the strides it gives them
+    da_strides, db_strides = torch.empty_like(lora_A).stride(), torch.empty_like(lora_B).stride()
+    return dict(
+        runs=runs, g_loaded=g_loaded, g_plan=g_plan, args=args, grid=lambda meta: (runs * column_blocks(meta),),
+        **_reduce_plan(runs, K, N, R, da_strides, db_strides, dropout_p, x.dtype),
+    )
 
 
 def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
@@ -982,51 +1143,50 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
     grad_x = x.new_empty(M, K) if need_grad_x else x.new_empty(0)
     if M == 0 or R == 0 or (K == 0 and N == 0):
         return (grad_x.zero_(), grad_A.zero_(), grad_B.zero_())
-    runs = _backward_runs(M, K, R, x.element_size(), need_grad_x, x.device)
-    part = torch.empty(runs, K + N, R, device=x.device, dtype=_acc_dtype(x.dtype))
+    key = ("backward", dy.shape, dy.stride(), x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape,
+           lora_A.stride(), lora_B.stride(), xa.stride(), x.dtype, x.device, scaling, dropout_p, need_grad_x,
+           _settings())
+    plan = _cached_plan(key, lambda: _backward_plan(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, need_grad_x))
+    part = torch.empty(plan["runs"], K + N, R, device=x.device, dtype=_acc_dtype(x.dtype))
     dx = grad_x if need_grad_x else x  # an unused pointer operand still needs a tensor
-    g_loaded = backward_plan(M, K, N, R, x.dtype, dropout_p, need_grad_x, x.device) == "g_pass"
-    g = _g_pass(dy, lora_B) if g_loaded else xa.unsqueeze(0)  # (xa: an unused pointer operand)
-    args = dict(
-        x_ptr=x, a_ptr=lora_A, b_ptr=lora_B, xa_ptr=xa, g_ptr=g, dx_ptr=dx, part_ptr=part,
-        M=M, N=N, K=K, R=R, runs=runs, G_SPLITS=g.shape[0] if g_loaded else 0, M_BUCKET=triton.next_power_of_2(M),
-        stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
-        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1),
-        stride_gs=g.stride(0), stride_gm=g.stride(1), stride_gr=g.stride(2), stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
-        stride_ps=part.stride(0), stride_pj=part.stride(1), stride_pr=part.stride(2),
-        scaling=scaling, inv_keep=_inv_keep(dropout_p), **_dropout_args(dropout_p, seed, K, x.device),
-        NEED_DX=need_grad_x, G_LOADED=g_loaded, BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
-    )
-    column_blocks = lambda meta: triton.cdiv(K, meta["BLOCK_K"]) if need_grad_x else 1  # noqa: E731
-    grid = lambda meta: (runs * column_blocks(meta),)  # noqa: E731
+    g = _g_pass(dy, lora_B, plan["g_plan"]) if plan["g_loaded"] else xa.unsqueeze(0)  # (xa: an unused operand)
+    args = dict(plan["args"], x_ptr=x, a_ptr=lora_A, b_ptr=lora_B, xa_ptr=xa, g_ptr=g, dx_ptr=dx, part_ptr=part,
+                seed_ptr=_seed_arg(dropout_p, seed, x.device))
 
     def tma():
         descs = (dict(w_desc=_descriptor(weight), dx_desc=_descriptor(grad_x)) if need_grad_x
                  else dict(w_desc=None, dx_desc=None))
-        _autotuned("backward", True)[grid](dy_ptr=dy, dy_desc=_descriptor(dy), w_ptr=weight, TMA=True,
-                                           **descs, **args)
+        _tuned_launch(_autotuned("backward", True), plan, "tma", plan["grid"], dict(
+            args, dy_ptr=dy, dy_desc=_descriptor(dy), w_ptr=weight, TMA=True, **descs))
 
     def pointer():
-        _autotuned("backward", False)[grid](dy_ptr=dy, dy_desc=None, w_ptr=weight, w_desc=None, dx_desc=None,
-                                            TMA=False, **args)
+        _tuned_launch(_autotuned("backward", False), plan, "pointer", plan["grid"], dict(
+            args, dy_ptr=dy, dy_desc=None, w_ptr=weight, w_desc=None, dx_desc=None, TMA=False))
 
     _launch("backward", (dy, weight, grad_x) if need_grad_x else (dy,), tma, pointer)
-    _reduce_partials(part, grad_A, grad_B, dropout_p)
+    _reduce_partials(part, grad_A, grad_B, dropout_p, plan)
     return grad_x, grad_A, grad_B
 
 
-def _reduce_partials(part, grad_A, grad_B, dropout_p):
-    """The backward's last launch: ``dA``, ``dB`` from the per-run partials (runs, K + N, R), in run order."""
-    runs, KN, R = part.shape
-    K = grad_A.shape[1]
+def _reduce_plan(runs: int, K: int, N: int, R: int, da_strides, db_strides, dropout_p: float, dtype) -> dict:
+    """Grid and arguments of the reduction of (runs, K + N, R) contiguous partials into dA, dB."""
     block_j, block_r = (32, 16) if INTERPRET else (128, 16)
-    _reduce_runs_kernel[(triton.cdiv(KN, block_j), triton.cdiv(R, block_r))](
-        part, grad_A, grad_B, runs, K, KN - K, R,
-        part.stride(0), part.stride(1), part.stride(2), grad_A.stride(0), grad_A.stride(1),
-        grad_B.stride(0), grad_B.stride(1), _inv_keep(dropout_p),
-        ACC_DTYPE=tl.float64 if part.dtype == torch.float64 else tl.float32, BLOCK_J=block_j, BLOCK_R=block_r,
+    return dict(
+        reduce_grid=(_cdiv(K + N, block_j), _cdiv(R, block_r)),
+        reduce_args=(runs, K, N, R, (K + N) * R, R, 1, *da_strides, *db_strides, _inv_keep(dropout_p)),
+        reduce_kwargs=dict(ACC_DTYPE=_dtype_flags(dtype)["ACC_DTYPE"], BLOCK_J=block_j, BLOCK_R=block_r),
     )
+
+
+def _reduce_partials(part, grad_A, grad_B, dropout_p, plan=None):
+    """The backward's last launch: ``dA``, ``dB`` from the per-run partials (runs, K + N, R), in run order.
+
+    ``plan``: the caller's cached launch plan holding the reduction's (see :func:`_reduce_plan`)."""
+    if plan is None:
+        runs, KN, R = part.shape
+        K = grad_A.shape[1]
+        plan = _reduce_plan(runs, K, KN - K, R, grad_A.stride(), grad_B.stride(), dropout_p, part.dtype)
+    _reduce_runs_kernel[plan["reduce_grid"]](part, grad_A, grad_B, *plan["reduce_args"], **plan["reduce_kwargs"])
 
 
 def lora_merge_(weight, lora_A, lora_B, scaling):
@@ -1038,7 +1198,7 @@ def lora_merge_(weight, lora_A, lora_B, scaling):
     if weight.dtype == torch.float64:  # an fp64 accumulator needs fp64 operands for tl.dot
         lora_A, lora_B = lora_A.double(), lora_B.double()
     block_n, block_k = (32, 32) if INTERPRET else (64, 128 if weight.element_size() < 8 else 64)
-    _merge_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+    _merge_kernel[(_cdiv(N, block_n), _cdiv(K, block_k))](
         weight, lora_B, lora_A, N, K, R,
         weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         lora_A.stride(0), lora_A.stride(1),

@@ -104,6 +104,21 @@ def test_fullgraph_compile_in_eval_mode_merged():
 
 @requires_gpu
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_reduce_overhead_compile_equals_eager(backend):
+    """torch.compile(mode="reduce-overhead") (Inductor's CUDA graphs) of a training step equals eager."""
+    torch._dynamo.reset()
+    model = _Tiny(0.0, backend)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    for _ in range(3):  # recorded, then replayed
+        eager = _step(model, x)
+        comp = _step(compiled, x)
+        for e, c in zip(eager, comp, strict=True):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_cuda_graph_captures_forward_and_backward(backend):
     """Capture forward+backward of LoRALinear once, replay it on new data (dropout off: exact check)."""
     layer = lk.LoRALinear(64, 48, r=8, alpha=16, backend=backend, device=DEVICE)

@@ -61,3 +61,15 @@ def test_cuda_backend_is_unavailable_with_a_cpu_only_extension():
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "lora_kernels._C was built without its CUDA kernels" in out.stdout, out.stdout
+
+
+def test_launchers_do_not_import_the_dispatcher():
+    """The launchers sit below the backend registry: their helpers come from lora_kernels._runtime."""
+    import ast
+
+    root = Path(lk.__file__).parent
+    for name in ("triton_ops.py", "cuda_ops.py", "_runtime.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        assert "backends" not in imported, f"{name} imports the dispatcher back"
+    assert backends.device_seed is lk._runtime.device_seed
