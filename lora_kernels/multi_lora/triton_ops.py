@@ -32,12 +32,14 @@ import triton.language as tl
 from .. import triton_ops as single
 from ..triton_ops import (
     INTERPRET,
+    _cdiv,
     _dot,
     _dropout_args,
     _dtype_flags,
     _gemm_configs,
     prune_gemm_configs,
     _keep_mask,
+    _next_pow2,
     _num_sms,
     _round_to,
     _tile_coords,
@@ -282,7 +284,7 @@ def _sgmv_gemm():
 
 def _block_s(n: int) -> int:
     """Adapters scanned per step when a program locates its tile."""
-    return min(128, max(16, triton.next_power_of_2(n)))
+    return min(128, max(16, _next_pow2(n)))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -306,18 +308,18 @@ def sgmv_shrink(p, q, scaling, coeff, order, seg, dropout_p=0.0, seed=0):
         block_m, block_t, launch = 32, 32, {}
     else:
         # Rows per tile from the mean segment length: serving batches have short segments.
-        block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(M, n))))
+        block_m = min(64, max(16, _next_pow2(_cdiv(M, n))))
         # NOTE: 4-byte operands take half the reduced block: 128 spills registers with dropout.
         block_t, launch = (128 if p.element_size() <= 2 else 64), dict(num_warps=4, num_stages=3)
     block_r = single._block_r(R)
-    row_tiles = triton.cdiv(M, block_m) + min(n, M)  # at most one partial tile per adapter
-    live_tiles = triton.cdiv(M, block_m) * triton.cdiv(R, block_r)
-    t_blocks = triton.cdiv(T, block_t)
-    splits = max(1, min(t_blocks, triton.cdiv(2 * _num_sms(p.device), live_tiles)))
-    span = triton.cdiv(t_blocks, splits) * block_t
-    splits = triton.cdiv(T, span)
+    row_tiles = _cdiv(M, block_m) + min(n, M)  # at most one partial tile per adapter
+    live_tiles = _cdiv(M, block_m) * _cdiv(R, block_r)
+    t_blocks = _cdiv(T, block_t)
+    splits = max(1, min(t_blocks, _cdiv(2 * _num_sms(p.device), live_tiles)))
+    span = _cdiv(t_blocks, splits) * block_t
+    splits = _cdiv(T, span)
     target = out.unsqueeze(0) if splits == 1 else p.new_zeros(splits, M, R, dtype=_acc_dtype(p.dtype))
-    _sgmv_shrink_kernel[(row_tiles, triton.cdiv(R, block_r), splits)](
+    _sgmv_shrink_kernel[(row_tiles, _cdiv(R, block_r), splits)](
         p, q, scaling, order, seg, target, M, T, R, n, span,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), q.stride(2),
         target.stride(0), target.stride(1), target.stride(2),
@@ -349,20 +351,20 @@ def sgmv_reduce(p, q, order, seg, out, coeff, dropout_p=0.0, seed=0):
         # NOTE: 8 warps with dropout: the Philox state made the 4-warp tile spill on Triton 3.4.
         block_j, block_t, launch = 128, 64, dict(num_warps=8 if dropout_p else 4, num_stages=3)
     block_r = single._block_r(R)
-    tiles = triton.cdiv(J, block_j) * triton.cdiv(R, block_r)
-    chunks_wanted = max(1, triton.cdiv(2 * _num_sms(p.device), tiles))
-    span = max(1, triton.cdiv(triton.cdiv(M, chunks_wanted), block_t)) * block_t
-    chunks = triton.cdiv(M, span) + min(n, M)  # at most one partial chunk per adapter
+    tiles = _cdiv(J, block_j) * _cdiv(R, block_r)
+    chunks_wanted = max(1, _cdiv(2 * _num_sms(p.device), tiles))
+    span = max(1, _cdiv(_cdiv(M, chunks_wanted), block_t)) * block_t
+    chunks = _cdiv(M, span) + min(n, M)  # at most one partial chunk per adapter
     part = torch.empty(chunks, J, R, device=p.device, dtype=_acc_dtype(p.dtype))
     block_s = _block_s(n)
-    _sgmv_reduce_kernel[(triton.cdiv(J, block_j), triton.cdiv(R, block_r), chunks)](
+    _sgmv_reduce_kernel[(_cdiv(J, block_j), _cdiv(R, block_r), chunks)](
         p, q, order, seg, part, J, R, n, span,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), part.stride(0), part.stride(1), part.stride(2),
         BLOCK_J=block_j, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_S=block_s,
         **_dropout_args(dropout_p, seed, J, p.device), **_dtype_flags(p.dtype), **launch,
     )
     sum_j, sum_r = (32, 16) if INTERPRET else (64, 64)
-    _segment_sum_kernel[(n, triton.cdiv(J, sum_j), triton.cdiv(R, sum_r))](
+    _segment_sum_kernel[(n, _cdiv(J, sum_j), _cdiv(R, sum_r))](
         part, seg, out, J, R, n, span,
         part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1), out.stride(2),
         coeff, ACC_DTYPE=_dtype_flags(p.dtype)["ACC_DTYPE"], BLOCK_J=sum_j, BLOCK_R=sum_r, BLOCK_S=block_s,
@@ -393,10 +395,10 @@ def sgmv_gemm(x, w, bias, l, u, adapter_ids, order, dropout_p=0.0, seed=0):
         c = single.gemm_lora_up(x, w, bias, x[:, :0], w[:, :0])  # rank 0 (views: valid pointers)
     if n == 0 and not fused:
         return c
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _sgmv_gemm()[grid](
         x, w, bias if bias is not None else c, l, u, c, adapter_ids, order,
-        M, N, K, R, n, triton.next_power_of_2(M),
+        M, N, K, R, n, _next_pow2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1),
         u.stride(0), u.stride(1), u.stride(2), c.stride(0), c.stride(1),
         1.0 / (1.0 - dropout_p), HAS_BIAS=bias is not None and fused, LOAD_C=not fused,

@@ -279,7 +279,7 @@ def dequantize(q: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     N, K = q.shape
     w = torch.empty(N, K, device=q.device, dtype=dtype)
     block_n, block_k = (32, 32) if t.INTERPRET else (32, 256)
-    _dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+    _dequant_kernel[(t._cdiv(N, block_n), t._cdiv(K, block_k))](
         **_quant_args(q), w_ptr=w, N=N, K=K, stride_wn=w.stride(0), stride_wk=w.stride(1),
         BLOCK_N=block_n, BLOCK_K=block_k, **_LAUNCH)
     return w
@@ -311,11 +311,11 @@ def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, s
     fused = t.forward_plan(M, K, N, R, x.dtype, dropout_p, x.device) == "fused"
     part = (t._shrink_partials(x, lora_A, dropout_p, seed) if not fused
             else y.new_empty(1, 1, 1, dtype=t._acc_dtype(y.dtype)))  # (an unused pointer operand)
-    tiles = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    tiles = lambda meta: (t._cdiv(M, meta["BLOCK_M"]) * t._cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _autotuned("forward")[tiles](
         x_ptr=x, **_quant_args(q), bias_ptr=bias if bias is not None else y, a_ptr=lora_A, l_ptr=part,
         b_ptr=lora_B, y_ptr=y, xa_ptr=xa,
-        M=M, N=N, K=K, R=R, L_SPLITS=part.shape[0], M_BUCKET=triton.next_power_of_2(M),
+        M=M, N=N, K=K, R=R, L_SPLITS=part.shape[0], M_BUCKET=t._next_pow2(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_ls=part.stride(0), stride_lm=part.stride(1), stride_lr=part.stride(2),
         stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
@@ -343,11 +343,11 @@ def qlora_backward(grad_out, x, q: QuantWeight, lora_A, lora_B, xa, scaling, dro
     part = torch.empty(runs, K + N, R, device=x.device, dtype=t._acc_dtype(x.dtype))
     g_loaded = t.backward_plan(M, K, N, R, x.dtype, dropout_p, True, x.device) == "g_pass"
     g = t._g_pass(dy, lora_B) if g_loaded else xa.unsqueeze(0)  # (xa: an unused pointer operand)
-    grid = lambda meta: (runs * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (runs * t._cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _autotuned("backward")[grid](
         dy_ptr=dy, **_quant_args(q), x_ptr=x, a_ptr=lora_A, b_ptr=lora_B, xa_ptr=xa, g_ptr=g, dx_ptr=grad_x,
         part_ptr=part, M=M, N=N, K=K, R=R, runs=runs, G_SPLITS=g.shape[0] if g_loaded else 0,
-        M_BUCKET=triton.next_power_of_2(M),
+        M_BUCKET=t._next_pow2(M),
         stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1), stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
         stride_xam=xa.stride(0), stride_xar=xa.stride(1),
