@@ -111,6 +111,13 @@ def seed_tensor(seed: int, device: torch.device | str) -> Tensor:
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
+def call_seed(dropout_p: float, seed: Optional[int], device: torch.device) -> Tensor:
+    """The seed tensor a call passes to the ops: unused without dropout, else ``seed`` or a fresh draw."""
+    if dropout_p == 0.0:
+        return _NO_SEED
+    return draw_seed(device) if seed is None else seed_tensor(seed, device)
+
+
 # NOTE: torch.amp.is_autocast_available is asked outside the graph (its result is a constant per
 # device type): Dynamo refuses the call itself on torch 2.8–2.11, which broke fullgraph compilation.
 @torch.compiler.assume_constant_result
@@ -166,12 +173,18 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_xa):
-        if grad_out is not None and grad_out.dim() != 2:
-            grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        grads = ops.backward(ctx, grad_out, grad_xa)
-        if grads[0] is None or len(ctx.x_shape) == 2:
-            return grads
-        return (grads[0].view(ctx.x_shape),) + tuple(grads[1:])
+        return flat_backward(ops.backward, ctx, grad_out, grad_xa)
+
+
+def flat_backward(backward, ctx, grad_out, grad_xa) -> tuple:
+    """An op's ``backward`` on the 2-D view of ``grad_out``, ``dx`` returned in ``ctx.x_shape``: the
+    backward of a Function whose forward flattened ``x`` (``(..., K)``) itself."""
+    if grad_out is not None and grad_out.dim() != 2:
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+    grads = backward(ctx, grad_out, grad_xa)
+    if grads[0] is None or len(ctx.x_shape) == 2:
+        return grads
+    return (grads[0].view(ctx.x_shape),) + tuple(grads[1:])
 
 
 # NOTE: the full checks and the backend's resolution run once per call signature (every shape,
@@ -229,12 +242,7 @@ def lora_linear(
     """
     x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     name = _checked_backend(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
-    if dropout_p == 0.0:
-        seed_t = _NO_SEED
-    elif seed is None:
-        seed_t = draw_seed(x.device)
-    else:
-        seed_t = seed_tensor(seed, x.device)
+    seed_t = call_seed(dropout_p, seed, x.device)
     y, _ = LoRALinearFunction.apply(
         x, weight, bias,
         lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..functional import (
-    _FLOAT_DTYPES, _NO_SEED, _autocast_inputs, check_activation, check_dropout, draw_seed, seed_tensor,
+    _FLOAT_DTYPES, _autocast_inputs, call_seed, check_activation, check_dropout,
 )
 from . import ops
 from .reference import segments
@@ -139,12 +139,7 @@ def multi_lora_linear(
     s = _scaling_tensor(scaling, n, x)
     check_adapter_ids(adapter_ids, x, n, check_ids)
     name = ops.resolve(backend, x.device)
-    if dropout_p == 0.0:
-        seed_t = _NO_SEED
-    elif seed is None:
-        seed_t = draw_seed(x.device)
-    else:
-        seed_t = seed_tensor(seed, x.device)
+    seed_t = call_seed(dropout_p, seed, x.device)
     ids = _flat_ids(adapter_ids, x)
     order, seg = segments(ids, n)
     lead = x.shape[:-1]

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..functional import _FLOAT_DTYPES, _NO_SEED, _autocast_inputs, check_dropout, draw_seed, seed_tensor
+from ..functional import _FLOAT_DTYPES, _autocast_inputs, call_seed, check_dropout, flat_backward
 from . import ops
 from .reference import QuantWeight, check
 
@@ -36,12 +36,7 @@ class QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_xa):
-        if grad_out is not None and grad_out.dim() != 2:
-            grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        grads = ops.backward(ctx, grad_out, grad_xa)
-        if grads[0] is None or len(ctx.x_shape) == 2:
-            return grads
-        return (grads[0].view(ctx.x_shape),) + tuple(grads[1:])
+        return flat_backward(ops.backward, ctx, grad_out, grad_xa)
 
 
 def as_quant_weight(weight) -> QuantWeight:
@@ -101,12 +96,7 @@ def qlora_linear(
     x, bias, lora_A, lora_B = _autocast_inputs(x, bias, lora_A, lora_B)
     check_inputs(x, q, bias, lora_A, lora_B, scaling, dropout_p)
     name = ops.resolve(backend, x.device)
-    if dropout_p == 0.0:
-        seed_t = _NO_SEED
-    elif seed is None:
-        seed_t = draw_seed(x.device)
-    else:
-        seed_t = seed_tensor(seed, x.device)
+    seed_t = call_seed(dropout_p, seed, x.device)
     y, _ = QLoRALinearFunction.apply(
         x, *q.tensors, q.blocksize, q.blocksize2, q.shape[0], q.dtype,
         bias.to(x.dtype) if bias is not None else None, lora_A.to(x.dtype), lora_B.to(x.dtype),
