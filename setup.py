@@ -291,7 +291,7 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
     an sm_90a entry ("9.0a"); they need the CUTLASS headers (``pip install nvidia-cutlass==4.2.0.0``,
     or LORA_KERNELS_CUTLASS_DIR / CUTLASS_PATH), and their absence is then an error.
     """
-    sources = cpu_sources() + ["csrc/lora.cpp"]
+    sources = cpu_sources() + ["csrc/lora.cpp", "csrc/autograd.cpp"]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     include_dirs = [str(ROOT / "csrc")]
     flags: list[str] = []

@@ -259,6 +259,48 @@ def peft_times(M: int, K: int, N: int, r: int, dropout: float, device, dtype, re
     return _module_times(layer, x, dy, reps, [p for p in layer.parameters() if p.requires_grad])
 
 
+@contextlib.contextmanager
+def stubbed_cuda_ops() -> Iterator[None]:
+    """CPU kernels for ``cuda_lora_forward`` / ``cuda_lora_backward`` that only allocate their outputs,
+    so the cuda backend's host path runs on the CPU with its launches left out (as Triton's above)."""
+    lib = torch.library.Library("lora_kernels", "IMPL")
+    lib.impl("cuda_lora_forward",
+             lambda x, w, b, A, B, s, p, seed: (x.new_empty(x.shape[0], w.shape[0]), x.new_empty(x.shape[0], A.shape[0])),
+             "CPU")
+    lib.impl("cuda_lora_backward",
+             lambda dy, x, w, A, B, xa, s, p, seed, need_x: (torch.empty_like(x) if need_x else x.new_empty(0),
+                                                             torch.empty_like(A), torch.empty_like(B)),
+             "CPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def cuda_function_times(M: int, K: int, N: int, r: int, reps: int) -> Optional[dict]:
+    """Host µs of the cuda backend's layer below ``lora_linear``'s checks, its two ops stubbed
+    (:func:`stubbed_cuda_ops`; CPU only): the Python ``LoRALinearFunction`` over them against
+    ``cuda_ops.lora_linear``, the autograd in C++. None where the CUDA kernels are not built."""
+    try:
+        from lora_kernels import cuda_ops
+    except ImportError:
+        return None
+    from lora_kernels.functional import LoRALinearFunction, call_seed
+
+    torch.manual_seed(0)
+    w = torch.randn(N, K)
+    A, B = torch.randn(r, K, requires_grad=True), torch.randn(N, r, requires_grad=True)
+    x = torch.randn(M, K, requires_grad=True)
+    dy = torch.randn(M, N)
+    seed = call_seed(0.0, None, x.device)
+    calls = {
+        "python Function": lambda x: LoRALinearFunction.apply(x, w, None, A, B, 2.0, 0.0, seed, "cuda")[0],
+        "C++ autograd": lambda x: cuda_ops.lora_linear(x, w, None, A, B, 2.0, 0.0, seed),
+    }
+    with stubbed_cuda_ops():
+        return {name: _module_times(f, x, dy, reps, (A, B)) for name, f in calls.items()}
+
+
 def comparison(M: int, K: int, N: int, r: int, device, dtype, reps: int, repeats: int) -> dict:
     """Medians over ``repeats`` rounds (each a median of ``reps`` calls) of forward and forward+backward
     host µs: ours (plan "fused", launches as in :func:`host_times`), PEFT's layer, a frozen nn.Linear."""
@@ -314,6 +356,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"  launches fwd {len(n['fwd_triton'])} triton {n['fwd_torch'] or ''}"
                   f" bwd {len(n['bwd_triton'])} triton {n['bwd_torch'] or ''}")
             print(f"           fwd kernels: {', '.join(n['fwd_triton'])}; bwd kernels: {', '.join(n['bwd_triton'])}")
+    cuda_rows = None if gpu else cuda_function_times(M, K, N, r, args.reps)
+    if cuda_rows:
+        print("  the cuda backend below its checks, its two ops stubbed (allocation only), p=0:")
+        for name, t in cuda_rows.items():
+            print(f"    {name:16} fwd {t['fwd']['us']:6.1f}  bwd {t['bwd']['us']:6.1f}"
+                  f"  fwd+bwd {t['fwd']['us'] + t['bwd']['us']:6.1f}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"In one process, median of {args.repeats} rounds (each a median of {args.reps} calls); "
           f"load average {load:.2f} on {os.cpu_count()} CPUs:")

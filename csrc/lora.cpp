@@ -1,6 +1,7 @@
 // The op schemas of the CUDA backend, declared once; compiled only in the CUDA build
 // (the module itself: module.cpp). The kernels register themselves beside their sources
-// (cuda/forward.cu, cuda/backward.cu, cuda/merge.cu: TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m)).
+// (cuda/forward.cu, cuda/backward.cu, cuda/merge.cu: TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m);
+// autograd.cpp: the layer's Autograd and CompositeExplicitAutograd kernels).
 //
 // NOTE: lora_kernels/ops.py defines lora_kernels::lora_forward & co. through
 // torch.library.custom_op, and cpu/dropout.cpp the CPU dropout ops, as FRAGMENTs of the
@@ -56,6 +57,11 @@ TORCH_LIBRARY(lora_kernels, m) {
   m.def(
       "cuda_lora_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
       "Tensor xa, float scaling, float dropout_p, Tensor seed, bool need_grad_x) -> (Tensor, Tensor, Tensor)");
+  // The layer y (..., N) for x (..., K), its autograd in C++ over the two ops above (autograd.cpp):
+  // the cuda backend's eager path. seed: as above, unread at dropout_p = 0 (any device then).
+  m.def(
+      "cuda_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+      "float scaling, float dropout_p, Tensor seed) -> Tensor");
   // weight += scaling · lora_B lora_A in place (unmerge: -scaling).
   m.def("cuda_lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, float scaling) -> ()");
   // Test-only, host arithmetic on the CPU (see above).

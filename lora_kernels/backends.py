@@ -3,7 +3,8 @@
 A backend is a set of three launchers with the signatures of the functions in
 :mod:`lora_kernels.reference` (``lora_forward``, ``lora_backward``,
 ``lora_merge_``), all on 2-D inputs of one dtype; ``seed`` is an int or a 0-dim
-int64 tensor (the kernels read a tensor seed on the device). The registered ops in
+int64 tensor (the kernels read a tensor seed on the device). A backend may also have
+``lora_linear``, the whole differentiable layer in one call (see ``Backend.linear``). The registered ops in
 :mod:`lora_kernels.ops` take the backend's name and call its launchers; this
 module decides which names exist, which are usable for a tensor, and what
 ``"auto"`` means.
@@ -57,6 +58,10 @@ class Backend:
     forward: Callable
     backward: Callable
     merge_: Callable
+    # The whole differentiable layer in one call, ``linear(x (..., K), weight, bias, lora_A, lora_B,
+    # scaling, dropout_p, seed) -> y``, where the backend has its autograd below Python (cuda); the
+    # eager path of lora_linear then skips the Python Function. None: LoRALinearFunction serves.
+    linear: Optional[Callable] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +86,8 @@ def _load(name: str) -> tuple[Optional[Backend], str]:
             )
     else:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
-    return Backend(name, module.lora_forward, module.lora_backward, module.lora_merge_), ""
+    return Backend(name, module.lora_forward, module.lora_backward, module.lora_merge_,
+                   getattr(module, "lora_linear", None)), ""
 
 
 def unavailable_reason(name: str, device: torch.device) -> str:

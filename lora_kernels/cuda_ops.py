@@ -40,6 +40,34 @@ if not hasattr(_ops, "cuda_lora_forward"):
     )
 
 
+# NOTE: the kernels leave the seed unread (and unchecked) at dropout_p = 0: it stays where it is,
+# no host-to-device copy per call.
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def _seed_arg(dropout_p: float, seed, device: torch.device) -> Tensor:
+    return _NO_SEED if dropout_p == 0.0 else device_seed(seed, device)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed,
+) -> Tensor:
+    """The whole layer for ``x`` of shape ``(..., K)``, differentiable, its autograd in C++
+    (csrc/autograd.cpp): :class:`lora_kernels.functional.LoRALinearFunction` over
+    :func:`lora_forward` and :func:`lora_backward` in one dispatcher call, with no Python in
+    the backward. The eager path of ``lora_linear(..., backend="cuda")``."""
+    return _ops.cuda_lora_linear(
+        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), _seed_arg(dropout_p, seed, x.device)
+    )
+
+
 def lora_forward(
     x: Tensor,
     weight: Tensor,
@@ -52,7 +80,7 @@ def lora_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(y, xa)`` for 2-D ``x``: ``xa = scaling · (x ⊙ D) Aᵀ``, ``y = x W0ᵀ + b + xa Bᵀ``."""
     return _ops.cuda_lora_forward(
-        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), device_seed(seed, x.device)
+        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), _seed_arg(dropout_p, seed, x.device)
     )
 
 
@@ -71,7 +99,7 @@ def lora_backward(
     """``(dx, dA, dB)``; ``dx`` has zero elements unless ``need_grad_x``."""
     return _ops.cuda_lora_backward(
         grad_out, x, weight, lora_A, lora_B, xa,
-        float(scaling), float(dropout_p), device_seed(seed, x.device), bool(need_grad_x),
+        float(scaling), float(dropout_p), _seed_arg(dropout_p, seed, x.device), bool(need_grad_x),
     )
 
 

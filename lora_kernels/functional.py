@@ -243,12 +243,13 @@ def lora_linear(
     x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     name = _checked_backend(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
     seed_t = call_seed(dropout_p, seed, x.device)
-    y, _ = LoRALinearFunction.apply(
-        x, weight, bias,
-        lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype),
-        lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype),
-        float(scaling), float(dropout_p), seed_t, name,
-    )
+    lora_A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
+    lora_B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
+    # The backend's own differentiable layer where it has one (cuda: autograd in C++); traced code keeps the ops.
+    linear = None if ops.tracing() else backends.get(name).linear
+    if linear is not None:
+        return linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_t)
+    y, _ = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_t, name)
     return y
 
 

@@ -131,6 +131,119 @@ def test_cuda_backend_loads():
 
 
 # --------------------------------------------------------------------------- #
+# The layer's autograd in C++ (cuda_lora_linear, csrc/autograd.cpp), on the CPU: the two ops
+# it calls get CPU kernels here (the reference launchers), so its wiring runs without a GPU
+# --------------------------------------------------------------------------- #
+
+LINEAR_SCHEMA = ("lora_kernels::cuda_lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, "
+                 "Tensor lora_B, float scaling, float dropout_p, Tensor seed) -> Tensor")
+
+
+@pytest.fixture
+def reference_kernels():
+    """CPU kernels for cuda_lora_forward / cuda_lora_backward: the reference launchers, recording their calls."""
+    calls = []
+
+    def forward(x, weight, bias, A, B, s, p, seed):
+        calls.append(("forward", tuple(x.shape)))
+        return reference.lora_forward(x, weight, bias, A, B, s, p, seed)
+
+    def backward(dy, x, weight, A, B, xa, s, p, seed, need_x):
+        calls.append(("backward", need_x))
+        return reference.lora_backward(dy, x, weight, A, B, xa, s, p, seed, need_x)
+
+    lib = torch.library.Library("lora_kernels", "IMPL")
+    lib.impl("cuda_lora_forward", forward, "CPU")
+    lib.impl("cuda_lora_backward", backward, "CPU")
+    yield calls
+    lib._destroy()
+
+
+def test_linear_op_is_registered_with_its_autograd():
+    op = torch.ops.lora_kernels.cuda_lora_linear.default
+    assert str(op._schema) == LINEAR_SCHEMA
+    for key in ("Autograd", "CompositeExplicitAutograd"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key), key
+    assert lk.backends.get("cuda").linear is lora_kernels.cuda_ops.lora_linear
+    assert lk.backends.get("triton").linear is None and lk.backends.get("reference").linear is None
+
+
+def _layer_inputs(lead, K, N, r, bias, frozen=True):
+    x = torch.randn(*lead, K, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(N, K, dtype=torch.float64, requires_grad=not frozen)
+    b = torch.randn(N, dtype=torch.float64, requires_grad=not frozen) if bias else None
+    A = torch.randn(r, K, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(N, r, dtype=torch.float64, requires_grad=True)
+    return x, weight, b, A, B
+
+
+@pytest.mark.parametrize("lead,K,N,r", [((1,), 7, 9, 1), ((65,), 136, 20, 16), ((2, 5), 7, 65, 4), ((3, 1, 4), 9, 8, 3)],
+                         ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trained_base"])
+def test_cpp_autograd_matches_the_fp64_reference(reference_kernels, lead, K, N, r, p, bias, frozen):
+    x, weight, b, A, B = _layer_inputs(lead, K, N, r, bias, frozen)
+    seed = torch.tensor(2**62 - 99)
+    y = lora_kernels.cuda_ops.lora_linear(x, weight, b, A, B, 0.7, p, seed)
+    assert "LoRALinearCuda" in y.grad_fn.name(), y.grad_fn.name()  # one C++ node, no Python Function
+    assert y.shape == (*lead, N)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert reference_kernels == [("forward", (x[..., 0].numel(), K)), ("backward", True)]
+
+    leaves = [t for t in (x, weight, b, A, B) if t is not None]
+    grads = [t.grad for t in leaves]
+    ref = [t.detach().clone().requires_grad_(t.requires_grad) for t in leaves]
+    for t in ref:
+        t.grad = None
+    rx, rw, rb, rA, rB = ref if bias else (ref[0], ref[1], None, ref[2], ref[3])
+    y64 = reference.lora_linear_reference(rx, rw, rb, rA, rB, 0.7, p, int(seed))
+    y64.backward(dy)
+    assert relative_error(y, y64) <= 1e-12
+    for t, g, r64 in zip(leaves, grads, ref):
+        if t.requires_grad:
+            assert g is not None and relative_error(g, r64.grad) <= 1e-12
+        else:
+            assert g is None
+
+
+def test_cpp_autograd_computes_only_the_gradients_asked_for(reference_kernels):
+    x, weight, b, A, B = _layer_inputs((6,), 8, 5, 2, True)
+    x.requires_grad_(False)
+    y = lora_kernels.cuda_ops.lora_linear(x, weight, b, A, B, 1.0, 0.0, torch.zeros((), dtype=torch.int64))
+    y.sum().backward()
+    assert reference_kernels[-1] == ("backward", False)  # no dx kernel
+    assert x.grad is None and weight.grad is None and A.grad is not None and B.grad is not None
+    # Only the frozen bias asked for: no LoRA kernel at all.
+    A.requires_grad_(False), B.requires_grad_(False), b.requires_grad_(True)
+    reference_kernels.clear()
+    lora_kernels.cuda_ops.lora_linear(x, weight, b, A, B, 1.0, 0.0, torch.zeros((), dtype=torch.int64)).sum().backward()
+    assert reference_kernels == [("forward", (6, 8))]
+    assert torch.equal(b.grad, torch.full_like(b, 6.0))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_cpp_autograd_gradcheck_fp64(reference_kernels, p):
+    x, weight, b, A, B = _layer_inputs((2, 3), 5, 4, 2, True, frozen=False)
+    seed = torch.tensor(77)
+    fn = lambda *t: lora_kernels.cuda_ops.lora_linear(*t, 1.5, p, seed)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, weight, b, A, B))
+
+
+def test_cpp_linear_in_inference_mode_and_no_grad(reference_kernels):
+    x, weight, b, A, B = _layer_inputs((2, 3), 5, 4, 2, True)
+    seed = torch.zeros((), dtype=torch.int64)
+    want = reference.lora_linear_reference(x.detach(), weight, b, A.detach(), B.detach(), 0.5, 0.0, 0)
+    with torch.inference_mode():  # below autograd: the CompositeExplicitAutograd kernel
+        y = lora_kernels.cuda_ops.lora_linear(x, weight, b, A, B, 0.5, 0.0, seed)
+    assert y.grad_fn is None and y.shape == (2, 3, 4) and relative_error(y, want) <= 1e-12
+    with torch.no_grad():
+        y = lora_kernels.cuda_ops.lora_linear(x, weight, b, A, B, 0.5, 0.0, seed)
+    assert y.grad_fn is None and relative_error(y, want) <= 1e-12
+
+
+# --------------------------------------------------------------------------- #
 # Host-side plans (CPU): the launchers' own functions, through test-only ops
 # --------------------------------------------------------------------------- #
 
@@ -499,6 +612,7 @@ def test_lora_linear_3d_input_through_the_cuda_backend(dtype, p):
     B_ = B.clone().requires_grad_(True)
     y = lk.lora_linear(x3, weight, b, A_, B_, 0.5, dropout_p=p, backend="cuda", seed=1234)
     assert y.shape == (2, 21, 33)
+    assert "LoRALinearCuda" in y.grad_fn.name()  # eager: the autograd in C++ (csrc/autograd.cpp)
     dy = torch.randn_like(y)
     y.backward(dy)
 
