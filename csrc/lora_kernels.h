@@ -88,16 +88,26 @@ namespace lora_kernels {
 // Dropout: the keep-mask of reference.dropout_keep_mask, regenerated on the fly
 // --------------------------------------------------------------------------- //
 
+// The dropout seed as kernels receive it; Philox key = (seed & 0xffffffff, seed >> 32). Either a
+// pointer to it in device memory, read by the kernels (a seed drawn on the GPU: a captured CUDA
+// graph uses whatever seed its replay drew), or, with ptr null, the value itself (a seed held on
+// the host: no copy and no launch for it). load_seed (cuda/common.cuh) reads either.
+struct Seed {
+  const int64_t* ptr = nullptr;
+  uint64_t value = 0;
+};
+
 struct Dropout {
   bool enabled = false;     // p > 0
-  const int64_t* seed = nullptr;  // device pointer to the seed; Philox key = (seed & 0xffffffff, seed >> 32)
+  Seed seed;
   uint32_t threshold = 0;   // drop iff (word >> 8) < threshold
   double keep_scale = 1.0;  // 1 / (1 - p)
   int64_t groups = 0;       // Philox calls per row of the masked (rows, cols) matrix: ceil(cols / 4)
 };
 
-// The seed is a 0-dim int64 tensor on x's device, read by the kernels: nothing waits on the
-// host, and a captured CUDA graph uses the seed each replay draws. Unused (and unchecked) at p = 0.
+// The seed is a 0-dim int64 tensor: on x's device it is read by the kernels (nothing waits on the
+// host, and a captured CUDA graph uses the seed each replay draws); on the CPU its value is read
+// here and passed by value. Unused (and unchecked) at p = 0.
 inline Dropout make_dropout(double p, const at::Tensor& seed, int64_t cols, const at::Tensor& x) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
   Dropout d;
@@ -106,9 +116,13 @@ inline Dropout make_dropout(double p, const at::Tensor& seed, int64_t cols, cons
     TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
                 "seed must be a one-element int64 tensor, got ", seed.scalar_type(), " with ", seed.numel(),
                 " elements");
-    TORCH_CHECK(seed.device() == x.device(), "seed must be on x's device (", x.device(), "), got ",
-                seed.device());
-    d.seed = seed.data_ptr<int64_t>();
+    TORCH_CHECK(seed.device() == x.device() || seed.device().is_cpu(), "seed must be on x's device (",
+                x.device(), ") or on the CPU, got ", seed.device());
+    if (seed.device().is_cpu()) {
+      d.seed.value = static_cast<uint64_t>(*seed.data_ptr<int64_t>());
+    } else {
+      d.seed.ptr = seed.data_ptr<int64_t>();
+    }
   }
   // round(p * 2**24) with Python's round-half-to-even: nearbyint in the default rounding mode.
   d.threshold = static_cast<uint32_t>(std::nearbyint(p * 16777216.0));
@@ -141,7 +155,7 @@ struct GemmParams {
   int64_t ldc;
   int64_t M, N, K, R;
   double pre_scale;
-  const int64_t* seed;
+  Seed seed;
   uint32_t threshold;
   int64_t mask_groups;
   // Tensor-core path: 16-byte cp.async is legal for this operand (else scalar loads);

@@ -3,7 +3,8 @@
 A backend is a set of three launchers with the signatures of the functions in
 :mod:`lora_kernels.reference` (``lora_forward``, ``lora_backward``,
 ``lora_merge_``), all on 2-D inputs of one dtype; ``seed`` is an int or a 0-dim
-int64 tensor (the kernels read a tensor seed on the device). A backend may also have
+int64 tensor (the kernels read a tensor seed on the device; backends with ``SEED_BY_VALUE`` also take
+one held on the CPU, by value, for GPU tensors). A backend may also have
 ``lora_linear``, the whole differentiable layer in one call (see ``Backend.linear``). The registered ops in
 :mod:`lora_kernels.ops` take the backend's name and call its launchers; this
 module decides which names exist, which are usable for a tensor, and what
@@ -62,6 +63,9 @@ class Backend:
     # scaling, dropout_p, seed) -> y``, where the backend has its autograd below Python (cuda); the
     # eager path of lora_linear then skips the Python Function. None: LoRALinearFunction serves.
     linear: Optional[Callable] = None
+    # Whether the launchers take a seed held on the CPU by value for GPU tensors (the module's
+    # SEED_BY_VALUE): eager calls then draw it on the host, with no launch (functional.call_seed).
+    seed_by_value: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +91,7 @@ def _load(name: str) -> tuple[Optional[Backend], str]:
     else:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {BACKENDS}")
     return Backend(name, module.lora_forward, module.lora_backward, module.lora_merge_,
-                   getattr(module, "lora_linear", None)), ""
+                   getattr(module, "lora_linear", None), getattr(module, "SEED_BY_VALUE", False)), ""
 
 
 def unavailable_reason(name: str, device: torch.device) -> str:

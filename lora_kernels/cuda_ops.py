@@ -29,8 +29,6 @@ from torch import Tensor
 
 import lora_kernels._C  # noqa: F401  (registers torch.ops.lora_kernels.cuda_*)
 
-from ._runtime import device_seed
-
 _ops = torch.ops.lora_kernels
 
 if not hasattr(_ops, "cuda_lora_forward"):
@@ -40,13 +38,22 @@ if not hasattr(_ops, "cuda_lora_forward"):
     )
 
 
+# A seed on the CPU reaches the kernels by value (csrc/lora_kernels.h, make_dropout): no copy, no launch.
+SEED_BY_VALUE = True
+
 # NOTE: the kernels leave the seed unread (and unchecked) at dropout_p = 0: it stays where it is,
 # no host-to-device copy per call.
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
 def _seed_arg(dropout_p: float, seed, device: torch.device) -> Tensor:
-    return _NO_SEED if dropout_p == 0.0 else device_seed(seed, device)
+    """``seed`` as the ops take it: a 0-dim int64 tensor on ``device`` (read by the kernels) or on the
+    CPU (its value passed to them: no copy, no launch); an int becomes the latter."""
+    if dropout_p == 0.0:
+        return _NO_SEED
+    if not isinstance(seed, Tensor):
+        return torch.tensor(int(seed), dtype=torch.int64)
+    return seed if seed.device == device or seed.device.type == "cpu" else seed.to(device)
 
 
 def lora_linear(

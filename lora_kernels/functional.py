@@ -7,6 +7,7 @@ any tensor is written, so a refused call changes nothing.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -111,10 +112,58 @@ def seed_tensor(seed: int, device: torch.device | str) -> Tensor:
 _NO_SEED = torch.zeros((), dtype=torch.int64)
 
 
-def call_seed(dropout_p: float, seed: Optional[int], device: torch.device) -> Tensor:
-    """The seed tensor a call passes to the ops: unused without dropout, else ``seed`` or a fresh draw."""
+_M64 = (1 << 64) - 1
+# Host seeds lie in [2**32, 2**62): Triton types every one as int64 (a value below 2**31 would be
+# int32, another compiled variant of each kernel).
+_HOST_SEED_LOW, _HOST_SEED_SPAN = 1 << 32, (1 << 62) - (1 << 32)
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that scatters neighbouring inputs."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def host_seed(generator) -> Tensor:
+    """A fresh dropout seed from a CUDA generator's Philox state, read and advanced on the host as
+    PyTorch's own dropout takes its seed and offset: no kernel, no copy, no sync.
+
+    The seed is a function of the generator's seed and offset (so ``torch.manual_seed`` reproduces
+    the masks, and every call gets its own), returned as a 0-dim int64 CPU tensor whose value the
+    kernels receive by value. Not for use under CUDA-graph capture: a replay would reuse it.
+    """
+    offset = generator.get_offset()
+    generator.set_offset(offset + 4)  # one Philox counter step, as a 4-value draw consumes
+    value = _mix64(_mix64(generator.initial_seed() & _M64) ^ offset)
+    return torch.tensor(_HOST_SEED_LOW + value % _HOST_SEED_SPAN, dtype=torch.int64)
+
+
+# Whether eager calls on a GPU draw their dropout seeds on the host (host_seed). LORA_KERNELS_HOST_SEEDS=0
+# draws them on the device, as compiled graphs and CUDA-graph captures do, so that eager and compiled
+# runs from one torch.manual_seed share their masks (a randint kernel per forward).
+HOST_SEEDS = os.environ.get("LORA_KERNELS_HOST_SEEDS", "1") != "0"
+
+
+def call_seed(dropout_p: float, seed: Optional[int], device: torch.device, by_value: bool = False) -> Tensor:
+    """The seed tensor a call passes to the ops: unused without dropout, else ``seed`` or a fresh draw.
+
+    NOTE: with ``by_value`` (a backend whose kernels take a seed held on the host by value:
+    ``Backend.seed_by_value``), in eager mode on a GPU the seed stays on the host: an explicit one
+    with no copy to the device, a fresh one from the generator's state (host_seed) with no launch
+    (a device draw is a randint kernel per forward). Traced code and CUDA-graph capture draw on
+    the device, so that every run of the graph draws afresh; so do the Triton kernels, whose
+    by-value variants spill registers in some configs.
+    """
     if dropout_p == 0.0:
         return _NO_SEED
+    if by_value and device.type == "cuda" and not ops.tracing():
+        if seed is not None:
+            return seed_tensor(seed, "cpu")
+        if HOST_SEEDS and not torch.cuda.is_current_stream_capturing():
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            return host_seed(torch.cuda.default_generators[index])
     return draw_seed(device) if seed is None else seed_tensor(seed, device)
 
 
@@ -242,11 +291,12 @@ def lora_linear(
     """
     x, weight, bias, lora_A, lora_B = _autocast_inputs(x, weight, bias, lora_A, lora_B)
     name = _checked_backend(x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend)
-    seed_t = call_seed(dropout_p, seed, x.device)
+    launchers = None if ops.tracing() else backends.get(name)
+    seed_t = call_seed(dropout_p, seed, x.device, launchers is not None and launchers.seed_by_value)
     lora_A = lora_A if lora_A.dtype == x.dtype else lora_A.to(x.dtype)
     lora_B = lora_B if lora_B.dtype == x.dtype else lora_B.to(x.dtype)
     # The backend's own differentiable layer where it has one (cuda: autograd in C++); traced code keeps the ops.
-    linear = None if ops.tracing() else backends.get(name).linear
+    linear = None if launchers is None else launchers.linear
     if linear is not None:
         return linear(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_t)
     y, _ = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), seed_t, name)

@@ -189,6 +189,10 @@ def lora_linear_reference(
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+# The seed is read on the host (keep_mask_torch): one held there costs no copy and no sync.
+SEED_BY_VALUE = True
+
+
 def lora_forward(
     x: Tensor,
     weight: Tensor,

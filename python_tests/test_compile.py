@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+import torch._inductor.config  # noqa: F401  (fallback_random, patched below)
+
 import lora_kernels as lk
-from lora_kernels import ops
+from lora_kernels import functional, ops
 from conftest import ALL_BACKENDS, DEVICE, ON_GPU, requires_gpu
 
 COMPILE_BACKEND = "inductor" if ON_GPU else "aot_eager"
@@ -71,15 +73,23 @@ def _step(model, x):
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fullgraph_compile_equals_eager(backend, dropout):
+def test_fullgraph_compile_equals_eager(backend, dropout, monkeypatch):
+    # NOTE: on a GPU, eager calls take their dropout seeds from the generator's state on the host and
+    # compiled graphs draw them on the device (inductor with its own random numbers, unless
+    # fallback_random): for one mask in both, eager draws as the graph does (LORA_KERNELS_HOST_SEEDS=0)
+    # and inductor falls back to aten's randint.
+    monkeypatch.setattr(functional, "HOST_SEEDS", False)
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
     model = _Tiny(dropout, backend)
     compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
     x = torch.randn(3, 5, 16, device=DEVICE)
     for _ in range(2):  # the second call reuses the graph: the seed must not be a baked-in constant
-        state = torch.get_rng_state()
+        state = torch.get_rng_state(), torch.cuda.get_rng_state() if ON_GPU else None
         eager = _step(model, x)
-        torch.set_rng_state(state)
+        torch.set_rng_state(state[0])
+        if ON_GPU:
+            torch.cuda.set_rng_state(state[1])
         comp = _step(compiled, x)
         for e, c in zip(eager, comp, strict=True):
             torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)

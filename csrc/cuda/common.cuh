@@ -165,8 +165,10 @@ __host__ __device__ __forceinline__ uint4 philox4x32_10(uint64_t seed, uint64_t 
 
 // The Philox words of the four columns [4·(col/4), 4·(col/4) + 4) of row `row` of a
 // (rows, cols) mask with groups = ceil(cols / 4).
-// The seed, read from device memory (through the read-only cache).
-__device__ __forceinline__ uint64_t load_seed(const int64_t* seed) { return static_cast<uint64_t>(__ldg(seed)); }
+// The seed: passed by value, or read from device memory (through the read-only cache).
+__device__ __forceinline__ uint64_t load_seed(const Seed& seed) {
+  return seed.ptr != nullptr ? static_cast<uint64_t>(__ldg(seed.ptr)) : seed.value;
+}
 
 __device__ __forceinline__ uint4 mask_words(uint64_t seed, int64_t row, int64_t col, int64_t groups) {
   return philox4x32_10(seed, static_cast<uint64_t>(row) * static_cast<uint64_t>(groups) +

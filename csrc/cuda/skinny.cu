@@ -32,7 +32,7 @@ struct Params {
   void* partial;  // Acc [gridDim.z][I][R] when gridDim.z > 1
   int64_t I, R, L, l_per_split;
   double scale;
-  const int64_t* seed;
+  Seed seed;
   uint32_t threshold;
   double keep_scale;
   int64_t groups;
