@@ -51,7 +51,9 @@ def _launch_points() -> list[tuple[type, str]]:
     """
     from triton.runtime.jit import JITFunction
 
-    points = [(JITFunction, "run")]
+    from lora_kernels._triton_launch import Direct
+
+    points = [(JITFunction, "run"), (Direct, "__call__")]
     try:
         from triton.runtime.interpreter import GridExecutor, InterpretedFunction
     except ImportError:
@@ -80,18 +82,25 @@ class LaunchCounter(TorchDispatchMode):
         self.triton, self.torch = [], []
 
     def __enter__(self):
+        from lora_kernels._triton_launch import Direct
+
         counter = self
         for cls, method in _launch_points():
             self._saved.append((cls, method, cls.__dict__.get(method)))
 
-            def run(fn_self, *args, _original=getattr(cls, method), **kwargs):
+            def run(fn_self, *args, _original=getattr(cls, method), _direct=cls is Direct, **kwargs):
                 if kwargs.get("warmup"):  # a compile-only call, not a launch
                     return _original(fn_self, *args, **kwargs)
                 fn = getattr(fn_self, "fn", None)
                 name = getattr(fn_self, "__name__", None) or getattr(fn, "__name__", None) or "?"
+                if _direct and not counter.suppress:  # counted only where it launches (else JITFunction.run does)
+                    launched = _original(fn_self, *args, **kwargs)
+                    if launched:
+                        counter.triton.append(name)
+                    return launched
                 counter.triton.append(name)
                 if counter.suppress:
-                    return None
+                    return True if _direct else None
                 counter._depth += 1
                 try:
                     return _original(fn_self, *args, **kwargs)
@@ -133,6 +142,90 @@ class LaunchCounter(TorchDispatchMode):
 def counting(suppress: bool = False, torch_ops: bool = True) -> Iterator[LaunchCounter]:
     with LaunchCounter(suppress, torch_ops) as c:
         yield c
+
+
+class StandInKernel:
+    """What a compiled kernel offers its callers (``run``, ``function``, ``packed_metadata``,
+    ``launch_metadata``), without a GPU: ``run`` records its arguments in ``calls`` and launches nothing."""
+
+    calls: list = []  # (stand-in, run's positional arguments) of every launch
+    compiled: list = []  # every stand-in made (one per compile)
+
+    def __init__(self, src) -> None:
+        self.name = getattr(getattr(src, "fn", None), "__name__", "?")
+        self.src, self.function, self.packed_metadata = src, 0, None
+        StandInKernel.compiled.append(self)
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        StandInKernel.calls.append((self, args))
+
+
+class _StandInDriver:
+    """The few calls of Triton's active driver that binding and dispatch make, for an sm_90 target."""
+
+    device = 0  # the current device (a test may change it)
+
+    def get_current_device(self) -> int:
+        return self.device
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+# The kernels of triton_ops a LoRALinear's forward and backward launch.
+_LAYER_KERNELS = ("_lora_forward_kernel", "_lora_shrink_kernel", "_lora_backward_kernel", "_lora_g_kernel",
+                  "_reduce_runs_kernel")
+
+
+@contextlib.contextmanager
+def jit_on_cpu() -> Iterator[list]:
+    """The layer's Triton kernels as real ``JITFunction``s over a stand-in driver, on CPU tensors.
+
+    Triton's own launch path (the autotuner's dispatch, ``JITFunction.run``: binding, the
+    specialization key, the cache lookup) and the package's direct launches run as on a GPU; only
+    compiling (each kernel is a :class:`StandInKernel`) and the driver's launch are left out.
+    Yields ``StandInKernel.calls``: the launcher calls, as ``(stand-in kernel, arguments)``. Needs
+    ``TRITON_INTERPRET=1`` (the package's CPU set-up) and a Triton with knobs (3.4+).
+    """
+    import triton.compiler
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from lora_kernels import triton_ops
+
+    saved_kernels = {name: getattr(triton_ops, name) for name in _LAYER_KERNELS}
+    saved_driver, saved_compile = dict(driver.__dict__), triton.compiler.compile
+    triton.compiler.compile = lambda src, *args, **kwargs: StandInKernel(src)
+    driver.set_active(_StandInDriver())
+    for name, kernel in saved_kernels.items():
+        setattr(triton_ops, name, JITFunction(getattr(kernel, "fn", kernel)))
+    triton_ops._autotuned.cache_clear()
+    triton_ops.clear_launch_caches()
+    StandInKernel.calls.clear()
+    StandInKernel.compiled.clear()
+    try:
+        yield StandInKernel.calls
+    finally:
+        for name, kernel in saved_kernels.items():
+            setattr(triton_ops, name, kernel)
+        triton_ops._autotuned.cache_clear()
+        triton_ops.clear_launch_caches()
+        triton.compiler.compile = saved_compile
+        driver.__dict__.clear()
+        driver.__dict__.update(saved_driver)
+        StandInKernel.calls.clear()
+        StandInKernel.compiled.clear()
 
 
 def make_layer(M: int, K: int, N: int, r: int, dropout: float, device: torch.device, dtype: torch.dtype):
@@ -301,6 +394,38 @@ def cuda_function_times(M: int, K: int, N: int, r: int, reps: int) -> Optional[d
         return {name: _module_times(f, x, dy, reps, (A, B)) for name, f in calls.items()}
 
 
+def _triton_launch_available() -> bool:
+    from lora_kernels import _triton_launch, triton_ops
+
+    return triton_ops.INTERPRET and _triton_launch._knobs is not None
+
+
+def jit_launch_times(M: int, K: int, N: int, r: int, reps: int, repeats: int) -> dict:
+    """CPU only: host µs of the layer (plan fused) with Triton's launch path run as on a GPU
+    (:func:`jit_on_cpu`), its launches through ``JITFunction.run`` against direct
+    (lora_kernels/_triton_launch.py); medians over ``repeats`` interleaved rounds of ``reps`` calls."""
+    from lora_kernels import _triton_launch
+
+    rows: dict = {}
+    saved = _triton_launch.DIRECT
+    try:
+        with jit_on_cpu() as calls:
+            for _ in range(repeats):
+                for p_drop in (0.0, 0.1):
+                    layer, x, dy = make_layer(M, K, N, r, p_drop, torch.device("cpu"), torch.float32)
+                    for how, direct in (("JITFunction.run", False), ("direct", True)):
+                        _triton_launch.DIRECT = direct
+                        t = host_times(layer, x, dy, reps, suppress=False, plan="fused")
+                        calls.clear()
+                        rows.setdefault((p_drop, how), []).append(t)
+    finally:
+        _triton_launch.DIRECT = saved
+    return {key: {"fwd": statistics.median(t["fwd"]["us"] for t in runs),
+                  "bwd": statistics.median(t["bwd"]["us"] for t in runs),
+                  "fwd_bwd": statistics.median(t["fwd"]["us"] + t["bwd"]["us"] for t in runs)}
+            for key, runs in rows.items()}
+
+
 def comparison(M: int, K: int, N: int, r: int, device, dtype, reps: int, repeats: int) -> dict:
     """Medians over ``repeats`` rounds (each a median of ``reps`` calls) of forward and forward+backward
     host µs: ours (plan "fused", launches as in :func:`host_times`), PEFT's layer, a frozen nn.Linear."""
@@ -362,6 +487,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, t in cuda_rows.items():
             print(f"    {name:16} fwd {t['fwd']['us']:6.1f}  bwd {t['bwd']['us']:6.1f}"
                   f"  fwd+bwd {t['fwd']['us'] + t['bwd']['us']:6.1f}")
+    if not gpu and _triton_launch_available():
+        print(f"  Triton's launch path run as on a GPU (JIT functions over a stand-in driver; compiling and the "
+              f"driver's launch left out), plan fused, median of {args.repeats} rounds:")
+        for (p_drop, how), t in jit_launch_times(M, K, N, r, args.reps, args.repeats).items():
+            print(f"    p={p_drop:g} {how:16} fwd {t['fwd']:6.1f}  bwd {t['bwd']:6.1f}  fwd+bwd {t['fwd_bwd']:6.1f}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"In one process, median of {args.repeats} rounds (each a median of {args.reps} calls); "
           f"load average {load:.2f} on {os.cpu_count()} CPUs:")

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import device_seed, triton_interpreted
+from ._triton_launch import launch
 from .reference import dropout_threshold
 
 INTERPRET = triton_interpreted()
@@ -885,29 +886,6 @@ def _settings() -> tuple:
     return (FORWARD_PLAN, BACKWARD_PLAN, AUTOTUNE, USE_TMA, FLATTEN, FUSED_MAX_RANK)
 
 
-def _tuned_launch(kernel, plan, slot, grid, kwargs) -> None:
-    """``kernel[grid](**kwargs)`` for an autotuned ``kernel``.
-
-    NOTE: the autotuner's dispatch (its key rebuilt from every argument, the config's arguments
-    merged) costs more host time than a small layer's launch. Once it has chosen a config for a
-    cached ``plan`` (whose key fixes every shape, stride, dtype and flag the autotuner's key reads),
-    it is kept in ``plan[slot]`` and later calls run the config's pre-hook and the JIT function
-    directly, as the autotuner itself would. ``plan=None`` (a plan not cached), or an autotuner
-    without ``best_config`` or a ``fn.run``, always dispatches.
-    """
-    tuned = plan.get(slot) if plan is not None else None
-    if tuned is None:
-        kernel[grid](**kwargs)
-        best = getattr(kernel, "best_config", None)
-        if plan is not None and best is not None and callable(getattr(kernel.fn, "run", None)):
-            plan[slot] = (best, best.all_kwargs())
-        return
-    config, config_kwargs = tuned
-    if config.pre_hook is not None:
-        config.pre_hook({**kwargs, **config_kwargs})
-    kernel.fn.run(grid=grid, warmup=False, **kwargs, **config_kwargs)
-
-
 @functools.lru_cache(maxsize=None)
 def _placeholder(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A (1, 1, 1) tensor for a pointer operand a kernel variant never reads."""
@@ -958,13 +936,13 @@ def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale,
                 xa_ptr=xa if xa is not None else y, seed_ptr=_seed_arg(dropout_p, seed, x.device))
 
     def tma():
-        _tuned_launch(_autotuned("forward", True), cached, "tma", plan["grid_tma"], dict(
+        launch(_autotuned("forward", True), plan["grid_tma"], dict(
             args, x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y),
-            TMA=True, FLATTEN=plan["flatten"]))
+            TMA=True, FLATTEN=plan["flatten"]), cached, "tma")
 
     def pointer():
-        _tuned_launch(_autotuned("forward", False), cached, "pointer", plan["grid_pointer"], dict(
-            args, x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False))
+        launch(_autotuned("forward", False), plan["grid_pointer"], dict(
+            args, x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False), cached, "pointer")
 
     _launch("forward", (x, w, y), tma, pointer)
     return y
@@ -1000,8 +978,8 @@ def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
     if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
         block_k, launch["num_stages"] = block_k // 2, 2
     span, splits = _split_shape(M, K, block_m, block_k, x.device)
-    return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), span=span, args=dict(
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+    return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), args=dict(
+        M=M, K=K, R=R, span=span, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_ps=M * R, stride_pm=R, stride_pr=1,
         threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(K, 4), DROPOUT=dropout_p > 0.0,
         **_dtype_flags(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch))
@@ -1040,10 +1018,9 @@ def _shrink_partials(x, lora_A, dropout_p, seed, plan=None):
         if plan is not None:
             plan["shrink"] = shrink
     part = torch.empty(shrink["part_shape"], device=x.device, dtype=_acc_dtype(x.dtype))
-    _lora_shrink_kernel[shrink["grid"]](
-        x, lora_A, part, M, K, R, shrink["span"],
-        seed_ptr=_seed_arg(dropout_p, seed, x.device), **shrink["args"],
-    )
+    launch(_lora_shrink_kernel, shrink["grid"], dict(
+        shrink["args"], x_ptr=x, a_ptr=lora_A, part_ptr=part, seed_ptr=_seed_arg(dropout_p, seed, x.device),
+    ), shrink if plan is not None else None, "launch")
     return part
 
 
@@ -1095,9 +1072,9 @@ def _g_pass_plan(dy, lora_B) -> dict:
 def _g_pass(dy, lora_B, plan=None):
     """fp32 partials (S, M, R) of ``dy B`` over S splits of N: the first launch of the "g_pass"
     backward. S = 1 unless the row blocks alone cannot fill the GPU (as the forward's shrink)."""
-    plan = plan or _g_pass_plan(dy, lora_B)
+    cached, plan = plan, plan or _g_pass_plan(dy, lora_B)
     part = torch.empty(plan["part_shape"], device=dy.device, dtype=_acc_dtype(dy.dtype))
-    _lora_g_kernel[plan["grid"]](dy, lora_B, part, **plan["args"])
+    launch(_lora_g_kernel, plan["grid"], dict(plan["args"], dy_ptr=dy, b_ptr=lora_B, part_ptr=part), cached, "launch")
     return part
 
 
@@ -1156,12 +1133,12 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
     def tma():
         descs = (dict(w_desc=_descriptor(weight), dx_desc=_descriptor(grad_x)) if need_grad_x
                  else dict(w_desc=None, dx_desc=None))
-        _tuned_launch(_autotuned("backward", True), plan, "tma", plan["grid"], dict(
-            args, dy_ptr=dy, dy_desc=_descriptor(dy), w_ptr=weight, TMA=True, **descs))
+        launch(_autotuned("backward", True), plan["grid"], dict(
+            args, dy_ptr=dy, dy_desc=_descriptor(dy), w_ptr=weight, TMA=True, **descs), plan, "tma")
 
     def pointer():
-        _tuned_launch(_autotuned("backward", False), plan, "pointer", plan["grid"], dict(
-            args, dy_ptr=dy, dy_desc=None, w_ptr=weight, w_desc=None, dx_desc=None, TMA=False))
+        launch(_autotuned("backward", False), plan["grid"], dict(
+            args, dy_ptr=dy, dy_desc=None, w_ptr=weight, w_desc=None, dx_desc=None, TMA=False), plan, "pointer")
 
     _launch("backward", (dy, weight, grad_x) if need_grad_x else (dy,), tma, pointer)
     _reduce_partials(part, grad_A, grad_B, dropout_p, plan)
@@ -1173,8 +1150,10 @@ def _reduce_plan(runs: int, K: int, N: int, R: int, da_strides, db_strides, drop
     block_j, block_r = (32, 16) if INTERPRET else (128, 16)
     return dict(
         reduce_grid=(_cdiv(K + N, block_j), _cdiv(R, block_r)),
-        reduce_args=(runs, K, N, R, (K + N) * R, R, 1, *da_strides, *db_strides, _inv_keep(dropout_p)),
-        reduce_kwargs=dict(ACC_DTYPE=_dtype_flags(dtype)["ACC_DTYPE"], BLOCK_J=block_j, BLOCK_R=block_r),
+        reduce_args=dict(runs=runs, K=K, N=N, R=R, stride_ps=(K + N) * R, stride_pj=R, stride_pr=1,
+                         stride_ar=da_strides[0], stride_ak=da_strides[1], stride_bn=db_strides[0],
+                         stride_br=db_strides[1], inv_keep=_inv_keep(dropout_p),
+                         ACC_DTYPE=_dtype_flags(dtype)["ACC_DTYPE"], BLOCK_J=block_j, BLOCK_R=block_r),
     )
 
 
@@ -1182,11 +1161,13 @@ def _reduce_partials(part, grad_A, grad_B, dropout_p, plan=None):
     """The backward's last launch: ``dA``, ``dB`` from the per-run partials (runs, K + N, R), in run order.
 
     ``plan``: the caller's cached launch plan holding the reduction's (see :func:`_reduce_plan`)."""
+    cached = plan
     if plan is None:
         runs, KN, R = part.shape
         K = grad_A.shape[1]
         plan = _reduce_plan(runs, K, KN - K, R, grad_A.stride(), grad_B.stride(), dropout_p, part.dtype)
-    _reduce_runs_kernel[plan["reduce_grid"]](part, grad_A, grad_B, *plan["reduce_args"], **plan["reduce_kwargs"])
+    launch(_reduce_runs_kernel, plan["reduce_grid"], dict(plan["reduce_args"], part_ptr=part, da_ptr=grad_A,
+                                                          db_ptr=grad_B), cached, "reduce")
 
 
 def lora_merge_(weight, lora_A, lora_B, scaling):
