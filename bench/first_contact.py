@@ -286,22 +286,28 @@ def check_single(backend: str, family: str, shape, dtype) -> dict[str, float]:
     need_dx = family != "backward no-dx"
     forward_plan = {"forward fused": "fused", "forward two_pass": "two_pass"}.get(family)
     backward_plan = {"backward fused": "fused", "backward g_pass": "g_pass"}.get(family)
-    xg, ag, bg = x.clone().requires_grad_(train and need_dx), a.clone().requires_grad_(train), \
-        bb.clone().requires_grad_(train)
-    plans = triton_plans(forward_plan, backward_plan) if backend == "triton" else contextlib.nullcontext()
-    with plans, poisoned():
-        y = lk.lora_linear(xg, w, b, ag, bg, s, dropout_p=p, backend=backend, seed=seed)
-        if train:
-            y.backward(dy)
-    sync()
     x64, a64, b64 = (_d64(t).requires_grad_(train) for t in (x, a, bb))
     y64 = reference.lora_linear_reference(x64, _d64(w), _d64(b), a64, b64, s, p, seed)
-    err = {"y": relative_error(y, y64)}
     if train:
         y64.backward(_d64(dy))
-        err["dA"], err["dB"] = relative_error(ag.grad, a64.grad), relative_error(bg.grad, b64.grad)
-        if need_dx:
-            err["dx"] = relative_error(xg.grad, x64.grad)
+    err: dict[str, float] = {}
+    # NOTE: twice: the first call compiles and plans, the second launches from the cached plan
+    # (Triton: straight to the compiled kernel's launcher); the worse error of the two counts.
+    for _ in range(2):
+        xg, ag, bg = x.clone().requires_grad_(train and need_dx), a.clone().requires_grad_(train), \
+            bb.clone().requires_grad_(train)
+        plans = triton_plans(forward_plan, backward_plan) if backend == "triton" else contextlib.nullcontext()
+        with plans, poisoned():
+            y = lk.lora_linear(xg, w, b, ag, bg, s, dropout_p=p, backend=backend, seed=seed)
+            if train:
+                y.backward(dy)
+        sync()
+        now = {"y": relative_error(y, y64)}
+        if train:
+            now["dA"], now["dB"] = relative_error(ag.grad, a64.grad), relative_error(bg.grad, b64.grad)
+            if need_dx:
+                now["dx"] = relative_error(xg.grad, x64.grad)
+        err = {k: max(v, err.get(k, 0.0)) for k, v in now.items()}
     return err
 
 

@@ -11,6 +11,11 @@ launcher's argument building and the autotuner's dispatch; Triton's own launcher
 (argument binding, cache lookup, driver call) is not in it. Torch kernels on the
 path (a seed draw, a partial sum) are counted with a dispatch mode. The shapes are
 tiny: the times are host time, not GPU time.
+
+Without a GPU it also runs the layer's kernels as real ``JITFunction``s over a stand-in
+driver (:func:`jit_on_cpu`), so that Triton's launch path (binding, specialization key,
+cache lookup) is timed as on a GPU, through ``JITFunction.run`` and with the plans' direct
+launches (lora_kernels/_triton_launch.py); only compiling and the C launcher are left out.
 """
 
 from __future__ import annotations
@@ -428,7 +433,8 @@ def jit_launch_times(M: int, K: int, N: int, r: int, reps: int, repeats: int) ->
 
 def comparison(M: int, K: int, N: int, r: int, device, dtype, reps: int, repeats: int) -> dict:
     """Medians over ``repeats`` rounds (each a median of ``reps`` calls) of forward and forward+backward
-    host µs: ours (plan "fused", launches as in :func:`host_times`), PEFT's layer, a frozen nn.Linear."""
+    host µs: ours (plan "fused", launches as in :func:`host_times`), PEFT's layer, a frozen nn.Linear;
+    on the CPU also ours at p=0 with Triton's launch path (:func:`jit_on_cpu`, direct launches)."""
     rows: dict = {"nn.Linear (frozen)": [], "PEFT lora.Linear": [], "lora_kernels p=0": [], "lora_kernels p=0.1": []}
     for _ in range(repeats):
         fr = frozen_times(M, K, N, device, dtype, reps)
@@ -442,6 +448,14 @@ def comparison(M: int, K: int, N: int, r: int, device, dtype, reps: int, repeats
             _clear(layer, x)
             rows[f"lora_kernels p={p_drop:g}"].append(
                 host_times(layer, x, dy, reps, suppress=not torch.cuda.is_available(), plan="fused"))
+        if not torch.cuda.is_available() and _triton_launch_available():
+            with jit_on_cpu() as calls:  # the same layer with Triton's launch path, as on a GPU
+                layer, x, dy = make_layer(M, K, N, r, 0.0, device, dtype)
+                layer(x).backward(dy)  # warm
+                _clear(layer, x)
+                rows.setdefault("ours p=0 + Triton launch", []).append(
+                    host_times(layer, x, dy, reps, suppress=False, plan="fused"))
+                calls.clear()
     out = {}
     for name, runs in rows.items():
         if runs:
@@ -471,6 +485,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     fr = frozen_times(M, K, N, device, dtype, args.reps)
     print(f"  frozen nn.Linear: fwd {fr['fwd']['us']:.1f}  bwd {fr['bwd']['us']:.1f}"
           + ("" if gpu else "  (computes its tiny GEMM on the CPU)"))
+    layer, x, dy = make_layer(M, K, N, r, 0.0, device, dtype)
+    host_times(layer, x, dy, args.reps, suppress=not args.real)  # NOTE: a first round runs slow: not shown
     for p_drop in (0.0, 0.1):
         for plan in ("fused", "two_pass"):
             layer, x, dy = make_layer(M, K, N, r, p_drop, device, dtype)
@@ -503,6 +519,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if ours and lin:
         print(f"  ours / nn.Linear: {ours / lin:.2f}x (target <= 3)"
               + (f"; ours / PEFT: {ours / peft:.2f}x (target <= 1)" if peft else "; PEFT not installed"))
+    with_launch = table.get("ours p=0 + Triton launch", {}).get("fwd_bwd")
+    if with_launch and lin:
+        print(f"  with Triton's launch path: / nn.Linear {with_launch / lin:.2f}x"
+              + (f"; / PEFT {with_launch / peft:.2f}x" if peft else ""))
     return 0
 
 
