@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import device_seed, triton_interpreted
+from ._runtime import device_seed, on_input_device, triton_interpreted
 from ._triton_launch import launch
 from .reference import dropout_threshold
 
@@ -985,6 +985,7 @@ def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
         **_dtype_flags(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch))
 
 
+@on_input_device
 def lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """``(y, xa)``: one fused launch, or the shrink kernel then the GEMM (see forward_plan)."""
     M, K = x.shape
@@ -1110,6 +1111,7 @@ def _backward_plan(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, need_g
     )
 
 
+@on_input_device
 def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
     """``(dx, dA, dB)`` as in reference.lora_backward: [the g pass (plan "g_pass"),] the backward
     kernel, then the reduction (see backward_plan)."""
@@ -1170,6 +1172,7 @@ def _reduce_partials(part, grad_A, grad_B, dropout_p, plan=None):
                                                           db_ptr=grad_B), cached, "reduce")
 
 
+@on_input_device
 def lora_merge_(weight, lora_A, lora_B, scaling):
     """``W0 += s·B A`` in place; the factors may be held in another float dtype than W0."""
     N, K = weight.shape

@@ -231,3 +231,32 @@ def test_direct_launches_on_gpu_match_the_reference(dtype):
             for out, ref in ((y, y64), (xs.grad, x64.grad), (As.grad, A64.grad), (Bs.grad, B64.grad)):
                 assert relative_error(out, ref) < TOLERANCE[dtype] * 4
         assert jit_runs[0] > 0 and jit_runs[2] == 0 and jit_runs[3] > 0 and jit_runs[4] == 0, jit_runs
+
+
+@pytest.mark.skipif(not ON_GPU or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_layer_on_another_gpu_than_the_current_one(backend):
+    """A layer on cuda:1 called while cuda:0 is current (as ``device_map="auto"`` leaves it) launches
+    on cuda:1: forward, gradients and merge against float64; the current device is left as it was."""
+    why = backends.unavailable_reason(backend, torch.device("cuda", 1))
+    if why:
+        pytest.skip(why)
+    dev = torch.device("cuda", 1)
+    M, K, N, r = 65, 96, 72, 8
+    x = torch.randn(M, K, device=dev, dtype=torch.float32)
+    weight = torch.randn(N, K, device=dev) / K**0.5
+    A, B = torch.randn(r, K, device=dev) / K**0.5, torch.randn(N, r, device=dev)
+    dy = torch.randn(M, N, device=dev)
+    with torch.cuda.device(0):
+        xs, As, Bs = (t.detach().requires_grad_(True) for t in (x, A, B))
+        y = lk.lora_linear(xs, weight, None, As, Bs, 0.5, dropout_p=0.1, backend=backend, seed=5)
+        y.backward(dy)
+        merged = weight.clone()
+        lk.merge_lora_(merged, A, B, 0.5, backend=backend)
+        assert torch.cuda.current_device() == 0
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    y64 = reference.lora_linear_reference(x64, weight.double(), None, A64, B64, 0.5, 0.1, 5)
+    y64.backward(dy.double())
+    for out, ref in ((y, y64), (xs.grad, x64.grad), (As.grad, A64.grad), (Bs.grad, B64.grad),
+                     (merged, weight.double() + 0.5 * B.double() @ A.double())):
+        assert relative_error(out, ref) < TOLERANCE[torch.float32]

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import triton_ops as single
+from .._runtime import on_input_device
 from ..triton_ops import (
     INTERPRET,
     _cdiv,
@@ -412,6 +413,7 @@ def sgmv_gemm(x, w, bias, l, u, adapter_ids, order, dropout_p=0.0, seed=0):
 # --------------------------------------------------------------------------- #
 
 
+@on_input_device
 def multi_lora_forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, order, seg, dropout_p, seed):
     """``(y, xa)``: the segmented shrink ``xa = s_i·(x ⊙ D) A_iᵀ``, then the GEMM with ``xa B_iᵀ`` fused."""
     inv_keep = 1.0 / (1.0 - dropout_p)
@@ -420,6 +422,7 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, or
     return y, xa
 
 
+@on_input_device
 def multi_lora_backward(
     grad_out, x, weight, lora_A, lora_B, scaling, xa, adapter_ids, order, seg, dropout_p, seed, need_grad_x
 ):

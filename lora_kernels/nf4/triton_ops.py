@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import triton_ops as t
+from .._runtime import on_input_device
 from ..triton_ops import _dot, _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _tile_coords
 from .reference import QuantWeight
 
@@ -297,6 +298,7 @@ def variant(M, K, N, R, dtype, dropout_p, backward: bool, device) -> str:
     return v
 
 
+@on_input_device
 def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """``(y, xa)``: W0 dequantised in the main loop of one fused launch (or after triton_ops' shrink
     kernel, triton_ops.forward_plan), or dequantised once and triton_ops' forward (:func:`variant`)."""
@@ -326,6 +328,7 @@ def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, s
     return y, xa
 
 
+@on_input_device
 def qlora_backward(grad_out, x, q: QuantWeight, lora_A, lora_B, xa, scaling, dropout_p, seed, need_grad_x):
     """``(dx, dA, dB)`` as in reference.qlora_backward: [the g pass,] the backward kernel, the reduction."""
     dy = grad_out
