@@ -150,6 +150,7 @@ def _direct(fn, grid, kwargs: dict, compiled):
         if isinstance(value, torch.Tensor) or descriptor:
             base = value.base if descriptor else value
             slots.append((index, name, base.dtype, base.data_ptr() % _ALIGN == 0, descriptor))
+            template[index] = None  # NOTE: the record must not keep the first call's tensors alive
         elif name in kwargs and kwargs[name] is not value:
             return None  # the binder converted an argument: replaying it is not the same call
     grid = grid(bound) if callable(grid) else grid

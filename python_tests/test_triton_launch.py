@@ -260,3 +260,21 @@ def test_layer_on_another_gpu_than_the_current_one(backend):
     for out, ref in ((y, y64), (xs.grad, x64.grad), (As.grad, A64.grad), (Bs.grad, B64.grad),
                      (merged, weight.double() + 0.5 * B.double() @ A.double())):
         assert relative_error(out, ref) < TOLERANCE[torch.float32]
+
+
+@on_cpu_harness
+def test_launch_records_keep_no_tensor_alive(jit_calls):
+    import gc
+    import weakref
+
+    x, weight, A, B, dy = _layer_inputs()
+    _step(x, weight, A, B, dy)
+    _step(x, weight, A, B, dy)
+    refs = [weakref.ref(t) for t in (x, dy)]
+    jit_calls.clear()
+    del x, dy
+    gc.collect()
+    assert all(r() is None for r in refs)  # the plans' records hold no input (nor any output)
+    records = [v for plan in triton_ops._PLANS.values() for v in plan.values()
+               if isinstance(v, _triton_launch.Launch) and v.direct is not None]
+    assert records and all(not isinstance(a, torch.Tensor) for rec in records for a in rec.direct.template)
