@@ -39,6 +39,7 @@ except ImportError:  # a Triton without knobs (< 3.4): no direct launches
 DIRECT = os.environ.get("LORA_KERNELS_DIRECT_LAUNCH", "1") != "0"
 
 _ALIGN = 16  # the pointer alignment Triton specializes on
+_ALIGN_MASK = _ALIGN - 1
 
 
 class Direct:
@@ -62,7 +63,7 @@ class Direct:
         for index, name, dtype, aligned, descriptor in self.slots:
             value = kwargs[name]
             base = value.base if descriptor else value
-            if base.dtype != dtype or (base.data_ptr() % _ALIGN == 0) != aligned:
+            if base.dtype is not dtype or (not base.data_ptr() & _ALIGN_MASK) is not aligned:
                 return False
             args[index] = value
         runtime = _knobs.runtime
