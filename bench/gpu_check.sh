@@ -13,8 +13,9 @@
 #       tokens, the e2e training step) while time remains. Files: summary.txt env.txt
 #       correctness.log headline.md bench.json build.log run.log.
 # tune  (<= 6 min; the second call): ncu on the forward and dx kernels at the headline shape
-#       against the cost model, compute-sanitizer memcheck on the CUDA kernels, the autotuner's
-#       choices. Files: summary.txt ncu.txt autotune.txt sanitizer.log bench.json build.log run.log.
+#       against the cost model, the layer's GPU work against its host time at 512 tokens
+#       (bench/host_overhead.py --real, into run.log), compute-sanitizer memcheck on the CUDA
+#       kernels, the autotuner's choices. Files: summary.txt ncu.txt autotune.txt sanitizer.log bench.json build.log run.log.
 # quick (~15 min on an H100 plus the build): build, the whole test suite, memcheck, the quick
 #       benchmark, the train step. full: also racecheck, the full grid, the multi-adapter benchmark.
 #
@@ -158,6 +159,11 @@ run_tune() {
   else
     echo "ncu: not run (${ncu:-not found}; dry run=$dry)" | tee -a "$out/ncu.txt" "$summary"
     stage ncu-target 60 $py ncu-target --out "$out"
+  fi
+  if [ "$dry" = 0 ]; then  # the layer's GPU work against its host time at 512 tokens (docs/benchmarks.md)
+    stage host 30 python bench/host_overhead.py --real --shape 512,4096,4096,16 --reps 50 --repeats 2
+  else
+    stage host 30 python bench/host_overhead.py --reps 20 --repeats 1
   fi
   local wait=$(( $(left) - 60 ))
   [ "$dry" = 1 ] && wait=600

@@ -2,6 +2,7 @@
 
     python bench/host_overhead.py                 # on the CPU: Triton launches replaced by no-ops
     python bench/host_overhead.py --real          # on a GPU: real launches, CPU-side timer
+    python bench/host_overhead.py --real --shape 512,4096,4096,16   # the issue's GPU-vs-host check
 
 Without a GPU, every Triton kernel launch (``JITFunction.run`` / the interpreter's
 ``InterpretedFunction.run``, which every ``kernel[grid](...)`` and every autotuner
@@ -399,6 +400,41 @@ def cuda_function_times(M: int, K: int, N: int, r: int, reps: int) -> Optional[d
         return {name: _module_times(f, x, dy, reps, (A, B)) for name, f in calls.items()}
 
 
+def gpu_times(layer, x, dy, steps: int = 10) -> dict:
+    """GPU only: µs per call of the GPU's own work (the kernels and copies the profiler saw on the
+    device, summed) and of the wall clock (CUDA events around ``steps`` back-to-back calls, which
+    is the larger of GPU and host time), for a forward and for a forward+backward."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def fwd():
+        layer(x)
+
+    def fwd_bwd():
+        layer(x).backward(dy)
+        _clear(layer, x)
+
+    out = {}
+    for name, call in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        for _ in range(3):  # warm: compile, tune, caches
+            call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                call()
+            torch.cuda.synchronize()
+        device_us = sum(e.time_range.elapsed_us() for e in prof.events()  # kernels, copies; no GPU-side ranges
+                        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            call()
+        end.record()
+        torch.cuda.synchronize()
+        out[name] = {"gpu": device_us / steps, "wall": start.elapsed_time(end) * 1e3 / steps}
+    return out
+
+
 def _triton_launch_available() -> bool:
     from lora_kernels import _triton_launch, triton_ops
 
@@ -497,6 +533,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"  launches fwd {len(n['fwd_triton'])} triton {n['fwd_torch'] or ''}"
                   f" bwd {len(n['bwd_triton'])} triton {n['bwd_torch'] or ''}")
             print(f"           fwd kernels: {', '.join(n['fwd_triton'])}; bwd kernels: {', '.join(n['bwd_triton'])}")
+    if args.real:
+        print("  GPU work against host time (plan chosen by the cost model; wall = CUDA events around "
+              "back-to-back calls):")
+        for p_drop in (0.0, 0.1):
+            layer, x, dy = make_layer(M, K, N, r, p_drop, device, dtype)
+            host = host_times(layer, x, dy, args.reps, suppress=False)
+            dev = gpu_times(layer, x, dy)
+            host_fb = host["fwd"]["us"] + host["bwd"]["us"]
+            print(f"    p={p_drop:g}: fwd GPU {dev['fwd']['gpu']:7.1f} host {host['fwd']['us']:7.1f} "
+                  f"wall {dev['fwd']['wall']:7.1f}; fwd+bwd GPU {dev['fwd_bwd']['gpu']:7.1f} host {host_fb:7.1f} "
+                  f"wall {dev['fwd_bwd']['wall']:7.1f}: "
+                  + ("GPU-bound (GPU >= host)" if dev["fwd_bwd"]["gpu"] >= host_fb else "host-bound (host > GPU)"))
     cuda_rows = None if gpu else cuda_function_times(M, K, N, r, args.reps)
     if cuda_rows:
         print("  the cuda backend below its checks, its two ops stubbed (allocation only), p=0:")
