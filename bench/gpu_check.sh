@@ -161,9 +161,9 @@ run_tune() {
     stage ncu-target 60 $py ncu-target --out "$out"
   fi
   if [ "$dry" = 0 ]; then  # the layer's GPU work against its host time at 512 tokens (docs/benchmarks.md)
-    stage host 30 python bench/host_overhead.py --real --shape 512,4096,4096,16 --reps 50 --repeats 2
+    stage host 40 python bench/host_overhead.py --real --shape 512,4096,4096,16 --reps 50 --repeats 2
   else
-    stage host 30 python bench/host_overhead.py --reps 20 --repeats 1
+    stage host 40 python bench/host_overhead.py --reps 20 --repeats 1
   fi
   local wait=$(( $(left) - 60 ))
   [ "$dry" = 1 ] && wait=600
