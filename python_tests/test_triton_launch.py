@@ -278,3 +278,13 @@ def test_launch_records_keep_no_tensor_alive(jit_calls):
     records = [v for plan in triton_ops._PLANS.values() for v in plan.values()
                if isinstance(v, _triton_launch.Launch) and v.direct is not None]
     assert records and all(not isinstance(a, torch.Tensor) for rec in records for a in rec.direct.template)
+
+
+@pytest.mark.skipif(not ON_GPU or bool(backends.unavailable_reason("triton", DEVICE)),
+                    reason="needs a CUDA GPU with the Triton backend")
+def test_host_overhead_gpu_times_see_the_kernels():
+    """bench/host_overhead.py --real's GPU work: the profiler's kernels, more for forward+backward."""
+    layer, x, dy = host_overhead.make_layer(256, 512, 384, 16, 0.1, DEVICE, torch.bfloat16)
+    t = host_overhead.gpu_times(layer, x, dy, steps=3)
+    assert 0 < t["fwd"]["gpu"] < t["fwd_bwd"]["gpu"]
+    assert t["fwd"]["wall"] > 0 and t["fwd_bwd"]["wall"] > 0
