@@ -9,7 +9,7 @@ exit_hook, *bound_args)``. An autotuned kernel first rebuilds its key from the a
 merges the chosen config's. For a launch of a cached plan, whose key fixes every shape, stride,
 dtype, scalar and flag of the call, all of that comes out the same on every call but the tensors.
 
-:func:`launch` keeps, in the plan, what its first launch found (:class:`Launch`: the chosen
+:func:`planned_launch` keeps, in the plan, what its first launch found (:class:`Launch`: the chosen
 config; :class:`Direct`: the compiled kernel, the bound arguments with the tensors' slots, the
 grid, the device) and from then on checks only what the plan's key does not fix (each tensor's
 dtype and alignment, the current device, Triton's hooks), puts the tensors in and calls the
@@ -38,8 +38,7 @@ except ImportError:  # a Triton without knobs (< 3.4): no direct launches
 # LORA_KERNELS_DIRECT_LAUNCH=0 sends every launch through JITFunction.run (read per call).
 DIRECT = os.environ.get("LORA_KERNELS_DIRECT_LAUNCH", "1") != "0"
 
-_ALIGN = 16  # the pointer alignment Triton specializes on
-_ALIGN_MASK = _ALIGN - 1
+_ALIGN_MASK = 16 - 1  # Triton specializes each pointer on its 16-byte alignment
 
 
 class Direct:
@@ -92,17 +91,17 @@ class Launch:
     def __call__(self, kwargs: dict) -> None:
         if self.pre_hook is not None:  # sets the tensor descriptors' block shapes for the config
             self.pre_hook({**kwargs, **self.config_kwargs})
-        if not DIRECT:
-            self.fn[self.grid](**kwargs, **self.config_kwargs)
-        elif self.direct is None or not self.direct(kwargs):
+        direct = self.direct if DIRECT else None
+        if direct is not None and direct(kwargs):
+            return
+        compiled = self.fn[self.grid](**kwargs, **self.config_kwargs)
+        if direct is not None:
             # NOTE: a refused direct launch (another alignment, device or a hook) is made again from
             # this call, so that a plan whose first call was the odd one out does not stay slow.
-            compiled = self.fn[self.grid](**kwargs, **self.config_kwargs)
-            if self.direct is not None:
-                self.direct = _direct(self.fn, self.grid, {**kwargs, **self.config_kwargs}, compiled)
+            self.direct = _direct(self.fn, self.grid, {**kwargs, **self.config_kwargs}, compiled)
 
 
-def launch(kernel, grid, kwargs: dict, plan=None, slot=None) -> None:
+def planned_launch(kernel, grid, kwargs: dict, plan=None, slot=None) -> None:
     """``kernel[grid](**kwargs)`` for a JIT function or an autotuner over one.
 
     ``plan``: the call's cached launch plan (a dict whose key fixes every non-tensor argument in
@@ -150,7 +149,7 @@ def _direct(fn, grid, kwargs: dict, compiled):
         descriptor = isinstance(getattr(value, "base", None), torch.Tensor) and hasattr(value, "block_shape")
         if isinstance(value, torch.Tensor) or descriptor:
             base = value.base if descriptor else value
-            slots.append((index, name, base.dtype, base.data_ptr() % _ALIGN == 0, descriptor))
+            slots.append((index, name, base.dtype, not base.data_ptr() & _ALIGN_MASK, descriptor))
             template[index] = None  # NOTE: the record must not keep the first call's tensors alive
         elif name in kwargs and kwargs[name] is not value:
             return None  # the binder converted an argument: replaying it is not the same call

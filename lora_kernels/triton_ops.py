@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import device_seed, on_input_device, triton_interpreted
-from ._triton_launch import launch
+from ._triton_launch import planned_launch
 from .reference import dropout_threshold
 
 INTERPRET = triton_interpreted()
@@ -936,12 +936,12 @@ def _forward_gemm(x, w, bias, y, xa, *, lora_A=None, partials=None, b, xa_scale,
                 xa_ptr=xa if xa is not None else y, seed_ptr=_seed_arg(dropout_p, seed, x.device))
 
     def tma():
-        launch(_autotuned("forward", True), plan["grid_tma"], dict(
+        planned_launch(_autotuned("forward", True), plan["grid_tma"], dict(
             args, x_ptr=x, x_desc=_descriptor(x), w_ptr=w, w_desc=_descriptor(w), y_desc=_descriptor(y),
             TMA=True, FLATTEN=plan["flatten"]), cached, "tma")
 
     def pointer():
-        launch(_autotuned("forward", False), plan["grid_pointer"], dict(
+        planned_launch(_autotuned("forward", False), plan["grid_pointer"], dict(
             args, x_ptr=x, x_desc=None, w_ptr=w, w_desc=None, y_desc=None, TMA=False, FLATTEN=False), cached, "pointer")
 
     _launch("forward", (x, w, y), tma, pointer)
@@ -979,7 +979,8 @@ def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
         block_k, launch["num_stages"] = block_k // 2, 2
     span, splits = _split_shape(M, K, block_m, block_k, x.device)
     return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), args=dict(
-        M=M, K=K, R=R, span=span, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+        M=M, K=K, R=R, span=span, stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_ps=M * R, stride_pm=R, stride_pr=1,
         threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(K, 4), DROPOUT=dropout_p > 0.0,
         **_dtype_flags(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch))
@@ -1019,7 +1020,7 @@ def _shrink_partials(x, lora_A, dropout_p, seed, plan=None):
         if plan is not None:
             plan["shrink"] = shrink
     part = torch.empty(shrink["part_shape"], device=x.device, dtype=_acc_dtype(x.dtype))
-    launch(_lora_shrink_kernel, shrink["grid"], dict(
+    planned_launch(_lora_shrink_kernel, shrink["grid"], dict(
         shrink["args"], x_ptr=x, a_ptr=lora_A, part_ptr=part, seed_ptr=_seed_arg(dropout_p, seed, x.device),
     ), shrink if plan is not None else None, "launch")
     return part
@@ -1075,7 +1076,8 @@ def _g_pass(dy, lora_B, plan=None):
     backward. S = 1 unless the row blocks alone cannot fill the GPU (as the forward's shrink)."""
     cached, plan = plan, plan or _g_pass_plan(dy, lora_B)
     part = torch.empty(plan["part_shape"], device=dy.device, dtype=_acc_dtype(dy.dtype))
-    launch(_lora_g_kernel, plan["grid"], dict(plan["args"], dy_ptr=dy, b_ptr=lora_B, part_ptr=part), cached, "launch")
+    planned_launch(_lora_g_kernel, plan["grid"], dict(plan["args"], dy_ptr=dy, b_ptr=lora_B, part_ptr=part),
+                   cached, "launch")
     return part
 
 
@@ -1135,11 +1137,11 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
     def tma():
         descs = (dict(w_desc=_descriptor(weight), dx_desc=_descriptor(grad_x)) if need_grad_x
                  else dict(w_desc=None, dx_desc=None))
-        launch(_autotuned("backward", True), plan["grid"], dict(
+        planned_launch(_autotuned("backward", True), plan["grid"], dict(
             args, dy_ptr=dy, dy_desc=_descriptor(dy), w_ptr=weight, TMA=True, **descs), plan, "tma")
 
     def pointer():
-        launch(_autotuned("backward", False), plan["grid"], dict(
+        planned_launch(_autotuned("backward", False), plan["grid"], dict(
             args, dy_ptr=dy, dy_desc=None, w_ptr=weight, w_desc=None, dx_desc=None, TMA=False), plan, "pointer")
 
     _launch("backward", (dy, weight, grad_x) if need_grad_x else (dy,), tma, pointer)
@@ -1168,8 +1170,8 @@ def _reduce_partials(part, grad_A, grad_B, dropout_p, plan=None):
         runs, KN, R = part.shape
         K = grad_A.shape[1]
         plan = _reduce_plan(runs, K, KN - K, R, grad_A.stride(), grad_B.stride(), dropout_p, part.dtype)
-    launch(_reduce_runs_kernel, plan["reduce_grid"], dict(plan["reduce_args"], part_ptr=part, da_ptr=grad_A,
-                                                          db_ptr=grad_B), cached, "reduce")
+    planned_launch(_reduce_runs_kernel, plan["reduce_grid"],
+                   dict(plan["reduce_args"], part_ptr=part, da_ptr=grad_A, db_ptr=grad_B), cached, "reduce")
 
 
 @on_input_device
