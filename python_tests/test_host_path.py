@@ -96,9 +96,11 @@ def test_triton_settings_change_takes_a_new_plan(monkeypatch):
 
     triton_ops.clear_launch_caches()
     shrinks = []
-    original = triton_ops._lora_shrink_kernel.run
-    monkeypatch.setattr(triton_ops._lora_shrink_kernel, "run",
-                        lambda *a, **k: (shrinks.append(1), original(*a, **k))[1])
+    kernel = triton_ops._lora_shrink_kernel
+    original = kernel.run
+    # NOTE: in the instance's __dict__, so that undoing it removes it (setattr would leave the bound
+    # method there, and later tests that patch the class would not see this kernel's launches)
+    monkeypatch.setitem(vars(kernel), "run", lambda *a, **k: (shrinks.append(1), original(*a, **k))[1])
     inputs = _inputs(9, 40, 24, 4)
     monkeypatch.setattr(triton_ops, "FORWARD_PLAN", "fused")
     _check_against_reference(*inputs, "triton", p=0.25, seed=7)
