@@ -71,15 +71,25 @@ def _step(model, x):
     return [y.detach(), x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
 
 
+@pytest.fixture
+def inductor_fallback_random():
+    """inductor draws random numbers with aten's generator while the test runs.
+
+    NOTE: the config's own scoped patch, not monkeypatch: pytest >= 9.2 restores an attribute from
+    the target's ``__dict__``, and torch's config modules keep their settings elsewhere, so its undo
+    deleted the setting and every later torch.compile in the session failed."""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fullgraph_compile_equals_eager(backend, dropout, monkeypatch):
+def test_fullgraph_compile_equals_eager(backend, dropout, monkeypatch, inductor_fallback_random):
     # NOTE: on a GPU, eager calls take their dropout seeds from the generator's state on the host and
     # compiled graphs draw them on the device (inductor with its own random numbers, unless
     # fallback_random): for one mask in both, eager draws as the graph does (LORA_KERNELS_HOST_SEEDS=0)
     # and inductor falls back to aten's randint.
     monkeypatch.setattr(functional, "HOST_SEEDS", False)
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     torch._dynamo.reset()
     model = _Tiny(dropout, backend)
     compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
