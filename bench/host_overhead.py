@@ -150,88 +150,21 @@ def counting(suppress: bool = False, torch_ops: bool = True) -> Iterator[LaunchC
         yield c
 
 
-class StandInKernel:
-    """What a compiled kernel offers its callers (``run``, ``function``, ``packed_metadata``,
-    ``launch_metadata``), without a GPU: ``run`` records its arguments in ``calls`` and launches nothing."""
-
-    calls: list = []  # (stand-in, run's positional arguments) of every launch
-    compiled: list = []  # every stand-in made (one per compile)
-
-    def __init__(self, src) -> None:
-        self.name = getattr(getattr(src, "fn", None), "__name__", "?")
-        self.src, self.function, self.packed_metadata = src, 0, None
-        StandInKernel.compiled.append(self)
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, *args):
-        StandInKernel.calls.append((self, args))
-
-
-class _StandInDriver:
-    """The few calls of Triton's active driver that binding and dispatch make, for an sm_90 target."""
-
-    device = 0  # the current device (a test may change it)
-
-    def get_current_device(self) -> int:
-        return self.device
-
-    def get_current_stream(self, device: int) -> int:
-        return 0
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-
-# The kernels of triton_ops a LoRALinear's forward and backward launch.
-_LAYER_KERNELS = ("_lora_forward_kernel", "_lora_shrink_kernel", "_lora_backward_kernel", "_lora_g_kernel",
-                  "_reduce_runs_kernel")
-
-
 @contextlib.contextmanager
 def jit_on_cpu() -> Iterator[list]:
-    """The layer's Triton kernels as real ``JITFunction``s over a stand-in driver, on CPU tensors.
+    """The package's Triton kernels as real ``JITFunction``s over a stand-in sm_90 driver, on CPU
+    tensors (:func:`lora_kernels._emulate.stand_in_triton`), with the interpreter's launch decisions.
 
     Triton's own launch path (the autotuner's dispatch, ``JITFunction.run``: binding, the
     specialization key, the cache lookup) and the package's direct launches run as on a GPU; only
-    compiling (each kernel is a :class:`StandInKernel`) and the driver's launch are left out.
-    Yields ``StandInKernel.calls``: the launcher calls, as ``(stand-in kernel, arguments)``. Needs
-    ``TRITON_INTERPRET=1`` (the package's CPU set-up) and a Triton with knobs (3.4+).
+    compiling (each kernel is a stand-in) and the driver's launch are left out: nothing executes.
+    Yields the launcher calls, as ``(stand-in kernel, arguments)``. Needs ``TRITON_INTERPRET=1``
+    (the package's CPU set-up) and a Triton with knobs (3.4+).
     """
-    import triton.compiler
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
+    from lora_kernels import _emulate
 
-    from lora_kernels import triton_ops
-
-    saved_kernels = {name: getattr(triton_ops, name) for name in _LAYER_KERNELS}
-    saved_driver, saved_compile = dict(driver.__dict__), triton.compiler.compile
-    triton.compiler.compile = lambda src, *args, **kwargs: StandInKernel(src)
-    driver.set_active(_StandInDriver())
-    for name, kernel in saved_kernels.items():
-        setattr(triton_ops, name, JITFunction(getattr(kernel, "fn", kernel)))
-    triton_ops._autotuned.cache_clear()
-    triton_ops.clear_launch_caches()
-    StandInKernel.calls.clear()
-    StandInKernel.compiled.clear()
-    try:
-        yield StandInKernel.calls
-    finally:
-        for name, kernel in saved_kernels.items():
-            setattr(triton_ops, name, kernel)
-        triton_ops._autotuned.cache_clear()
-        triton_ops.clear_launch_caches()
-        triton.compiler.compile = saved_compile
-        driver.__dict__.clear()
-        driver.__dict__.update(saved_driver)
-        StandInKernel.calls.clear()
-        StandInKernel.compiled.clear()
+    with _emulate.stand_in_triton(90, execute=False) as record:
+        yield record.calls
 
 
 def make_layer(M: int, K: int, N: int, r: int, dropout: float, device: torch.device, dtype: torch.dtype):

@@ -38,6 +38,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from ._runtime import emulated_target
+
 FORWARD_PLANS = ("fused", "two_pass")
 # Every plan predict() knows: ours ("auto" is the forward plan choose_forward_plan picks), the frozen
 # layer (the floor) and the peers.
@@ -104,11 +106,15 @@ def _cuda_spec(index: int) -> DeviceSpec:
 
 def device_spec(device=None) -> DeviceSpec:
     """Numbers for ``device`` (a ``torch.device``, a string, a :class:`DeviceSpec`, or None):
-    a CUDA device's by its name (cached per device); anything else gets the H100's."""
+    a CUDA device's by its name (cached per device), an emulated target's chip while one is set
+    (lora_kernels._runtime); anything else gets the H100's."""
     if isinstance(device, DeviceSpec):
         return device
     if isinstance(device, str) and device in DEVICES:
         return DEVICES[device]
+    emulated = emulated_target()
+    if emulated is not None:  # an emulated GPU target decides as its chip would
+        return replace(spec_for(emulated.name, emulated.capability), sms=emulated.sms)
     if device is not None:
         device = torch.device(device)
         if device.type == "cuda" and torch.cuda.is_available():
@@ -445,11 +451,12 @@ def choose_forward_plan(M: int, K: int, N: int, r: int, dtype: torch.dtype, drop
     (H100 numbers on a CPU or an unknown device). Cheap: cached on its arguments."""
     if _FORCED_PLAN is not None:
         return _FORCED_PLAN
-    return _choose_cached(M, K, N, r, dtype, float(dropout_p), device)
+    return _choose_cached(M, K, N, r, dtype, float(dropout_p), device, emulated_target())
 
 
+# NOTE: the emulated target (or None) is part of each cached choice's key: device_spec reads it.
 @functools.lru_cache(maxsize=4096)
-def _choose_cached(M, K, N, r, dtype, dropout_p, device) -> str:
+def _choose_cached(M, K, N, r, dtype, dropout_p, device, emulated=None) -> str:
     return _choose(_shape(max(M, 1), K, N, r, dtype, dropout_p, DEFAULT_TILING), device_spec(device), dtype)
 
 
@@ -457,11 +464,11 @@ def choose_backward_plan(M: int, K: int, N: int, r: int, dtype: torch.dtype, dro
                          need_grad_x: bool = True, device=None) -> str:
     """``"fused"`` or ``"g_pass"``: the backward plan the model predicts faster on ``device``
     (always ``"fused"`` without ``need_grad_x``). Cheap: cached on its arguments."""
-    return _choose_backward_cached(M, K, N, r, dtype, float(dropout_p), bool(need_grad_x), device)
+    return _choose_backward_cached(M, K, N, r, dtype, float(dropout_p), bool(need_grad_x), device, emulated_target())
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_backward_cached(M, K, N, r, dtype, dropout_p, need_grad_x, device) -> str:
+def _choose_backward_cached(M, K, N, r, dtype, dropout_p, need_grad_x, device, emulated=None) -> str:
     s = _shape(max(M, 1), max(K, 1), max(N, 1), max(r, 1), dtype, dropout_p, DEFAULT_TILING)
     return _choose_backward(s, device_spec(device), dtype, need_grad_x)
 
@@ -544,11 +551,12 @@ def choose_qlora_variant(M: int, K: int, N: int, r: int, dtype: torch.dtype, dro
                          need_grad_x: bool = True, device=None) -> str:
     """``"fused"`` or ``"dequant"``: how the 4-bit launcher runs this forward (or backward), the faster
     by the model on ``device``. Cheap: cached on its arguments."""
-    return _choose_qlora_cached(M, K, N, r, dtype, float(dropout_p), bool(backward), bool(need_grad_x), device)
+    return _choose_qlora_cached(M, K, N, r, dtype, float(dropout_p), bool(backward), bool(need_grad_x), device,
+                                emulated_target())
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose_qlora_cached(M, K, N, r, dtype, dropout_p, backward, need_grad_x, device) -> str:
+def _choose_qlora_cached(M, K, N, r, dtype, dropout_p, backward, need_grad_x, device, emulated=None) -> str:
     s = _shape(max(M, 1), max(K, 1), max(N, 1), max(r, 1), dtype, dropout_p, DEFAULT_TILING)
     spec = device_spec(device)
     if not backward:

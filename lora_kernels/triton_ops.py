@@ -39,14 +39,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import device_seed, on_input_device, triton_interpreted
+from ._runtime import device_seed, emulated_target, on_input_device, target, triton_interpreted
 from ._triton_launch import planned_launch
 from .reference import dropout_threshold
 
+# Whether the kernels execute under Triton's CPU interpreter. NOTE: what a launch decides (configs,
+# pruning, TMA, block sizes, grids) comes from _runtime.target(device), so that an emulated GPU target
+# takes a GPU's decisions while the kernels still execute here.
 INTERPRET = triton_interpreted()
 # LORA_KERNELS_AUTOTUNE=0 runs the first fitting config of each GEMM instead of autotuning
 # (the GPU test suite does: it checks results, and compiles a third as much).
 AUTOTUNE = os.environ.get("LORA_KERNELS_AUTOTUNE", "1") != "0"
+# LORA_KERNELS_MAX_CONFIGS=N: each autotuner benchmarks at most the first N configs that survive
+# pruning (a short GPU check compiles fewer); 0 or unset: all of them.
+MAX_CONFIGS = int(os.environ.get("LORA_KERNELS_MAX_CONFIGS", "0") or 0)
 # NOTE: the interpreter truncates fp32 -> bf16 conversions (GPUs round to nearest even);
 # _round_to emulates the rounding there so results and merge/unmerge round trips match.
 _EMULATE_BF16_ROUNDING = tl.constexpr(INTERPRET)
@@ -548,10 +554,15 @@ _BACKWARD_SHAPES_POINTER = [(32, 32, 32, 3, 4), (32, 16, 32, 3, 8)]  # fp32 FMA 
 # backward tile (and 3.5 its 8-warp tile: the fallback steps over 16 columns of dY).
 
 
+def gpu_configs() -> bool:
+    """Whether the autotuners carry a GPU's config lists: compiled kernels, or an emulated target."""
+    return not INTERPRET or emulated_target() is not None
+
+
 def _gemm_configs(tma: bool = False):
     """The forward GEMM's autotuning configs (also the multi-adapter GEMM's)."""
     hook = dict(pre_hook=_set_tma_blocks) if tma else {}
-    if INTERPRET:
+    if not gpu_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, **hook)]
     shapes = _GEMM_SHAPES + ([] if tma else _GEMM_SHAPES_POINTER)
     return [
@@ -562,7 +573,7 @@ def _gemm_configs(tma: bool = False):
 
 def _backward_configs(tma: bool = False):
     hook = dict(pre_hook=_set_tma_blocks) if tma else {}
-    if INTERPRET:
+    if not gpu_configs():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, **hook)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w, **hook)
             for bm, bn, bk, s, w in _BACKWARD_SHAPES + ([] if tma else _BACKWARD_SHAPES_POINTER)]
@@ -582,19 +593,12 @@ def _set_tma_blocks(nargs):
         nargs["y_desc"].block_shape = [bm, bn]
 
 
-@functools.lru_cache(maxsize=None)
-def _device_properties(device: torch.device):
-    """(capability, SM count, shared memory per block) of a CUDA device, queried once."""
-    props = torch.cuda.get_device_properties(device)
-    return (props.major, props.minor), props.multi_processor_count, props.shared_memory_per_block_optin
-
-
 def _shared_memory_limit(device: torch.device) -> int:
-    return _device_properties(device)[2] if device.type == "cuda" else 1 << 30
+    return target(device).shared_memory_per_block
 
 
 def _num_sms(device: torch.device) -> int:
-    return 4 if INTERPRET or device.type != "cuda" else _device_properties(device)[1]
+    return target(device).sms
 
 
 def _stage_elements(cfg, backward: bool) -> int:
@@ -615,33 +619,40 @@ def config_key(kernel: str, arch: int, element_size: int, named_args: dict, cfg)
 
 def _target_arch(device: torch.device):
     """The architecture whose compile-check results apply: 90 (Hopper and newer), 80, or None."""
-    if INTERPRET or device.type != "cuda":
-        return None
-    return 90 if _capability(device)[0] >= 9 else 80
+    return target(device).arch
 
 
 def _prune(configs, named_args, backward, kernel=None):
+    """NOTE: ``named_args`` holds every argument, positional or keyword: Triton's ``Autotuner.run``
+    passes the positional ones as ``named_args`` and the keywords separately (the prune functions
+    below merge them), and our launches pass keywords only."""
     out = named_args.get("c_ptr", named_args.get("y_ptr", named_args.get("dy_ptr")))
+    if out is None:
+        raise TypeError(f"prune of {kernel or 'a GEMM'}: no output tensor (c_ptr, y_ptr or dy_ptr) among "
+                        f"its arguments {sorted(named_args)}")
     limit = _shared_memory_limit(out.device)
     arch = _target_arch(out.device) if kernel else None
     fitting = [cfg for cfg in configs
                if cfg.num_stages * _stage_elements(cfg, backward) * out.element_size() <= limit
                and (arch is None or config_key(kernel, arch, out.element_size(), named_args, cfg) not in _EXCLUDED)]
     fitting = fitting or configs[-1:]
-    return fitting if AUTOTUNE else fitting[:1]
+    if not AUTOTUNE:
+        return fitting[:1]
+    return fitting[:MAX_CONFIGS] if MAX_CONFIGS > 0 else fitting
 
 
 def prune_gemm_configs(configs, named_args, kernel=None, **kwargs):
     """Autotuning pre-filter: drop configs whose pipelined tiles cannot fit in shared memory for
     the operand dtype (fp32 and fp64 tiles are 2-4x larger) and, given the ``kernel``'s name, the
     configs that the compile check found spilling for this variant (``_EXCLUDED``); keep only the
-    first without AUTOTUNE."""
-    return _prune(configs, named_args, False, kernel)
+    first without AUTOTUNE (at most MAX_CONFIGS with it). Called as ``Autotuner.run`` calls it:
+    positional arguments in ``named_args``, keyword arguments in ``kwargs``."""
+    return _prune(configs, {**named_args, **kwargs}, False, kernel)
 
 
 def prune_backward_configs(configs, named_args, **kwargs):
     """:func:`prune_gemm_configs` for the backward kernel's tiles."""
-    return _prune(configs, named_args, True, "_lora_backward_kernel")
+    return _prune(configs, {**named_args, **kwargs}, True, "_lora_backward_kernel")
 
 
 # Configs that spill registers or overflow shared memory, per Triton version and (kernel, arch,
@@ -703,7 +714,7 @@ def _tma_addressable(t: torch.Tensor) -> bool:
 
 
 def _capability(device: torch.device):
-    return _device_properties(device)[0]
+    return target(device).capability
 
 
 def _tma_case(kernel: str, *tensors) -> tuple:
@@ -717,7 +728,7 @@ def _use_tma(kernel: str, *tensors) -> bool:
     if USE_TMA is False or not all(_tma_addressable(t) for t in tensors):
         return False
     if not HAS_TENSOR_DESCRIPTOR:
-        if USE_TMA or (tensors[0].is_cuda and _capability(tensors[0].device)[0] >= 9):
+        if USE_TMA or target(tensors[0].device).tma:
             _warn_once("no-tma", "lora_kernels: this Triton has no triton.tools.tensor_descriptor; "
                                  "the GEMMs use pointer loads (slower on Hopper)")
         return False
@@ -727,9 +738,8 @@ def _use_tma(kernel: str, *tensors) -> bool:
 
 
 def _tma_by_default(x: torch.Tensor) -> bool:
-    """Automatic mode: TMA for fp16/bf16 on Hopper and newer (compiled, not interpreted)."""
-    return (not INTERPRET and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and _capability(x.device)[0] >= 9)
+    """Automatic mode: TMA for fp16/bf16 on Hopper and newer (compiled, or an emulated target)."""
+    return x.dtype in (torch.float16, torch.bfloat16) and target(x.device).tma
 
 
 def _gemm_uses_tma(x, w):
@@ -746,18 +756,42 @@ def _descriptor(t: torch.Tensor):
     return TensorDescriptor.from_tensor(t, [1] * t.dim())
 
 
+def _tma_build_errors() -> tuple:
+    """The exceptions that mean "this toolchain cannot build the TMA kernel for these operands":
+    a compile error, or a config out of the chip's resources. Feature-detected per Triton."""
+    errors = []
+    for module, name in (("triton.compiler.errors", "CompilationError"), ("triton.runtime.errors", "OutOfResources"),
+                         ("triton.runtime.errors", "PTXASError"), ("triton.compiler.errors", "CompileTimeAssertionFailure")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+_TMA_BUILD_ERRORS = _tma_build_errors()
+
+
+def tma_fallbacks() -> list:
+    """The cases ``(kernel, (dtype, shape, strides) per TMA operand...)`` whose TMA kernel failed to
+    build in this process and now run the pointer kernel (a GPU check fails on any)."""
+    return sorted(_TMA_FAILED_CASES, key=repr)
+
+
 def _launch(kernel: str, tma_tensors, launch_tma, launch_pointer):
-    """Run ``launch_tma`` where TMA applies; if it fails to build or run, warn once for this case
-    (shapes, strides, dtype), remember it, and run the pointer GEMM for it from now on."""
+    """Run ``launch_tma`` where TMA applies; if it fails to *build* (a compile error, or out of the
+    chip's resources), warn once for this case (shapes, strides, dtype), remember it
+    (:func:`tma_fallbacks`), and run the pointer GEMM for it from now on. NOTE: any other error (a
+    crash, a bad descriptor, a wrong argument) propagates: it is a bug, not a slow path to hide."""
     if _use_tma(kernel, *tma_tensors):
         try:
             return launch_tma()
-        except Exception as exc:  # a toolchain without TMA support for these operands
+        except _TMA_BUILD_ERRORS as exc:  # a toolchain without TMA support for these operands
             if USE_TMA:
                 raise
             case = _tma_case(kernel, *tma_tensors)
             _TMA_FAILED_CASES.add(case)
-            _warn_once(case, f"lora_kernels: the TMA {kernel} kernel failed for (dtype, shape, strides) = "
+            _warn_once(case, f"lora_kernels: the TMA {kernel} kernel failed to build for (dtype, shape, strides) = "
                              f"{case[1:]} ({exc!r}); this case uses the pointer kernel from now on")
     return launch_pointer()
 
@@ -883,7 +917,7 @@ def clear_launch_caches() -> None:
 
 def _settings() -> tuple:
     """The module settings a plan depends on (they may be changed at run time)."""
-    return (FORWARD_PLAN, BACKWARD_PLAN, AUTOTUNE, USE_TMA, FLATTEN, FUSED_MAX_RANK)
+    return (FORWARD_PLAN, BACKWARD_PLAN, AUTOTUNE, MAX_CONFIGS, USE_TMA, FLATTEN, FUSED_MAX_RANK, emulated_target())
 
 
 @functools.lru_cache(maxsize=None)
@@ -974,7 +1008,7 @@ def _forward_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple:
 def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
     """Block sizes, splits, grid and non-tensor arguments of the shrink kernel (two-pass forward)."""
     M, K = x.shape
-    block_m, block_k, launch = (32, 32, {}) if INTERPRET else (64, 128, dict(num_warps=4, num_stages=3))
+    block_m, block_k, launch = (64, 128, dict(num_warps=4, num_stages=3)) if target(x.device).gpu else (32, 32, {})
     if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
         block_k, launch["num_stages"] = block_k // 2, 2
     span, splits = _split_shape(M, K, block_m, block_k, x.device)
@@ -1059,10 +1093,11 @@ def _g_pass_plan(dy, lora_B) -> dict:
     M, N = dy.shape
     R = lora_B.shape[1]
     # NOTE: 32-row blocks so that this memory-bound pass has many programs (256 at 8192 tokens).
-    block_m, block_n, launch = (G_PASS_ROWS, 32, {}) if INTERPRET else (G_PASS_ROWS, 128, dict(num_warps=4, num_stages=3))
+    gpu = target(dy.device).gpu
+    block_m, block_n, launch = (G_PASS_ROWS, 128, dict(num_warps=4, num_stages=3)) if gpu else (G_PASS_ROWS, 32, {})
     if dy.element_size() == 8:
         block_n, launch["num_stages"] = 64, 2
-    elif dy.element_size() == 4 and not INTERPRET:
+    elif dy.element_size() == 4 and gpu:
         block_n = 64  # NOTE: fp32 tiles of 128 columns took a stack frame on Triton 3.5
     span, splits = _split_shape(M, N, block_m, block_n, dy.device)
     return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), args=dict(
@@ -1109,7 +1144,7 @@ def _backward_plan(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, need_g
     da_strides, db_strides = torch.empty_like(lora_A).stride(), torch.empty_like(lora_B).stride()
     return dict(
         runs=runs, g_loaded=g_loaded, g_plan=g_plan, args=args, grid=lambda meta: (runs * column_blocks(meta),),
-        **_reduce_plan(runs, K, N, R, da_strides, db_strides, dropout_p, x.dtype),
+        **_reduce_plan(runs, K, N, R, da_strides, db_strides, dropout_p, x.dtype, x.device),
     )
 
 
@@ -1149,9 +1184,9 @@ def lora_backward(grad_out, x, weight, lora_A, lora_B, xa, scaling, dropout_p, s
     return grad_x, grad_A, grad_B
 
 
-def _reduce_plan(runs: int, K: int, N: int, R: int, da_strides, db_strides, dropout_p: float, dtype) -> dict:
+def _reduce_plan(runs: int, K: int, N: int, R: int, da_strides, db_strides, dropout_p: float, dtype, device) -> dict:
     """Grid and arguments of the reduction of (runs, K + N, R) contiguous partials into dA, dB."""
-    block_j, block_r = (32, 16) if INTERPRET else (128, 16)
+    block_j, block_r = (128, 16) if target(device).gpu else (32, 16)
     return dict(
         reduce_grid=(_cdiv(K + N, block_j), _cdiv(R, block_r)),
         reduce_args=dict(runs=runs, K=K, N=N, R=R, stride_ps=(K + N) * R, stride_pj=R, stride_pr=1,
@@ -1169,7 +1204,7 @@ def _reduce_partials(part, grad_A, grad_B, dropout_p, plan=None):
     if plan is None:
         runs, KN, R = part.shape
         K = grad_A.shape[1]
-        plan = _reduce_plan(runs, K, KN - K, R, grad_A.stride(), grad_B.stride(), dropout_p, part.dtype)
+        plan = _reduce_plan(runs, K, KN - K, R, grad_A.stride(), grad_B.stride(), dropout_p, part.dtype, part.device)
     planned_launch(_reduce_runs_kernel, plan["reduce_grid"],
                    dict(plan["reduce_args"], part_ptr=part, da_ptr=grad_A, db_ptr=grad_B), cached, "reduce")
 
@@ -1183,12 +1218,13 @@ def lora_merge_(weight, lora_A, lora_B, scaling):
         return
     if weight.dtype == torch.float64:  # an fp64 accumulator needs fp64 operands for tl.dot
         lora_A, lora_B = lora_A.double(), lora_B.double()
-    block_n, block_k = (32, 32) if INTERPRET else (64, 128 if weight.element_size() < 8 else 64)
+    gpu = target(weight.device).gpu
+    block_n, block_k = (64, 128 if weight.element_size() < 8 else 64) if gpu else (32, 32)
     _merge_kernel[(_cdiv(N, block_n), _cdiv(K, block_k))](
         weight, lora_B, lora_A, N, K, R,
         weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
         lora_A.stride(0), lora_A.stride(1),
         scaling, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_block_r(R),
         **_dtype_flags(lora_A.dtype),
-        **({} if INTERPRET else dict(num_warps=4, num_stages=2)),
+        **(dict(num_warps=4, num_stages=2) if gpu else {}),
     )

@@ -1,7 +1,7 @@
 """Direct launches of a cached plan's Triton kernels (lora_kernels/_triton_launch.py).
 
 On the CPU the layer's kernels are made real ``JITFunction``s over a stand-in driver
-(``bench.host_overhead.jit_on_cpu``): Triton's binding, specialization key and cache lookup run
+(``lora_kernels._emulate.stand_in_triton``, through ``bench.host_overhead.jit_on_cpu``): Triton's binding, specialization key and cache lookup run
 for real and only the compiled kernels are stand-ins that record their launcher's arguments. So
 these tests check that a direct launch calls the launcher with exactly what ``JITFunction.run``
 passes, that the steady state skips ``JITFunction.run``, and that whatever the plan's key does not
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from lora_kernels import _triton_launch, backends, reference, triton_ops
+from lora_kernels import _emulate, _triton_launch, backends, reference, triton_ops
 from conftest import DEVICE, ON_GPU, TOLERANCE, relative_error
 
 host_overhead = pytest.importorskip("bench.host_overhead")
@@ -137,11 +137,11 @@ def test_misaligned_tensor_goes_through_jit_run_and_its_own_kernel(jit_calls):
 
     def step(x):
         jit_calls.clear()
-        compiled = len(host_overhead.StandInKernel.compiled)
+        compiled = len(_emulate._ACTIVE.compiled)
         with _count_jit_runs() as runs:
             _step(x, weight, A, B, dy)
         forward = [k for k, _ in jit_calls if k.name == "_lora_forward_kernel"]
-        return runs, forward[0], len(host_overhead.StandInKernel.compiled) - compiled
+        return runs, forward[0], len(_emulate._ACTIVE.compiled) - compiled
 
     _, aligned_kernel, _ = step(x)
     runs, kernel, new = step(shifted)  # through JITFunction.run, to a kernel specialized for it

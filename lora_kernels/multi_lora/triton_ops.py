@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from .. import triton_ops as single
+from .. import _runtime
 from .._runtime import on_input_device
 from ..triton_ops import (
-    INTERPRET,
     _cdiv,
     _dot,
     _dropout_args,
@@ -305,7 +305,7 @@ def sgmv_shrink(p, q, scaling, coeff, order, seg, dropout_p=0.0, seed=0):
     out = p.new_zeros(M, R)
     if M == 0 or T == 0 or n == 0 or R == 0:
         return out
-    if INTERPRET:
+    if not _runtime.target(p.device).gpu:
         block_m, block_t, launch = 32, 32, {}
     else:
         # Rows per tile from the mean segment length: serving batches have short segments.
@@ -346,7 +346,8 @@ def sgmv_reduce(p, q, order, seg, out, coeff, dropout_p=0.0, seed=0):
         return out
     if M == 0:
         return out.zero_()
-    if INTERPRET:
+    gpu = _runtime.target(p.device).gpu
+    if not gpu:
         block_j, block_t, launch = 32, 32, {}
     else:
         # NOTE: 8 warps with dropout: the Philox state made the 4-warp tile spill on Triton 3.4.
@@ -364,7 +365,7 @@ def sgmv_reduce(p, q, order, seg, out, coeff, dropout_p=0.0, seed=0):
         BLOCK_J=block_j, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_S=block_s,
         **_dropout_args(dropout_p, seed, J, p.device), **_dtype_flags(p.dtype), **launch,
     )
-    sum_j, sum_r = (32, 16) if INTERPRET else (64, 64)
+    sum_j, sum_r = (64, 64) if gpu else (32, 16)
     _segment_sum_kernel[(n, _cdiv(J, sum_j), _cdiv(R, sum_r))](
         part, seg, out, J, R, n, span,
         part.stride(0), part.stride(1), part.stride(2), out.stride(0), out.stride(1), out.stride(2),

@@ -244,7 +244,7 @@ _BACKWARD_SHAPES = [(64, 64, 128, 3, 8), (64, 32, 64, 3, 8), (64, 32, 64, 4, 4),
 
 
 def _configs(backward: bool):
-    if t.INTERPRET:
+    if not t.gpu_configs():
         return t._backward_configs() if backward else t._gemm_configs()
     group = {} if backward else {"GROUP_M": 8}
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **group}, num_stages=st, num_warps=w)
@@ -252,6 +252,8 @@ def _configs(backward: bool):
 
 
 def _prune(configs, named_args, backward, **kwargs):
+    """Called as ``Autotuner.run`` calls it: positional arguments in ``named_args``, keywords in ``kwargs``."""
+    named_args = {**named_args, **kwargs}
     if named_args["dy_ptr" if backward else "y_ptr"].element_size() >= 4:
         configs = configs[-1:]
     return t._prune(configs, named_args, backward, None)
@@ -279,7 +281,7 @@ def dequantize(q: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
     """``W0`` (N, K) in ``dtype``, dequantised by one launch (bit for bit reference.dequantize)."""
     N, K = q.shape
     w = torch.empty(N, K, device=q.device, dtype=dtype)
-    block_n, block_k = (32, 32) if t.INTERPRET else (32, 256)
+    block_n, block_k = (32, 256) if t.target(q.device).gpu else (32, 32)
     _dequant_kernel[(t._cdiv(N, block_n), t._cdiv(K, block_k))](
         **_quant_args(q), w_ptr=w, N=N, K=K, stride_wn=w.stride(0), stride_wk=w.stride(1),
         BLOCK_N=block_n, BLOCK_K=block_k, **_LAUNCH)
