@@ -267,7 +267,8 @@ def saved_layer_table(saved: dict) -> Table:
     notes = [f"{saved['dtype']}; bytes of the distinct storages autograd keeps for backward during one forward "
              "(saved_tensors_hooks; views of one storage once; parameters and 0-dim tensors excluded); "
              "(n) = saved / (x + x·Aᵀ). Exact: a GPU run keeps the same bytes for the same shapes and dtype",
-             "triton: the package's Triton path with its launches stubbed (see [check])"]
+             "triton: the package's Triton path with its launches stubbed (see [check]); F.dropout counted as on a "
+             "GPU (native_dropout, a bool mask: the CPU's own saves its mask in x's dtype)"]
     return Table(f"[saved] activation memory saved for backward per layer, KiB (× x + x·Aᵀ): measured, "
                  f"transfers to a GPU unchanged", _case_headers("memory") + ["x+xa KiB"] + providers, rows,
                  notes + _skip_notes([r["providers"] for r in saved["rows"]]))
@@ -295,7 +296,7 @@ def saved_step_table(step: dict) -> Table:
              "q,k,v,o,gate,up,down; one forward with the loss; counted as in the per-layer table, "
              "every parameter excluded",
              "frozen: no adapter, embedding output requiring grad (backward through every layer); peft_accel and "
-             "lora_kernels: the Triton path, launches stubbed"]
+             "lora_kernels: the Triton path, launches stubbed; F.dropout counted as on a GPU"]
     return Table(title, ["p"] + providers, rows, notes + _skip_notes([r["providers"] for r in step["rows"]]))
 
 
