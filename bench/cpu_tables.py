@@ -221,7 +221,9 @@ def interpreter_check(case: shapes.Case = CHECK_CASE, dtype: torch.dtype = torch
     built = prov.build("triton", setup)
     x = torch.randn(case.tokens, case.layer.in_features, dtype=dtype, requires_grad=True)
     dy = torch.randn(case.tokens, case.layer.out_features, dtype=dtype)
-    err = runmod.check_provider("triton", built, x, dy, runmod.reference_grads(setup, x, dy))
+    # with dropout the masks are the kernels' own: finiteness only (as the suite's correctness check)
+    ref = runmod.reference_grads(setup, x, dy) if case.dropout == 0 else None
+    err = runmod.check_provider("triton", built, x, dy, ref)
     real, _ = count_saved(lambda: built.forward(x), built.params, stub=False)
     stubbed, _ = count_saved(lambda: built.forward(x), built.params, stub=True)
     return {"case": case.key, "dtype": str(dtype).replace("torch.", ""), "rel_err": err,
