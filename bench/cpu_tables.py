@@ -37,7 +37,7 @@ from . import shapes, timing, train_step
 CPU = torch.device("cpu")
 # Providers whose layer runs the package's Triton path (launches stubbed where counted on the CPU).
 TRITON_PROVIDERS = ("triton", "peft_accel", "lora_kernels")
-# The saved-bytes table's providers by default (compile leaves out: its compilation takes minutes here).
+# The saved-bytes table's providers by default (compile is left out: it compiles for a minute or more here).
 SAVED_PROVIDERS = ("base", "peft", "eager", "unsloth", "triton", "cuda", "reference")
 STEP_PROVIDERS = ("frozen", "peft", "peft_accel", "lora_kernels")
 HOST_SHAPE = (16, 64, 48, 8)  # M, K, N, r: host_overhead.py's default, tiny so that host time dominates
