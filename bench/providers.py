@@ -452,7 +452,9 @@ def unavailable_reason(name: str, device: torch.device, allow_interpreter: bool 
         if why:
             return why
         if backend == "triton" and device.type != "cuda" and not allow_interpreter:
-            return "Triton would run under its CPU interpreter (TRITON_INTERPRET=1): its times mean nothing"
+            return ("here Triton runs only under its CPU interpreter, which executes every program in Python: "
+                    "a time would be the interpreter's, not the kernels' (the CPU run's check, saved-bytes and "
+                    "host tables run the Triton path)")
     return ""
 
 

@@ -6,14 +6,21 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from .providers import DESCRIPTIONS
 from .shapes import MERGE_MODES, MODES
 from .targets import describe
 
 CPU_WARNING = (
-    "CPU SMOKE RUN: small shapes timed with time.perf_counter on the CPU. These numbers say "
-    "nothing about GPU performance or the H100 targets; they only show that the suite works."
+    "CPU RUN (no GPU here): each table says what it measures. Host overhead (Triton launches stubbed) and "
+    "activation bytes saved for backward are measured on this CPU (the bytes are exact and the same on a GPU "
+    "for these shapes and dtype); the GPU figures are the cost model's predictions, in a table of their own. "
+    "No number here is a GPU time."
+)
+CPU_TIMINGS_WARNING = (
+    "CPU timings (--cpu-timings): PyTorch's CPU kernels on small shapes, median [p20-p80] of "
+    "time.perf_counter; they say nothing about GPU performance or the H100 targets."
 )
 MODE_TITLES = {
     "fwd": "forward",
@@ -118,6 +125,17 @@ def _ratio_text(row: dict) -> str:
     return text
 
 
+def _ms_text(row: dict) -> str:
+    return f"{row['ms']:.4f}"
+
+
+def _ms_spread_text(row: dict) -> str:
+    """The median and, where measured, its spread: ``0.1234 [0.1200-0.1300]`` (p20-p80)."""
+    if row.get("p20") is None:
+        return _ms_text(row)
+    return f"{row['ms']:.4f} [{row['p20']:.4f}-{row['p80']:.4f}]"
+
+
 def prediction_note(model_device: str, cases: dict[str, dict[str, dict]], keys: list[str]) -> str:
     plans = sorted({v["predicted_plan"] for k in keys for v in cases[k].values() if v.get("predicted_plan")})
     note = (f"(n) = the cost model's predicted ratio (docs/cost_model.md) on {model_device or 'an H100'}; "
@@ -170,8 +188,8 @@ def tables(results: list[dict], checks: list[dict], providers: list[str], on_gpu
         ms_rows, ratio_rows = [], []
         for k in keys:
             r = cases[k]
-            ms_rows.append(_case_cells(first(k), mode) + [
-                _cell(r.get(p), lambda v: f"{v['ms']:.4f}") for p in present])
+            ms_rows.append(_case_cells(first(k), mode) + [_cell(r.get(p), _ms_text if on_gpu else _ms_spread_text)
+                                                          for p in present])
             ratio = [_cell(r.get(p), _ratio_text) for p in present]
             if on_gpu:
                 ratio.append(_targets_cell(by_row.get((mode, k), [])))
@@ -179,8 +197,10 @@ def tables(results: list[dict], checks: list[dict], providers: list[str], on_gpu
         if any("predicted_ratio" in v for k in keys for v in cases[k].values()):
             notes = [prediction_note(model_device, cases, keys)] + notes
         floor = "one copy of W0 (base)" if mode in MERGE_MODES else "base"
-        out.append(Table(f"[{mode}] {MODE_TITLES[mode]}: median ms", _case_headers(mode) + present, ms_rows))
-        out.append(Table(f"[{mode}] × {floor} (lower is better)",
+        where = "" if on_gpu else ", CPU"
+        spread = "median ms" if on_gpu else "median ms [p20-p80]"
+        out.append(Table(f"[{mode}] {MODE_TITLES[mode]}{where}: {spread}", _case_headers(mode) + present, ms_rows))
+        out.append(Table(f"[{mode}] × {floor}{where} (lower is better)",
                          _case_headers(mode) + present + (["targets"] if on_gpu else []), ratio_rows, notes))
     return out
 
@@ -201,23 +221,186 @@ def target_summary(checks: list[dict]) -> list[str]:
     return lines
 
 
+def _kib(b: int) -> str:
+    return f"{b / 2**10:.2f}"
+
+
+def _mib(b: int) -> str:
+    return f"{b / 2**20:.2f}"
+
+
+def _skip_notes(cells_by_row: list[dict[str, dict]]) -> list[str]:
+    seen: dict[tuple[str, str], None] = {}
+    for cells in cells_by_row:
+        for name, c in cells.items():
+            if c.get("status") == "skipped":
+                seen[(name, c["reason"])] = None
+    return [f"{name} skipped: {reason}" for name, reason in seen]
+
+
+def _saved_cell(c: dict, fmt, ref: Optional[int]) -> str:
+    if c.get("status") == "skipped":
+        return "skip"
+    text = fmt(c["saved_bytes"])
+    return f"{text} ({c['saved_bytes'] / ref:.2f})" if ref else text
+
+
+def check_table(check: dict) -> Table:
+    title = "[check] the Triton kernels run for real under Triton's CPU interpreter (correctness, not speed)"
+    if check.get("skipped"):
+        return Table(title, ["status"], [["skip"]], [f"triton skipped: {check['skipped']}"])
+    ok = check["rel_err"] <= check["tolerance"] and check["saved_real"] == check["saved_stubbed"]
+    return Table(title, ["case", "dtype", "rel err of y, dx, dA, dB vs fp32", "bound", "saved bytes, run",
+                         "saved bytes, launches stubbed", "status"],
+                 [[check["case"], check["dtype"], f"{check['rel_err']:.2e}", f"{check['tolerance']:.0e}",
+                   str(check["saved_real"]), str(check["saved_stubbed"]), "ok" if ok else "FAILED"]],
+                 [f"{check['seconds']} s; the saved-bytes tables below count the Triton path with its launches "
+                  "stubbed: which tensors are saved is the host code's choice, not the kernels' (equal here)"])
+
+
+def saved_layer_table(saved: dict) -> Table:
+    providers = saved["providers"]
+    rows = []
+    for r in saved["rows"]:
+        rows.append(_case_cells(r, "memory") + [_kib(r["bound_bytes"])]
+                    + [_saved_cell(r["providers"][p], _kib, r["bound_bytes"]) for p in providers])
+    notes = [f"{saved['dtype']}; bytes of the distinct storages autograd keeps for backward during one forward "
+             "(saved_tensors_hooks; views of one storage once; parameters and 0-dim tensors excluded); "
+             "(n) = saved / (x + x·Aᵀ). Exact: a GPU run keeps the same bytes for the same shapes and dtype",
+             "triton: the package's Triton path with its launches stubbed (see [check]); F.dropout counted as on a "
+             "GPU (native_dropout, a bool mask: the CPU's own saves its mask in x's dtype)"]
+    return Table(f"[saved] activation memory saved for backward per layer, KiB (× x + x·Aᵀ): measured, "
+                 f"transfers to a GPU unchanged", _case_headers("memory") + ["x+xa KiB"] + providers, rows,
+                 notes + _skip_notes([r["providers"] for r in saved["rows"]]))
+
+
+def saved_step_table(step: dict) -> Table:
+    m, providers = step["model"], step["providers"]
+    rows = []
+    for r in step["rows"]:
+        frozen = r["providers"].get("frozen", {}).get("saved_bytes")
+        cells = []
+        for p in providers:
+            c = r["providers"][p]
+            if c.get("status") == "skipped":
+                cells.append("skip")
+            elif frozen is not None and p != "frozen":
+                cells.append(f"{_mib(c['saved_bytes'])} (+{_mib(c['saved_bytes'] - frozen)})")
+            else:
+                cells.append(_mib(c["saved_bytes"]))
+        rows.append([f"{r['dropout']:g}"] + cells)
+    title = (f"[saved] activation memory saved for backward per training step, small Llama, MiB "
+             f"(+ adapter's extra over frozen): measured, transfers to a GPU unchanged")
+    notes = [f"LlamaForCausalLM hidden {m['hidden']}, {m['layers']} layers, MLP {m['intermediate']}, vocab "
+             f"{m['vocab']}, batch {m['batch']} × {m['seq']} tokens, {m['dtype']}; LoRA r={step['r']} on "
+             "q,k,v,o,gate,up,down; one forward with the loss; counted as in the per-layer table, "
+             "every parameter excluded",
+             "frozen: no adapter, embedding output requiring grad (backward through every layer); peft_accel and "
+             "lora_kernels: the Triton path, launches stubbed; F.dropout counted as on a GPU"]
+    return Table(title, ["p"] + providers, rows, notes + _skip_notes([r["providers"] for r in step["rows"]]))
+
+
+def host_call_table(host: dict) -> Table:
+    sh = host["shape"]
+    title = (f"[host] host time per call, µs (CPU; M={sh['M']} K={sh['K']} N={sh['N']} r={sh['r']} {sh['dtype']}; "
+             f"median of {host['repeats']} rounds of {host['reps']} calls)")
+    if host.get("skipped"):
+        return Table(title, ["status"], [["skip"]], [f"skipped: {host['skipped']}"])
+    rows_in = host["rows"]
+    lin = rows_in.get("nn.Linear (frozen)", {}).get("fwd_bwd")
+    peft = rows_in.get("PEFT lora.Linear", {}).get("fwd_bwd")
+    rows = []
+    for name, t in rows_in.items():
+        rows.append([name, f"{t['fwd']:.1f}", f"{t['fwd_bwd']:.1f}",
+                     f"{t['fwd_bwd'] / lin:.2f}" if lin else "—", f"{t['fwd_bwd'] / peft:.2f}" if peft else "—"])
+    notes = ["lora_kernels: LoRALinear(backend='triton'), forward plan fused, every Triton launch stubbed: the "
+             "package's own host path (module, checks, autograd, launcher); nn.Linear and PEFT compute their tiny "
+             "GEMMs on the CPU (bench/host_overhead.py)",
+             "+ Triton launch: the same with Triton's launch path run as on a GPU (binding, specialization key, "
+             "cache lookup; compiling and the driver's launch left out)",
+             "targets (GPU, host side): ours ≤ 3× nn.Linear and ≤ PEFT's layer, fwd+bwd"]
+    return Table(title, ["provider", "fwd", "fwd+bwd", "fwd+bwd × nn.Linear", "fwd+bwd × PEFT"], rows, notes)
+
+
+def host_step_table(host: dict) -> Table:
+    m = host["model"]
+    title = (f"[host] host time per training step, ms (CPU; tiny Llama; median of {host['steps']} steps, "
+             "providers alternating)")
+    rows_in = host["rows"]
+    frozen = rows_in.get("frozen")
+    rows = [[name, f"{us / 1e3:.2f}", f"{us / frozen:.2f}" if frozen else "—"] for name, us in rows_in.items()]
+    notes = [f"LlamaForCausalLM hidden {m['hidden']}, {m['layers']} layers, batch {m['batch']} × {m['seq']} tokens, "
+             f"{m['dtype']}; LoRA r={host['r']}, dropout {host['dropout']:g} on q,k,v,o,gate,up,down; a step is "
+             "forward + backward (+ AdamW over the adapter) (bench/train_step.py)",
+             f"peft_accel, lora_kernels: the Triton path with its {host['launches']} launches stubbed (the LoRA "
+             "layers' base GEMMs run inside them, so ours computes less than frozen and PEFT, which compute "
+             "every GEMM on the CPU)"]
+    if host.get("skipped"):
+        notes.append(f"peft_accel, lora_kernels skipped: {host['skipped']}")
+    return Table(title, ["provider", "step ms", "× frozen"], rows, notes)
+
+
+def predicted_table(pred: dict) -> Table:
+    by_case: dict[str, dict[str, dict]] = {}
+    for r in pred["rows"]:
+        by_case.setdefault(r["case"], {})[r["mode"]] = r
+    names = list(pred["rows"][0]["ratios"]) if pred["rows"] else []
+    modes = list(dict.fromkeys(r["mode"] for r in pred["rows"]))
+    rows = []
+    for per_mode in by_case.values():
+        first = next(iter(per_mode.values()))
+        rows.append(_case_cells(first, "fwd") + [first["plan"]]
+                    + [f"{per_mode[m]['ratios'][n]:.3f}" for n in names for m in modes]
+                    + [f"{per_mode[m]['frozen_ms']:.4f}" for m in modes])
+    return Table(f"[predicted] the cost model's predictions for an {pred['device']} (not measured), "
+                 f"{pred['dtype']}, × frozen layer",
+                 _case_headers("fwd") + ["triton fwd plan"] + [f"{n} {m}" for n in names for m in modes]
+                 + [f"frozen {m} ms" for m in modes], rows,
+                 ["lora_kernels/cost_model.py (docs/cost_model.md): FLOPs, HBM bytes, Philox work and launch gaps "
+                  "at an H100's achievable rates, for the shapes a GPU run of this command measures; frozen ms: the "
+                  "floor's predicted time. No GPU run has checked these yet (docs/gpu_results.md)"])
+
+
+def cpu_tables(sections: dict) -> list[Table]:
+    """The tables of a CPU run (bench/cpu_tables.py), in the order of its sections."""
+    out = []
+    if "check" in sections:
+        out.append(check_table(sections["check"]))
+    if "saved_layer" in sections:
+        out.append(saved_layer_table(sections["saved_layer"]))
+    if "saved_step" in sections:
+        out.append(saved_step_table(sections["saved_step"]))
+    if "host_call" in sections:
+        out.append(host_call_table(sections["host_call"]))
+    if "host_step" in sections:
+        out.append(host_step_table(sections["host_step"]))
+    if "predicted" in sections:
+        out.append(predicted_table(sections["predicted"]))
+    return out
+
+
 def header_lines(env: dict, config: dict) -> list[str]:
     where = env.get("gpu") or f"CPU ({env.get('cpu')}, {env.get('cpu_count')} cores)"
     lines = [
         f"Device: {where}; dtype {config['dtype']}; torch {env['torch']}, triton {env['triton']}, "
         f"peft {env['peft']}; commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}; "
         f"{env['date']}",
-        f"Timing: {config['timer']}; warm-up {config['warmup_ms']} ms, repetitions {config['rep_ms']} ms; "
-        "median of repetitions; ratios against the base layer measured in this process.",
     ]
+    if env.get("gpu") is not None or config.get("modes"):
+        lines.append(f"Timing: {config['timer']}; warm-up {config['warmup_ms']} ms, repetitions {config['rep_ms']} "
+                     "ms; median of repetitions; ratios against the base layer measured in this process.")
     if env.get("gpu") is None:
         lines.insert(0, CPU_WARNING)
+        if config.get("modes"):
+            lines.append(CPU_TIMINGS_WARNING)
     return lines
 
 
-def render_text(env: dict, config: dict, results: list[dict], checks: list[dict], providers: list[str]) -> str:
+def render_text(env: dict, config: dict, results: list[dict], checks: list[dict], providers: list[str],
+                cpu: Optional[dict] = None) -> str:
     on_gpu = env.get("gpu") is not None
     parts = ["\n".join(header_lines(env, config))]
+    parts += [t.text() for t in cpu_tables(cpu or {})]
     parts += [t.text() for t in tables(results, checks, providers, on_gpu, config.get("model_device", ""))]
     if on_gpu:
         parts.append("\n".join(target_summary(checks)) or "Targets: none applied to these shapes.")
@@ -226,20 +409,23 @@ def render_text(env: dict, config: dict, results: list[dict], checks: list[dict]
     return "\n\n".join(parts)
 
 
-def render_markdown(env: dict, config: dict, results: list[dict], checks: list[dict], providers: list[str]) -> str:
+def render_markdown(env: dict, config: dict, results: list[dict], checks: list[dict], providers: list[str],
+                    cpu: Optional[dict] = None) -> str:
     on_gpu = env.get("gpu") is not None
     lines = ["# LoRA linear benchmark", ""]
     for h in header_lines(env, config):
-        lines += [f"> {h}" if h == CPU_WARNING else h, ""]
-    lines += ["Providers:", ""] + [f"- `{p}`: {DESCRIPTIONS[p]}" for p in providers] + [""]
-    for t in tables(results, checks, providers, on_gpu, config.get("model_device", "")):
+        lines += [f"> {h}" if h in (CPU_WARNING, CPU_TIMINGS_WARNING) else h, ""]
+    if results:
+        lines += ["Providers:", ""] + [f"- `{p}`: {DESCRIPTIONS[p]}" for p in providers] + [""]
+    for t in cpu_tables(cpu or {}) + tables(results, checks, providers, on_gpu, config.get("model_device", "")):
         lines += [t.markdown(), ""]
     if on_gpu:
         lines += ["## Targets", "", "```", *(target_summary(checks) or ["none applied"]), "```", ""]
     return "\n".join(lines)
 
 
-def write_json(path: Path, env: dict, config: dict, results: list[dict], checks: list[dict]) -> None:
+def write_json(path: Path, env: dict, config: dict, results: list[dict], checks: list[dict],
+               cpu: Optional[dict] = None) -> None:
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -250,6 +436,8 @@ def write_json(path: Path, env: dict, config: dict, results: list[dict], checks:
         return v
 
     doc = {"env": env, "config": config, "providers": DESCRIPTIONS, "results": results, "targets": checks}
+    if cpu is not None:
+        doc["cpu"] = cpu
     path.write_text(json.dumps(clean(doc), indent=1, ensure_ascii=False) + "\n")
 
 

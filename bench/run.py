@@ -1,11 +1,17 @@
 """Run the LoRA linear benchmark suite: every provider side by side, ratios to the frozen base layer.
 
     python bench/run.py                 # quick default (a few minutes on an H100; < 1 min on a CPU)
+    python bench/run.py --cpu-timings   # without a GPU: also time the providers' CPU kernels
     python bench/run.py --full          # every default shape: Llama-3-8B × {512, 2048, 8192} tokens × r {8, 16, 64}
     python bench/run.py --layers q,down --tokens 4096 --ranks 16 --modes fwd,fwd+bwd --providers base,triton
 
-Writes results.json, results.md and results.png to --out-dir (default bench/results/).
-See docs/benchmarks.md for what each provider and mode means and how times are taken.
+Without a GPU it measures what a CPU can (bench/cpu_tables.py): the package's host overhead per
+call and per training step, the activation bytes saved for backward per layer and per small Llama
+step, the Triton kernels under the interpreter against fp32, and, in a table of their own, the cost
+model's predictions for an H100; CPU timings of the providers only with --cpu-timings.
+
+Writes results.json, results.md and (where times were taken) results.png to --out-dir (default
+bench/results/). See docs/benchmarks.md for what each provider and mode means and how times are taken.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import dataclasses
 import gc
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +30,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # before Triton is imported: the CPU run executes the package's Triton path
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench import env as envmod  # noqa: E402
 from lora_kernels import cost_model  # noqa: E402
@@ -67,6 +77,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--reps", type=float, help="repetition budget per measurement, ms (default 100 GPU / 40 CPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU runs: torch threads (default 1: steadier times on a shared machine)")
+    p.add_argument("--cpu-timings", action="store_true",
+                   help="CPU runs: also time the providers on the CPU (median and p20-p80; these are CPU kernels' "
+                        "times, not the GPU's; Triton under its interpreter is not timed)")
+    p.add_argument("--host-reps", type=int, default=200, help="CPU runs: calls per round of the host-overhead table")
+    p.add_argument("--host-repeats", type=int, default=5, help="CPU runs: rounds of the host-overhead table")
+    p.add_argument("--step-steps", type=int, default=10, help="CPU runs: timed steps of the host time per step")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true")
@@ -88,10 +104,17 @@ def make_config(args: argparse.Namespace) -> dict:
         layers = shapes.custom_layers(args.in_features or [], args.out_features or [])
     else:
         layers = shapes.layers_from_names(args.layers.split(",") if args.layers else preset.layers, table)
+    gpu = device.type == "cuda"
     if args.providers:
         names = args.providers.split(",")
-    else:  # on the CPU the package runs its reference path: show it beside the others
-        names = list(prov.DEFAULT_PROVIDERS) + ([] if device.type == "cuda" else ["reference"])
+    elif gpu:
+        names = list(prov.DEFAULT_PROVIDERS)
+    elif args.cpu_timings:  # on the CPU the package runs its reference path: show it beside the others
+        names = list(prov.DEFAULT_PROVIDERS) + ["reference"]
+    else:
+        from bench.cpu_tables import SAVED_PROVIDERS
+
+        names = list(SAVED_PROVIDERS)
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in prov.PROVIDERS]
     if unknown:
@@ -102,7 +125,15 @@ def make_config(args: argparse.Namespace) -> dict:
     for d in dropouts:
         if not 0.0 <= d < 1.0:
             raise SystemExit(f"dropout must be in [0, 1), got {d}")
-    gpu = device.type == "cuda"
+    modes = list(shapes.parse_modes(args.modes))
+    if not gpu:
+        # NOTE: on the CPU the saved bytes are always measured (their own table, the Triton path included);
+        # the timed modes are CPU kernels' times, so only when asked for.
+        timed = [m for m in modes if m != "memory"]
+        if timed and args.modes != "all" and not args.cpu_timings:
+            raise SystemExit(f"--modes {args.modes}: on the CPU the timed modes ({', '.join(timed)}) run only with "
+                             "--cpu-timings (they time PyTorch's CPU kernels, not a GPU's)")
+        modes = timed if args.cpu_timings else []
     return {
         "device": str(device),
         "dtype": args.dtype,
@@ -111,7 +142,7 @@ def make_config(args: argparse.Namespace) -> dict:
         "tokens": args.tokens or list(preset.tokens),
         "ranks": args.ranks or list(preset.ranks),
         "dropouts": dropouts,
-        "modes": list(shapes.parse_modes(args.modes)),
+        "modes": modes,
         "providers": [n for n in prov.PROVIDERS if n in names],
         "warmup_ms": args.warmup if args.warmup is not None else (25.0 if gpu else 5.0),
         "rep_ms": args.reps if args.reps is not None else (100.0 if gpu else 40.0),
@@ -427,8 +458,24 @@ def run_suite(config: dict, progress_enabled: bool = True) -> list[dict]:
     finally:
         progress.close()
     add_ratios(results)
-    config["model_device"] = add_predictions(results, device, dtype)
+    if device.type == "cuda":  # on the CPU the predictions are a table of their own (cpu_tables.predictions)
+        config["model_device"] = add_predictions(results, device, dtype)
     return results
+
+
+def run_cpu_sections(config: dict, args: argparse.Namespace) -> dict:
+    """The CPU run's own tables (bench/cpu_tables.py), with the suite's layers, tokens, ranks and dropouts."""
+    from bench import cpu_tables
+
+    layers = [shapes.Layer(l["name"], l["in"], l["out"]) for l in config["layers"]]
+    cases = shapes.activation_cases(layers, config["tokens"], config["ranks"], config["dropouts"])
+    saved_providers = [p for p in config["providers"] if p not in ("merged", "compile")]
+
+    def log(name: str, seconds: float) -> None:
+        if not args.no_progress:
+            print(f"[cpu] {name}: {seconds:.1f} s", file=sys.stderr)
+
+    return cpu_tables.run_all(cases, saved_providers, args.host_reps, args.host_repeats, args.step_steps, log)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -436,22 +483,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = make_config(args)
     device = torch.device(config["device"])
     env = envmod.collect(device)
+    cpu = None
+    start = time.perf_counter()
     if device.type != "cuda":
         torch.set_num_threads(args.threads)
         config["threads"] = args.threads
-        print(report.CPU_WARNING, file=sys.stderr)
-    start = time.perf_counter()
-    results = run_suite(config, progress_enabled=not args.no_progress)
+        cpu = run_cpu_sections(config, args)
+    results = run_suite(config, progress_enabled=not args.no_progress) if config["modes"] else []
     config["elapsed_s"] = round(time.perf_counter() - start, 1)
     checks = targets.evaluate(results) if device.type == "cuda" else []
-    print(report.render_text(env, config, results, checks, config["providers"]))
+    print(report.render_text(env, config, results, checks, config["providers"], cpu))
 
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    report.write_json(out / "results.json", env, config, results, checks)
-    (out / "results.md").write_text(report.render_markdown(env, config, results, checks, config["providers"]))
+    report.write_json(out / "results.json", env, config, results, checks, cpu)
+    (out / "results.md").write_text(report.render_markdown(env, config, results, checks, config["providers"], cpu))
     written = ["results.json", "results.md"]
-    if not args.no_plot:
+    if not args.no_plot and results:
         try:
             report.plot(out / "results.png", env, config, results, config["providers"])
             written.append("results.png")
@@ -459,11 +507,27 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"no plot: {exc} (pip install matplotlib)", file=sys.stderr)
     print(f"\nWrote {', '.join(str(out / w) for w in written)} in {config['elapsed_s']} s.")
     bad = [r for r in results if r["status"] in ("error", "wrong")]
+    if cpu is not None:
+        bad += cpu_failures(cpu)
     if bad:
         print(f"{len(bad)} measurement(s) failed or computed a wrong output; see the notes under the tables.",
               file=sys.stderr)
         return 1
     return 0
+
+
+def cpu_failures(cpu: dict) -> list[str]:
+    """What makes a CPU run fail: the Triton kernels wrong under the interpreter, or saving other bytes
+    when run than when stubbed (the saved-bytes tables would not describe them)."""
+    check = cpu.get("check", {})
+    if check.get("skipped") or not check:
+        return []
+    bad = []
+    if not check["rel_err"] <= check["tolerance"]:
+        bad.append(f"triton under the interpreter: relative error {check['rel_err']:.2e} > {check['tolerance']:.0e}")
+    if check["saved_real"] != check["saved_stubbed"]:
+        bad.append(f"triton saved {check['saved_real']} bytes run, {check['saved_stubbed']} stubbed")
+    return bad
 
 
 if __name__ == "__main__":
