@@ -146,10 +146,12 @@ def test_each_gpu_config_computes_the_layer(monkeypatch):
 def test_merge_and_unmerge(emulation, dtype):
     N, K, r = 136, 200, 64
     w, A, B = f64(N, K), f64(r, K), f64(N, r) / r
-    merged = view(w.to(dtype), "wide").clone()
+    merged = view(w.to(dtype), "wide")
     triton_ops.lora_merge_(merged, view(A.to(dtype), "t"), B.to(dtype), 0.75)
     want = w.to(dtype).double() + 0.75 * B.to(dtype).double() @ A.to(dtype).double()
     assert relative_error(merged, want) < TOLERANCE[dtype]
+    triton_ops.lora_merge_(merged, view(A.to(dtype), "t"), B.to(dtype), -0.75)  # unmerge
+    assert relative_error(merged, w) < TOLERANCE[dtype]
     assert any(rec.kernel == "_merge_kernel" and rec.constexprs["BLOCK_N"] == 64 for rec in emulation.launches)
 
 
