@@ -391,8 +391,10 @@ def test_low_precision_at_init_is_no_further_from_the_base_than_pefts(dtype, ada
     ours = copy.deepcopy(theirs)
     lk.accelerate_peft(ours)
     with torch.no_grad():
-        peft_off, our_off = (theirs(x).double() - want).abs(), (ours(x).double() - want).abs()
+        got, peft_y = ours(x), theirs(x)
+    peft_off, our_off = (peft_y.double() - want).abs(), (got.double() - want).abs()
     assert our_off.max() <= peft_off.max() and our_off.norm() <= peft_off.norm()
+    assert torch.equal(got, peft_y)  # the reference backend computes PEFT's very c and y
     if adapter_dtype != "fp32-adapters":  # PEFT's magnitude then starts at its own norm: exact, and ours too
         assert peft_off.max() == 0 and our_off.max() == 0
 
