@@ -41,7 +41,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from .functional import _autocast_inputs, _checked_backend, check_dropout, lora_linear, merge_lora_, unmerge_lora_
 
 # Rows of W0 converted at a time when its row norms are taken in another dtype than its own:
-# bounded memory, whatever the layer's size (each row's norm is its own reduction).
+# bounded memory, whatever the layer's size (each row's norm is its own reduction: on the CPU
+# the chunks give the values of one call).
 _ROW_CHUNK = 1024
 
 

@@ -135,8 +135,7 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
         if self.use_dora:  # m = ‖W0 + s·B A‖ = ‖W0‖ with B = 0, bit for bit: the layer starts as its base layer
             self.lora_magnitude_vector.copy_(
-                dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                                 self._weight_norms(self.weight, self.lora_A.weight.dtype)))
+                dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.adapter_enabled:
