@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .dora import WeightSquares, dora_linear, dora_merge_, dora_unmerge_, dora_weight_norm
+from .dora import WeightNorms, dora_linear, dora_merge_, dora_unmerge_, dora_weight_norm
 from .functional import check_dropout, lora_linear, lora_scaling, merge_lora_, unmerge_lora_
 
 
@@ -93,7 +93,7 @@ class LoRALinear(nn.Module):
         check_dropout(dropout)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
         self.use_dora = bool(use_dora)
-        self._weight_squares = WeightSquares()  # DoRA: ‖W0ᵢ‖², recomputed when the weight changes
+        self._weight_norms = WeightNorms()  # DoRA: ‖W0ᵢ‖, recomputed when the weight changes
         self._merged_norm: Optional[Tensor] = None  # DoRA: the row norms a merge used, for unmerge
         self.backend = backend
         self.merged = False
@@ -133,7 +133,7 @@ class LoRALinear(nn.Module):
         else:
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         nn.init.zeros_(self.lora_B.weight)
-        if self.use_dora:  # m = ‖W0 + s·B A‖ = ‖W0‖ with B = 0: the layer starts as its base layer
+        if self.use_dora:  # m = ‖W0 + s·B A‖ = ‖W0‖ with B = 0, bit for bit: the layer starts as its base layer
             self.lora_magnitude_vector.copy_(
                 dora_weight_norm(self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling))
 
@@ -153,7 +153,7 @@ class LoRALinear(nn.Module):
         if self.use_dora:
             return dora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
                                self.lora_magnitude_vector, dropout_p=p, backend=self.backend,
-                               weight_squares=self._weight_squares(self.weight))
+                               weight_norm=self._weight_norms(self.weight, self.lora_A.weight.dtype))
         return lora_linear(
             x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
             dropout_p=p, backend=self.backend,
@@ -176,6 +176,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear is already merged; call unmerge() first")
         if self.use_dora:  # W ← (m / n) ⊙ (W0 + s·B A); n is kept for unmerge
+            self._weight_norms.clear()  # written through .data: no version counter moves
             self._merged_norm = dora_merge_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data,
                                             self.scaling, self.lora_magnitude_vector.data, self.backend)
         else:
@@ -193,6 +194,7 @@ class LoRALinear(nn.Module):
                 raise RuntimeError(
                     "this DoRA LoRALinear was loaded merged: the row norms of its unmerged weight are not known, "
                     "so it cannot be unmerged (as in PEFT); load the unmerged weight instead")
+            self._weight_norms.clear()
             dora_unmerge_(self.weight.data, self.lora_A.weight.data, self.lora_B.weight.data, self.scaling,
                           self.lora_magnitude_vector.data, self._merged_norm, self.backend)
             self._merged_norm = None

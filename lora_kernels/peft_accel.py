@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .dora import WeightSquares, dora_linear
+from .dora import WeightNorms, dora_linear
 from .functional import _autocast_available, lora_linear, merge_lora_, unmerge_lora_
 from .nf4 import peft_accel as nf4
 
@@ -74,8 +74,9 @@ def _peft_lora():
 @dataclass
 class _Settings:
     backend: str
-    # DoRA: ‖W0ᵢ‖² of the base weight, recomputed when the weight changes
-    weight_squares: WeightSquares = field(default_factory=WeightSquares)
+    # DoRA: ‖W0ᵢ‖ of the base weight, recomputed when the weight changes (cleared by merge and unmerge,
+    # which write through .data)
+    weight_norms: WeightNorms = field(default_factory=WeightNorms)
 
 
 # --------------------------------------------------------------------------- #
@@ -279,7 +280,7 @@ def _forward(layer: nn.Module, x, *args, **kwargs):
         # NOTE: PEFT's DoRA draws its dropout with nn.Dropout (torch's generator): so does dora_linear.
         return dora_linear(x, base.weight, base.bias, A, B, s, layer.lora_magnitude_vector[adapter].weight,
                            dropout_p=p, backend=settings.backend,
-                           weight_squares=settings.weight_squares(base.weight))
+                           weight_norm=settings.weight_norms(base.weight, A.dtype))
     return lora_linear(x, base.weight, base.bias, A, B, s, dropout_p=p, backend=settings.backend)
 
 
@@ -299,6 +300,7 @@ def _merge(layer: nn.Module, safe_merge: bool = False, adapter_names: Optional[l
     if nf4.is_peft_linear4bit(layer):
         raise RuntimeError(nf4.MERGE_REFUSED)
     backend = getattr(layer, _STATE).backend
+    getattr(layer, _STATE).weight_norms.clear()
     for adapter in check_adapters_to_merge(layer, adapter_names):
         if adapter not in layer.lora_A:
             continue
@@ -326,6 +328,7 @@ def _unmerge(layer: nn.Module) -> None:
     if nf4.is_peft_linear4bit(layer):
         raise RuntimeError(nf4.MERGE_REFUSED)
     backend = getattr(layer, _STATE).backend
+    getattr(layer, _STATE).weight_norms.clear()
     while layer.merged_adapters:
         adapter = layer.merged_adapters.pop()
         if adapter not in layer.lora_A:

@@ -10,13 +10,14 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_kernels as lk
 from lora_kernels import peft_accel
-from lora_kernels.dora import WeightSquares, dora_linear, dora_weight_norm, weight_row_squares
+from lora_kernels.dora import WeightNorms, dora_linear, dora_weight_norm, weight_row_norms
 from lora_kernels.peft_interop import load_peft_adapter, save_peft_adapter
-from conftest import ALL_BACKENDS, DEVICE, relative_error
+from conftest import ALL_BACKENDS, DEVICE, TOLERANCE, relative_error
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -67,7 +68,7 @@ def test_row_norms_from_the_low_rank_structure_match_the_dense_ones(shape, dtype
     A, B = torch.randn(r, K, dtype=dtype, device=DEVICE), torch.randn(N, r, dtype=dtype, device=DEVICE)
     dense = torch.linalg.norm((W + 0.7 * B @ A).double(), dim=1)
     assert relative_error(dora_weight_norm(W, A, B, 0.7), dense) <= BOUND[dtype]
-    assert relative_error(dora_weight_norm(W, A, B, 0.7, weight_row_squares(W)), dense) <= BOUND[dtype]
+    assert relative_error(dora_weight_norm(W, A, B, 0.7, weight_row_norms(W)), dense) <= BOUND[dtype]
 
 
 def test_row_norms_in_bf16_are_as_close_as_pefts_own():
@@ -135,11 +136,15 @@ def test_gradcheck_float64():
 def test_compiles_with_fullgraph():
     W = torch.randn(9, 12)
     A, B, m = torch.randn(3, 12), torch.randn(9, 3), torch.rand(9)
-    sq = weight_row_squares(W)
-    f = torch.compile(lambda x: dora_linear(x, W, None, A, B, 0.5, m, backend="reference", weight_squares=sq),
+    w = weight_row_norms(W)
+    f = torch.compile(lambda x: dora_linear(x, W, None, A, B, 0.5, m, backend="reference", weight_norm=w),
                       fullgraph=True, backend="aot_eager")
     x = torch.randn(4, 12)
     torch.testing.assert_close(f(x), dora_linear(x, W, None, A, B, 0.5, m, backend="reference"))
+    layer = lk.LoRALinear(12, 9, r=3, use_dora=True, backend="reference")  # its cached ‖W0ᵢ‖: computed in the graph
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    assert torch.equal(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), layer(x))
 
 
 class _Sizes(TorchDispatchMode):
@@ -176,13 +181,80 @@ def test_no_out_by_in_tensor_in_a_fused_forward(backend):
     assert max(probe.sizes) >= N * K
 
 
-def test_weight_squares_follow_the_weight():
+def test_weight_norms_follow_the_weight():
     W = torch.randn(6, 5)
-    cache = WeightSquares()
+    cache = WeightNorms()
     first = cache(W)
-    assert cache(W) is first
+    assert torch.equal(first, torch.linalg.norm(W, dim=1)) and cache(W) is first
     W.mul_(2)  # in place: the version counter moves
-    torch.testing.assert_close(cache(W), 4 * first)
+    assert torch.equal(cache(W), torch.linalg.norm(W, dim=1))
+    assert cache(W, torch.float64).dtype == torch.float64  # another norm dtype: computed again
+    assert torch.equal(cache(W.bfloat16()), torch.linalg.norm(W.bfloat16(), dim=1))
+    assert torch.equal(copy.deepcopy(cache)(2 * W), torch.linalg.norm(2 * W, dim=1))
+
+
+def test_weight_norms_never_take_a_new_storage_at_an_old_address_for_the_old_weight():
+    # Two tensors over one buffer: the same address, another storage (as a freed weight's address
+    # handed to the next one). A write through a third moves neither one's version counter.
+    buf = bytearray(6 * 5 * 4)
+    views = [torch.frombuffer(buf, dtype=torch.float32).view(6, 5) for _ in range(3)]
+    views[2].copy_(torch.randn(6, 5))
+    cache = WeightNorms()
+    cache(views[0])
+    views[2].mul_(3)
+    assert views[1].data_ptr() == views[0].data_ptr() and views[1]._version == views[0]._version
+    assert torch.equal(cache(views[1]), torch.linalg.norm(views[1], dim=1))
+
+
+def assert_fresh(layer, x):
+    """The ‖W0ᵢ‖ the layer's forward uses, and its output, are those of its weight as it is now."""
+    dtype = layer.lora_A.weight.dtype
+    assert torch.equal(layer._weight_norms(layer.weight, dtype), weight_row_norms(layer.weight, dtype))
+    fresh = dora_linear(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                        layer.lora_magnitude_vector, backend=layer.backend)
+    assert torch.equal(layer(x), fresh)
+
+
+def test_the_cached_weight_norm_follows_merges_loads_and_dtype_moves():
+    torch.manual_seed(0)
+    layer = lk.LoRALinear(40, 24, r=4, alpha=8, use_dora=True, backend="reference").eval()
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        layer.lora_magnitude_vector.mul_(torch.rand(24) + 0.5)
+    x = torch.randn(3, 40)
+    assert_fresh(layer, x)
+    w0 = layer.weight.detach().clone()
+    layer.merge()
+    layer.unmerge()  # the weight comes back within a rounding, written through .data
+    assert not torch.equal(layer.weight, w0)  # so the test can fail
+    assert_fresh(layer, x)
+    other = lk.LoRALinear(40, 24, r=4, alpha=8, use_dora=True)
+    layer.load_state_dict(other.state_dict())
+    assert_fresh(layer, x)
+    layer.half().float()  # new storages; the weight rounded to fp16 on the way
+    assert_fresh(layer, x)
+    layer.double()
+    assert_fresh(layer, x.double())
+
+
+def test_accelerated_dora_follows_merges_of_its_own_and_of_a_plain_adapter_beside_it():
+    model, layer = peft_dora(40, 24, 4, torch.float32)
+    model.add_adapter("plain", LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False))
+    lk.accelerate_peft(model)
+    model.eval()
+    x = torch.randn(3, 40)
+    base = layer.base_layer
+    A, B, m = peft_params(layer)
+    cache = getattr(layer, peft_accel._STATE).weight_norms
+    for adapter in ("default", "plain"):  # PEFT's DoRA merge, then lora_kernels' merge through .data
+        model(x)  # the cache is filled
+        model.set_adapter(adapter)
+        model.merge_adapter()
+        model.unmerge_adapter()
+        model.set_adapter("default")
+        assert torch.equal(cache(base.weight, A.dtype), weight_row_norms(base.weight, A.dtype)), adapter
+        fresh = dora_linear(x, base.weight, base.bias, A, B, layer.scaling["default"], m, backend="reference")
+        assert torch.equal(model(x), fresh), adapter
 
 
 def test_lora_linear_module_matches_peft_and_round_trips_merge():
@@ -193,7 +265,7 @@ def test_lora_linear_module_matches_peft_and_round_trips_merge():
         base.bias.copy_(layer.base_layer.bias)
     ours = lk.LoRALinear.from_linear(base, r=4, alpha=8, use_dora=True)
     assert ours.lora_magnitude_vector.shape == (12,)
-    torch.testing.assert_close(ours.lora_magnitude_vector, torch.linalg.norm(base.weight, dim=1))  # m starts at ‖W0‖
+    assert torch.equal(ours.lora_magnitude_vector, torch.linalg.norm(base.weight, dim=1))  # m starts at ‖W0‖, as PEFT's
     with torch.no_grad():
         for mine, theirs in zip(ours._adapter_params(), peft_params(layer)):
             mine.copy_(theirs)
@@ -264,11 +336,103 @@ def test_bad_input_is_refused_and_a_zero_row_behaves_as_in_peft():
     with pytest.raises(ValueError, match="magnitude must have shape"):
         dora_linear(torch.randn(3, 4), W, None, A, B, 1.0, torch.rand(4))
     model, layer = peft_dora(6, 4, 2, torch.float64, bias=False)
-    with torch.no_grad():  # row 0 of W0 + s·B A is exactly zero
-        layer.base_layer.weight[0].zero_()
+    with torch.no_grad():  # row 0 of W0 + s·B A is exactly zero; row 1 of W0 is zero, not that of B
+        layer.base_layer.weight[:2].zero_()
         layer.lora_B.default.weight[0].zero_()
     x = torch.randn(3, 6, dtype=torch.float64)
     ours = run_ours(layer, x, torch.ones(3, 4, dtype=torch.float64), "reference")[0]
     theirs = model(x).detach()
     assert torch.equal(torch.isfinite(ours), torch.isfinite(theirs))
-    torch.testing.assert_close(ours[:, 1:], theirs[:, 1:])
+    assert not torch.isfinite(theirs[:, 0]).any()
+    torch.testing.assert_close(ours[:, 1:], theirs[:, 1:], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- #
+# At initialisation (B = 0, m = ‖W0‖) DoRA is its base layer, bit for bit, as PEFT's is
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_pefts_scenario_accelerated_at_init_is_the_base_model_bit_for_bit(dtype, bias):
+    # PEFT's tests/test_initialization.py::test_lora_use_dora_linear, on the accelerated model.
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("linear", nn.Linear(1000, 1000, bias=bias, dtype=dtype))
+    x = torch.rand(10, 1000, dtype=dtype)
+    with torch.no_grad():
+        want = base(x)
+    model = get_peft_model(copy.deepcopy(base).eval(), LoraConfig(use_dora=True, target_modules=["linear"]))
+    lk.accelerate_peft(model)
+    assert torch.equal(model(x), want)  # with autograd recording, as PEFT's test runs
+    assert lk.accelerate_peft(model).current()["base_model.model.linear"] == "fused"
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_new_dora_layer_is_its_base_layer_bit_for_bit(dtype, bias):
+    layer = lk.LoRALinear(70, 33, bias=bias, r=4, alpha=8, use_dora=True, backend="reference", dtype=dtype)
+    x = torch.randn(2, 5, 70, dtype=dtype)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    m = weight_row_norms(layer.weight)  # PEFT's initial magnitude
+    A, B = torch.randn(4, 70, dtype=dtype), torch.zeros(33, 4, dtype=dtype)
+    assert torch.equal(dora_weight_norm(layer.weight, A, B, 2.0), m)
+    assert torch.equal(dora_linear(x, layer.weight, layer.bias, A, B, 2.0, m, backend="reference"),
+                       F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("adapter_dtype", ["fp32-adapters", "adapters-in-the-base-dtype"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_at_init_is_no_further_from_the_base_than_pefts(dtype, adapter_dtype):
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("linear", nn.Linear(256, 200, dtype=dtype))
+    x = torch.randn(16, 256, dtype=dtype)
+    with torch.no_grad():
+        want = base(x).double()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, target_modules=["linear"]),
+                            autocast_adapter_dtype=adapter_dtype == "fp32-adapters")
+    ours = copy.deepcopy(theirs)
+    lk.accelerate_peft(ours)
+    with torch.no_grad():
+        got, peft_y = ours(x), theirs(x)
+    peft_off, our_off = (peft_y.double() - want).abs(), (got.double() - want).abs()
+    assert our_off.max() <= peft_off.max() and our_off.norm() <= peft_off.norm()
+    assert torch.equal(got, peft_y)  # the reference backend computes PEFT's very c and y
+    if adapter_dtype != "fp32-adapters":  # PEFT's magnitude then starts at its own norm: exact, and ours too
+        assert peft_off.max() == 0 and our_off.max() == 0
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_kernel_backends_at_init_scale_by_exactly_one_within_their_tolerance(backend):
+    layer = lk.LoRALinear(64, 48, r=4, alpha=8, use_dora=True, backend=backend, device=DEVICE)
+    A, B, m = layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector
+    assert torch.equal(m / dora_weight_norm(layer.weight, A, B, layer.scaling).to(m.dtype), torch.ones_like(m))
+    x = torch.randn(9, 64, device=DEVICE)
+    want = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert relative_error(layer(x), want) <= TOLERANCE[torch.float32]
+    if backend == "reference":
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_training_steps_keep_matching_peft(backend):
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("proj", nn.Linear(40, 24, device=DEVICE))
+    theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["proj"]))
+    ours = copy.deepcopy(theirs)
+    lk.accelerate_peft(ours, backend=backend)
+    optimisers = [torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, theirs)]
+    x, target = torch.randn(6, 40, device=DEVICE), torch.randn(6, 24, device=DEVICE)
+    for _ in range(5):
+        for model, opt in zip((ours, theirs), optimisers):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), target).backward()
+            opt.step()
+    layer = theirs.base_model.model.proj
+    assert layer.lora_B.default.weight.abs().min() > 0  # trained away from the initialisation
+    for (name, got), want in zip(ours.named_parameters(), theirs.parameters()):
+        assert relative_error(got, want) <= BOUND[torch.float32], name
+    with torch.no_grad():
+        assert relative_error(ours(x), theirs(x)) <= BOUND[torch.float32]
