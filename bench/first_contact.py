@@ -19,6 +19,7 @@ and the shell script's next stage still runs:
     sanitize      a few CUDA-backend calls, for compute-sanitizer (tune)
     autotune      the autotuner's choice per headline shape (tune)              -> autotune.txt
     warm          one compile-ahead worker of correctness (its cases, results discarded)
+    train-step    bench/train_step.py with the arguments after ``--``
 
 A stage fails (status 1) on any Triton warning and on any case that fell back from the TMA kernel
 to the pointer kernel in its process, each printed as ``FAILED: <stage>: ...`` (the shell script
@@ -917,7 +918,7 @@ def verify(out: Path, mode: str) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/first_contact.py", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("env", "correctness", "headline", "extra", "ncu-target", "ncu-report",
-                                      "sanitize", "autotune", "render", "verify", "warm"))
+                                      "sanitize", "autotune", "render", "verify", "warm", "train-step"))
     p.add_argument("--out", type=Path, required=True, help="the output folder (bench.json and the stage's file)")
     p.add_argument("--backend", default="triton", choices=("triton", "cuda", "reference"),
                    help="correctness, warm: which backend (reference: the float64 check of the check)")
@@ -930,7 +931,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--warm-workers", type=int, default=os.cpu_count() or 1,
                    help="correctness: how many worker processes compile ahead (default: one per core)")
     p.add_argument("--cases", default="", help="warm: the indices of the correctness cases this worker runs")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.rest = argv[cut + 1:]  # train-step: bench/train_step.py's arguments
     if args.stage == "verify":
         problems = verify(args.out, args.mode)
         print("\n".join(problems) if problems else f"{args.out}: the {args.mode} run is complete")
@@ -974,6 +978,10 @@ def run_stage(args: argparse.Namespace, res: Results) -> int:
         return stage_sanitize(args.out, res)
     if args.stage == "autotune":
         return stage_autotune(args.out, res)
+    if args.stage == "train-step":  # here, so that its Triton warnings and TMA fallbacks count too
+        from bench import train_step
+
+        return train_step.main(args.rest)
     write_headline(args.out, res)
     return 0
 

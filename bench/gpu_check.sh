@@ -214,7 +214,7 @@ run_first() {
   local cfg=tiny
   [ "$dry" = 0 ] && cfg=llama-2048
   stage --optional train-step 40 env LORA_KERNELS_MAX_CONFIGS=2 \
-    python bench/train_step.py --config "$cfg" --steps 5 --warmup 2 --json "$out/train_step.json"
+    $py train-step --out "$out" -- --config "$cfg" --steps 5 --warmup 2 --json "$out/train_step.json"
   if [ -f "$out/train_step.json" ]; then  # into bench.json: the files that come back stay at 8
     python - "$out" <<'EOF'
 import json, sys

@@ -365,3 +365,23 @@ def test_gpu_check_cuts_off_a_hanging_build_and_ends_it(tmp_path, shim):
         time.sleep(0.1)
     else:
         pytest.fail(f"the hanging build (pid {pid}) outlived the script")
+
+
+def test_the_train_step_stage_runs_under_the_same_check(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    import triton
+
+    from bench import train_step
+
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        warnings.warn_explicit("a config spills", UserWarning, filename=triton.__file__, lineno=1)
+        return 0
+
+    monkeypatch.setattr(train_step, "main", main)
+    assert fc.main(["train-step", "--out", str(tmp_path), "--", "--config", "tiny", "--steps", "5"]) == 1
+    assert seen == [["--config", "tiny", "--steps", "5"]]
+    assert "FAILED: train-step: Triton warning: UserWarning: a config spills" in capsys.readouterr().err
