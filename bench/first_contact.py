@@ -881,7 +881,7 @@ EXPECTED = {"first": ("summary.txt", "env.txt", "correctness.log", "headline.md"
 
 def verify(out: Path, mode: str) -> list[str]:
     """Problems with a finished run's OUTDIR (empty: none): the files, every stage's budget and
-    time, no failed stage, no failed correctness check, the headline table."""
+    time, no failed stage, the script's result line, no failed correctness check, the headline table."""
     problems = []
     files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
     if len(files) > MAX_FILES:
@@ -891,6 +891,11 @@ def verify(out: Path, mode: str) -> list[str]:
     stages = [line for line in summary if " budget " in line]
     if not stages:
         problems.append("summary.txt names no stage")
+    results = [line for line in summary if line.startswith("result: ")]
+    if not results:
+        problems.append("summary.txt has no 'result:' line: the run did not finish")
+    elif results[-1] != "result: ok":
+        problems.append(f"summary.txt: {results[-1]}")
     for line in stages:
         if "measured" not in line and "skipped" not in line:
             problems.append(f"stage without a measured time: {line!r}")

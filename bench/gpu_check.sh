@@ -50,12 +50,12 @@ py="python bench/first_contact.py"
 # one from Triton's on-disk cache loads in ~0.05 s.
 #   env          20  python, torch and the CUDA context ~5 s; the copy and GEMM ceilings ~3 s.
 #   correctness 110  100 cases (10 families x 3 awkward shapes x bf16/fp16/fp32, and the large shape
-#                    in bf16), autotuning off (one config per kernel), ~2 kernels not shared with an
-#                    earlier case each: ~200 cold compiles, 200-600 s in one process. Compiled ahead
-#                    by one worker process per core (16), each running its share of the cases in
-#                    the stage's order (bf16 first): ~8 s to start them + 200 x 3 s / 16 = ~45 s at
-#                    worst, cut at 60 s; then the checks, every kernel from the cache: 100 x ~0.2 s.
-#                    ~75 s, ~90 s at worst.
+#                    in bf16), autotuning off (one config per kernel), 1-2 kernels not shared with
+#                    an earlier case each: 100-200 cold compiles, 100-600 s in one process, over
+#                    budget. Compiled ahead by a worker process per core (16), each running every
+#                    16th case in the stage's order (bf16 first): ~8 s to start them + 200 x 3 s /
+#                    16 = ~45 s at worst, cut at 60 s; then the checks, every kernel loaded from the
+#                    cache: 100 x ~0.2 s = 20 s. ~75 s, ~90 s at worst.
 #   headline    130  the triton provider tunes 5 kernel variants (forward: inference, training,
 #                    dropout; backward: with and without dropout) at 2 layer shapes; a config
 #                    compiles once for both (M, N, K are not constexprs). All 7 configs: 35 compiles,

@@ -103,7 +103,8 @@ def test_headline_keeps_each_process_frozen_layer_apart(tmp_path):
 
 def _finished_run(out: Path) -> None:
     (out / "summary.txt").write_text("env              budget   20s  measured    4s  rc=0\n"
-                                     "extra            budget   40s  skipped: no time left\n")
+                                     "extra            budget   40s  skipped: 12s left\n"
+                                     "result: ok\n")
     for name in ("env.txt", "build.log", "run.log", "correctness.log"):
         (out / name).write_text("x\n")
     (out / "headline.md").write_text("# headline\n\n| base | 1 |\n| triton | 1 |\n")
@@ -126,6 +127,15 @@ def test_verify_accepts_a_complete_run_and_names_each_problem(tmp_path):
     for expected in ("10 files", "stage failed: 'headline", "merge/unmerge fp16", "heading 'headline'",
                      "no triton row"):
         assert expected in problems, problems
+
+
+def test_verify_reads_the_result_line(tmp_path):
+    _finished_run(tmp_path)
+    summary = tmp_path / "summary.txt"
+    summary.write_text(summary.read_text().replace("result: ok", "result: FAILED: build"))
+    assert fc.verify(tmp_path, "first") == ["summary.txt: result: FAILED: build"]
+    summary.write_text(summary.read_text().replace("result: FAILED: build\n", ""))
+    assert fc.verify(tmp_path, "first") == ["summary.txt has no 'result:' line: the run did not finish"]
 
 
 # --------------------------------------------------------------------------- #
