@@ -169,12 +169,19 @@ start_build() {
 }
 
 # stop_build: ends the background build if it still runs (TERM to its `timeout`, which passes it to
-# the build's process group, KILL 10 s later) and waits for it, 30 s at most.
+# the build's process group, KILL 10 s later; once its pid is written, if the build had not started)
+# and waits for it, 30 s at most.
 stop_build() {
   [ -n "$build_pid" ] || return 0
-  [ -f "$work/done" ] || [ ! -f "$work/build.pid" ] || kill -TERM "$(cat "$work/build.pid")" 2>/dev/null
-  local waited=0
-  while kill -0 "$build_pid" 2>/dev/null && [ "$waited" -lt 30 ]; do sleep 1; waited=$((waited + 1)); done
+  local waited=0 sent=0
+  while kill -0 "$build_pid" 2>/dev/null && [ "$waited" -lt 30 ]; do
+    if [ "$sent" = 0 ] && [ ! -f "$work/done" ] && [ -f "$work/build.pid" ]; then
+      kill -TERM "$(cat "$work/build.pid")" 2>/dev/null
+      sent=1
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
   kill -KILL "$build_pid" 2>/dev/null
   wait "$build_pid" 2>/dev/null
   build_pid=""
