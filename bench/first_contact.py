@@ -7,7 +7,8 @@ and the shell script's next stage still runs:
     env           GPU, clocks, versions; the copy and bf16 GEMM ceilings        -> env.txt
     correctness   every kernel family, bf16/fp16/fp32, awkward shapes and one
                   large, against float64 by relative error, outputs poisoned,
-                  one pinned config per kernel (no autotuning)                  -> correctness.log
+                  one pinned config per kernel (no autotuning), compiled ahead
+                  by a worker process per core (--warm-seconds)                 -> correctness.log
     headline      frozen nn.Linear, PEFT, eager, torch.compile, unsloth-style,
                   triton (cuda in its own call, once the extension is built):
                   8192 tokens, 4096→4096 and 4096→14336, r=16, bf16, ratios to
@@ -17,6 +18,12 @@ and the shell script's next stage still runs:
     ncu-report    ncu's CSV against the cost model's bytes and FLOPs             -> ncu.txt
     sanitize      a few CUDA-backend calls, for compute-sanitizer (tune)
     autotune      the autotuner's choice per headline shape (tune)              -> autotune.txt
+    warm          one compile-ahead worker of correctness (its cases, results discarded)
+    train-step    bench/train_step.py with the arguments after ``--``
+
+A stage fails (status 1) on any Triton warning and on any case that fell back from the TMA kernel
+to the pointer kernel in its process, each printed as ``FAILED: <stage>: ...`` (the shell script
+copies these lines into summary.txt) and kept in bench.json's ``stages``.
 
 ``LORA_KERNELS_DRY_RUN=1`` runs every stage on the CPU: Triton's interpreter, tiny shapes,
 the same files. Its numbers mean nothing; it proves the script before a GPU call.
@@ -212,7 +219,9 @@ def poisoned():
     before, fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
     det.fill_uninitialized_memory = True
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        # NOTE: only the notice that deterministic mode prints for ops without a deterministic
+        # kernel: any other warning (a Triton one, a TMA fallback) must reach the stage's check.
+        warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
         torch.use_deterministic_algorithms(True, warn_only=True)
         try:
             yield
@@ -405,7 +414,94 @@ def correctness_cases(backend: str):
                 yield dname, family, shape
 
 
-def stage_correctness(out: Path, res: Results, backend: str) -> int:
+def run_case(backend: str, dname: str, family: str, shape) -> dict[str, float]:
+    """One correctness case's relative errors, on data seeded by the case (fresh, reproducible)."""
+    dtype = DTYPES[dname]
+    torch.manual_seed(zlib.crc32(repr((family, shape, dname)).encode()))
+    if family == "multi-adapter":
+        return check_multi(backend, shape, dtype)
+    if family.startswith("4-bit"):
+        return check_4bit(backend, family.split()[1], shape, dtype)
+    return check_single(backend, family, shape, dtype)
+
+
+def _pin_one_config(backend: str) -> None:
+    if backend == "triton":
+        from lora_kernels import triton_ops
+
+        triton_ops.AUTOTUNE = False  # one pinned config per kernel: checks results, compiles a fraction
+
+
+def run_bounded(argvs: list[list[str]], seconds: float) -> list[tuple[Optional[int], str]]:
+    """Run the commands side by side, each in a session of its own; after ``seconds`` whatever still
+    runs is killed with its children. (exit status, or None where killed; output) per command."""
+    import signal
+    import subprocess
+    import tempfile
+
+    procs = []
+    for argv in argvs:
+        sink = tempfile.TemporaryFile(mode="w+")
+        procs.append((subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True), sink))
+    deadline = time.monotonic() + seconds
+    done: list[tuple[Optional[int], str]] = []
+    for proc, sink in procs:
+        try:
+            rc: Optional[int] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+        sink.seek(0)
+        done.append((rc, sink.read()))
+        sink.close()
+    return done
+
+
+def compile_ahead(backend: str, out: Path, log: Path, workers: int, seconds: float) -> None:
+    """Fill Triton's on-disk cache for the stage's cases before the checks run: ``workers``
+    processes each run every ``workers``-th case (so all of them start with bf16, the stage's
+    order) and are cut off after ``seconds``; the checks then load each kernel instead of
+    compiling it (a case left uncompiled compiles in the checks, as without this)."""
+    n = len(list(correctness_cases(backend)))
+    workers = min(workers, n)
+    if DRY_RUN or backend != "triton" or workers < 2:
+        why = ("dry run: the interpreter compiles nothing" if DRY_RUN else
+               f"the {backend} backend compiles no Triton kernel" if backend != "triton" else f"{workers} worker(s)")
+        _log(log, f"[{backend}] compile-ahead skipped: {why}")
+        return
+    t0 = time.perf_counter()
+    argvs = [[sys.executable, str(Path(__file__).resolve()), "warm", "--backend", backend, "--out", str(out),
+              "--cases", ",".join(str(i) for i in range(w, n, workers))] for w in range(workers)]
+    results = run_bounded(argvs, seconds)
+    ran = sum(line.startswith("warm: case ") for _, text in results for line in text.splitlines())
+    cut = sum(rc is None for rc, _ in results)
+    crashed = [text.strip().splitlines()[-1][:200] for rc, text in results if rc not in (None, 0) and text.strip()]
+    _log(log, f"[{backend}] compile-ahead: {workers} processes ran {ran} of {n} cases in "
+              f"{time.perf_counter() - t0:.1f} s" + (f"; {cut} cut off at {seconds:g} s" if cut else "")
+              + (f"; {len(crashed)} ended with an error, the last: {crashed[-1]}" if crashed else ""))
+
+
+def stage_warm(backend: str, indices: list[int]) -> int:
+    """A compile-ahead worker: run the correctness cases ``indices`` and discard their results (the
+    checks run them again); one line per case, so the stage counts what ran before a cut-off."""
+    torch.set_num_threads(1)
+    _pin_one_config(backend)
+    cases = list(correctness_cases(backend))
+    for i in indices:
+        t0 = time.perf_counter()
+        try:
+            run_case(backend, *cases[i])
+            note = ""
+        except Exception as exc:  # noqa: BLE001 - the check reports it
+            note = f" ({type(exc).__name__})"
+        sync()
+        print(f"warm: case {i} {cases[i]} {time.perf_counter() - t0:.1f} s{note}", flush=True)
+    return 0
+
+
+def stage_correctness(out: Path, res: Results, backend: str, warm_workers: int = 0, warm_seconds: float = 0.0) -> int:
     from lora_kernels import backends
 
     log = out / "correctness.log"
@@ -415,24 +511,17 @@ def stage_correctness(out: Path, res: Results, backend: str) -> int:
         _log(log, f"[{backend}] skipped: {why}")
         res.add({"stage": "correctness", "backend": backend, "status": "skipped", "reason": why})
         return 0
-    if backend == "triton":
-        from lora_kernels import triton_ops
-
-        triton_ops.AUTOTUNE = False  # one pinned config per kernel: checks results, compiles a fraction
+    _pin_one_config(backend)
+    if warm_seconds > 0:
+        compile_ahead(backend, out, log, warm_workers, warm_seconds)
     _log(log, f"[{backend}] {'family':<17} {'dtype':<5} {'shape M,K,N,r':<20} {'max rel err':>11}  "
               f"{'bound':>7}  {'s':>5}  errors")
     failed = 0
     for dname, family, shape in correctness_cases(backend):
         dtype = DTYPES[dname]
-        torch.manual_seed(zlib.crc32(repr((family, shape, dname)).encode()))  # fresh, reproducible
         t0 = time.perf_counter()
         try:
-            if family == "multi-adapter":
-                errs = check_multi(backend, shape, dtype)
-            elif family.startswith("4-bit"):
-                errs = check_4bit(backend, family.split()[1], shape, dtype)
-            else:
-                errs = check_single(backend, family, shape, dtype)
+            errs = run_case(backend, dname, family, shape)
             worst = max(errs.values())
             status = "ok" if worst <= TOLERANCE[dtype] else "WRONG"
             detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
@@ -503,7 +592,9 @@ def measure(res: Results, stage: str, providers: list[str], layers, tokens: list
 
 
 def stage_headline(out: Path, res: Results, providers: list[str], stage: str = "headline") -> int:
-    layers, tokens = (DRY_LAYERS, [DRY_TOKENS]) if DRY_RUN else (HEADLINE_LAYERS, [HEADLINE_TOKENS])
+    # NOTE: the dry run measures one layer: the second runs the same code on other numbers, and
+    # the interpreter times each triton cell at least ten calls (bench/timing.py's repetitions).
+    layers, tokens = (DRY_LAYERS[:1], [DRY_TOKENS]) if DRY_RUN else (HEADLINE_LAYERS, [HEADLINE_TOKENS])
     done = measure(res, stage, providers, layers, tokens, COLUMNS)
     write_headline(out, res)
     bad = [r for r in done if r["status"] in ("error", "wrong")]
@@ -514,7 +605,7 @@ def stage_headline(out: Path, res: Results, providers: list[str], stage: str = "
 
 def stage_extra(out: Path, res: Results) -> int:
     """The 512/2048-token rows (4096→4096, fwd+bwd) for base, triton, cuda, unsloth and PEFT."""
-    layers, tokens = ([DRY_LAYERS[0]], [16, 32]) if DRY_RUN else ([HEADLINE_LAYERS[0]], list(EXTRA_TOKENS))
+    layers, tokens = ([DRY_LAYERS[0]], [16]) if DRY_RUN else ([HEADLINE_LAYERS[0]], list(EXTRA_TOKENS))
     measure(res, "extra", ["base", "triton", "cuda", "unsloth", "peft"], layers, tokens, [("fwd+bwd", 0.0)])
     write_headline(out, res)
     return 0
@@ -732,6 +823,54 @@ def stage_autotune(out: Path, res: Results) -> int:
 
 
 # --------------------------------------------------------------------------- #
+# Every stage: a Triton warning or a TMA fallback fails it, by name
+# --------------------------------------------------------------------------- #
+
+
+def tma_fallbacks() -> list:
+    """The cases (kernel, dtype, shapes, strides) that fell back from the TMA kernel to the pointer
+    kernel in this process (a stage is a process)."""
+    ops = sys.modules.get("lora_kernels.triton_ops")
+    if ops is None:
+        return []
+    listed = getattr(ops, "tma_fallbacks", None)
+    return list(listed()) if listed else sorted(getattr(ops, "_TMA_FAILED_CASES", ()), key=repr)
+
+
+def _from_triton(w: warnings.WarningMessage) -> bool:
+    """A warning that Triton raised, or this package (its Triton launchers warn as "lora_kernels: ...")."""
+    text = str(w.message)
+    if text.startswith("lora_kernels") or "triton" in text.lower():
+        return True
+    where = Path(w.filename).resolve()
+    roots = [Path(m.__file__).resolve().parent for m in (sys.modules.get("triton"), sys.modules.get("lora_kernels"))
+             if m is not None and getattr(m, "__file__", None)]
+    return any(where.is_relative_to(root) for root in roots)
+
+
+@contextlib.contextmanager
+def failing_on_triton_warnings(problems: list[str]):
+    """Record every warning raised inside; append to ``problems`` each Triton one (category,
+    message, where) and each TMA fallback of the process. Other warnings are printed once each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                key = (w.category, str(w.message), w.filename, w.lineno)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if _from_triton(w):
+                    problems.append(f"Triton warning: {w.category.__name__}: {w.message} ({w.filename}:{w.lineno})")
+                else:
+                    print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno).rstrip(), file=sys.stderr)
+            problems += [f"TMA fallback to the pointer kernel: {case}" for case in tma_fallbacks()]
+
+
+# --------------------------------------------------------------------------- #
 # verify: what CI checks after the dry run
 # --------------------------------------------------------------------------- #
 
@@ -742,7 +881,7 @@ EXPECTED = {"first": ("summary.txt", "env.txt", "correctness.log", "headline.md"
 
 def verify(out: Path, mode: str) -> list[str]:
     """Problems with a finished run's OUTDIR (empty: none): the files, every stage's budget and
-    time, no failed stage, no failed correctness check, the headline table."""
+    time, no failed stage, the script's result line, no failed correctness check, the headline table."""
     problems = []
     files = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
     if len(files) > MAX_FILES:
@@ -752,6 +891,11 @@ def verify(out: Path, mode: str) -> list[str]:
     stages = [line for line in summary if " budget " in line]
     if not stages:
         problems.append("summary.txt names no stage")
+    results = [line for line in summary if line.startswith("result: ")]
+    if not results:
+        problems.append("summary.txt has no 'result:' line: the run did not finish")
+    elif results[-1] != "result: ok":
+        problems.append(f"summary.txt: {results[-1]}")
     for line in stages:
         if "measured" not in line and "skipped" not in line:
             problems.append(f"stage without a measured time: {line!r}")
@@ -779,27 +923,54 @@ def verify(out: Path, mode: str) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python bench/first_contact.py", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("env", "correctness", "headline", "extra", "ncu-target", "ncu-report",
-                                      "sanitize", "autotune", "render", "verify"))
+                                      "sanitize", "autotune", "render", "verify", "warm", "train-step"))
     p.add_argument("--out", type=Path, required=True, help="the output folder (bench.json and the stage's file)")
-    p.add_argument("--backend", default="triton", choices=("triton", "cuda"), help="correctness: which backend")
+    p.add_argument("--backend", default="triton", choices=("triton", "cuda", "reference"),
+                   help="correctness, warm: which backend (reference: the float64 check of the check)")
     p.add_argument("--providers", default=",".join(HEADLINE_PROVIDERS), help="headline: comma list")
     p.add_argument("--stage-name", default="headline", help="headline: the rows' stage name in bench.json")
     p.add_argument("--csv", type=Path, help="ncu-report: ncu's --csv output")
     p.add_argument("--mode", default="first", choices=tuple(EXPECTED), help="verify: which run OUTDIR holds")
-    args = p.parse_args(argv)
+    p.add_argument("--warm-seconds", type=float, default=0.0,
+                   help="correctness: compile ahead in worker processes for at most this long (0: not)")
+    p.add_argument("--warm-workers", type=int, default=os.cpu_count() or 1,
+                   help="correctness: how many worker processes compile ahead (default: one per core)")
+    p.add_argument("--cases", default="", help="warm: the indices of the correctness cases this worker runs")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.rest = argv[cut + 1:]  # train-step: bench/train_step.py's arguments
     if args.stage == "verify":
         problems = verify(args.out, args.mode)
         print("\n".join(problems) if problems else f"{args.out}: the {args.mode} run is complete")
         return 1 if problems else 0
+    if args.stage == "warm":
+        return stage_warm(args.backend, [int(i) for i in args.cases.split(",") if i])
     args.out.mkdir(parents=True, exist_ok=True)
     res = Results(args.out)
     torch.manual_seed(0)
     if device().type == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
+    problems: list[str] = []
+    with failing_on_triton_warnings(problems):
+        rc = run_stage(args, res)
+    name = args.stage_name if args.stage == "headline" else args.stage
+    for problem in problems:
+        line = f"FAILED: {name}: {problem}"
+        print(line, file=sys.stderr, flush=True)
+        if args.stage == "correctness":
+            with (args.out / "correctness.log").open("a") as f:
+                f.write(line + "\n")
+    if problems:
+        res.stage(name, failures=problems)
+    return 1 if problems else rc
+
+
+def run_stage(args: argparse.Namespace, res: Results) -> int:
     if args.stage == "env":
         return stage_env(args.out, res)
     if args.stage == "correctness":
-        return stage_correctness(args.out, res, args.backend)
+        return stage_correctness(args.out, res, args.backend, args.warm_workers, args.warm_seconds)
     if args.stage == "headline":
         return stage_headline(args.out, res, [s for s in args.providers.split(",") if s], args.stage_name)
     if args.stage == "extra":
@@ -812,6 +983,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return stage_sanitize(args.out, res)
     if args.stage == "autotune":
         return stage_autotune(args.out, res)
+    if args.stage == "train-step":  # here, so that its Triton warnings and TMA fallbacks count too
+        from bench import train_step
+
+        return train_step.main(args.rest)
     write_headline(args.out, res)
     return 0
 
