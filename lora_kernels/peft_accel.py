@@ -50,7 +50,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, engines
 from .dora import WeightSquares, dora_linear
 from .functional import _autocast_available, lora_linear, merge_lora_, unmerge_lora_
 from .nf4 import peft_accel as nf4
@@ -96,10 +96,11 @@ def _static_reason(layer: nn.Module, lora_layer, backend: str = "auto") -> Optio
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    # NOTE: accelerate's device-map hooks replace ``module.forward`` on the instance; the fused
-    # path bypasses module calls, so any hook or replaced forward sends the call to PEFT's code.
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+def _hooked_modules(layer: nn.Module, adapters) -> list[nn.Module]:
+    """The modules owning the parameters a fused call reads that carry (recognised) engine hooks: the
+    fused call runs inside their calls (:func:`engines.call_inside`), outermost first."""
+    owners = [m for a in adapters for m in (layer.lora_A[a], layer.lora_B[a])] + [layer.base_layer]
+    return [m for m in owners if engines.hooked(m)]
 
 
 def _is_dora(layer: nn.Module, adapter: str) -> bool:
@@ -128,8 +129,10 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     w_dtype = nf4.weight_dtype(layer) if nf4.is_peft_linear4bit(layer) else W.dtype
     if A.dtype != B.dtype or A.dtype not in _FLOATS or w_dtype not in _FLOATS:
         return f"dtypes weight={w_dtype}, lora_A={A.dtype}, lora_B={B.dtype} (float factors of one dtype needed)"
-    if not (A.device == B.device == W.device):
-        return f"devices weight={W.device}, lora_A={A.device}, lora_B={B.device} differ"
+    devices = [engines.execution_device(m, m.weight) for m in (layer.base_layer, layer.lora_A[adapter],
+                                                                 layer.lora_B[adapter])]
+    if len(set(devices)) > 1:
+        return f"devices weight={devices[0]}, lora_A={devices[1]}, lora_B={devices[2]} differ"
     scaling = layer.scaling[adapter]
     if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         return f"scaling {scaling!r} of adapter {adapter!r} is not a finite number"
@@ -158,10 +161,14 @@ def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[tuple[str, 
         dropout = layer.lora_dropout[adapter]
         if type(dropout) not in (nn.Dropout, nn.Identity):
             return f"dropout module is {type(dropout).__name__}, not nn.Dropout or nn.Identity", None
-        hooked = [n for n, m in (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
-                                 ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout)) if _has_hooks(m)]
-        if hooked:
-            return f"forward hooks or a replaced forward on {hooked}", None
+        owners = (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
+                  ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout))
+        unknown = {n: engines.unrecognised(m) for n, m in owners}
+        unknown = {n: hooks for n, hooks in unknown.items() if hooks}
+        if unknown:
+            return f"hooks the fused path does not run under: {unknown}", None
+        if any(engines.hooked(m) for _, m in owners) and (_is_dora(layer, adapter) or nf4.is_peft_linear4bit(layer)):
+            return "engine hooks (ZeRO-3, accelerate) on a DoRA or 4-bit layer (fused only for plain LoRA)", None
     if len(active) > 1:
         if nf4.is_peft_linear4bit(layer):
             return f"{len(active)} active adapters {active} on a 4-bit base (the 4-bit kernels take one)", None
@@ -182,6 +189,8 @@ def _mixed_reason(layer: nn.Module, x, names) -> Optional[str]:
         return "adapter_names= on a layer with adapters disabled or merged (PEFT's forward decides)"
     if nf4.is_peft_linear4bit(layer):
         return "adapter_names= on a 4-bit base (the multi-adapter kernels take a 16-bit weight)"
+    if any(engines.hooked(m) for m in layer.modules()):
+        return "adapter_names= under engine hooks (ZeRO-3, accelerate)"
     if not isinstance(names, (list, tuple)) or not isinstance(x, Tensor) or x.dim() < 2 or len(names) != len(x):
         return "adapter_names= that does not name one adapter per input row (PEFT's forward reports it)"
     used = [a for a in dict.fromkeys(names) if a in layer.lora_A]
@@ -234,8 +243,9 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
         return f"input is {type(x).__name__}, not a Tensor"
     W = layer.base_layer.weight
     quantised = nf4.is_peft_linear4bit(layer)
-    if x.device != W.device:
-        return f"input on {x.device}, weight on {W.device}"
+    device = engines.execution_device(layer.base_layer, W)
+    if x.device != device:
+        return f"input on {x.device}, weight on {device}"
     if quantised:
         why = nf4.call_reason(layer, x)
         if why:
@@ -243,7 +253,7 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
     elif x.dtype != W.dtype and not (_autocast_available(x.device.type)
                                       and torch.is_autocast_enabled(x.device.type)):
         return f"input dtype {x.dtype} differs from the weight's {W.dtype} (outside autocast)"
-    in_features = nf4.in_features(layer) if quantised else W.shape[1]
+    in_features = nf4.in_features(layer) if quantised else engines.full_shape(W)[1]
     if x.dim() < 1 or x.shape[-1] != in_features:
         return f"input shape {tuple(x.shape)} does not fit in_features={in_features}"
     return None
@@ -263,6 +273,16 @@ def _forward(layer: nn.Module, x, *args, **kwargs):
         adapters = _state_reason(layer)[1]
     if adapters is None:
         return type(layer).forward(layer, x, *args, **kwargs)
+    hooked = _hooked_modules(layer, adapters)
+    if hooked:
+        # NOTE: ZeRO-3 / accelerate gather or move the parameters in their modules' calls: the weights
+        # are read inside those calls (engines.py), never here.
+        return engines.call_inside(hooked, functools.partial(_fused, layer, adapters), x)
+    return _fused(layer, adapters, x)
+
+
+def _fused(layer: nn.Module, adapters: tuple[str, ...], x: Tensor) -> Tensor:
+    """The fused call for the active ``adapters``, reading the parameters now."""
     base, settings = layer.base_layer, getattr(layer, _STATE)
     if len(adapters) > 1:
         # Σₐ sₐ·(x Aₐᵀ) Bₐᵀ = (x [A₁; A₂; …]ᵀ) [s₁B₁ | s₂B₂ | …]ᵀ: one fused call of the summed rank (the
@@ -289,6 +309,8 @@ def _merge_reason(layer: nn.Module, adapter: str) -> Optional[str]:
         why = "DoRA adapter (PEFT's merge: it keeps the row norms that its unmerge needs)"
     if why is None and any(_is_dtensor(t) for t in (layer.base_layer.weight, layer.lora_A[adapter].weight)):
         why = "sharded (DTensor) parameters"
+    if why is None and hasattr(layer.base_layer.weight, "ds_id"):
+        why = "ZeRO-3 partitioned parameters"
     return why
 
 

@@ -1,0 +1,214 @@
+"""accelerate_peft under DeepSpeed ZeRO-2/3, FSDP1 and accelerate's device maps.
+
+Each engine run trains a tiny PEFT Llama (LoRA on q/v/down, dropout 0) for a few steps twice in
+the same processes: plain PEFT, then the same model accelerated (before or after the engine
+wraps it). The fused path must be taken (every LoRA call counted, ``report.current()`` all
+"fused"), the losses must equal plain PEFT's step by step, and the adapter saved with
+``save_pretrained`` must reload. Multi-process runs: two CPU ranks over gloo, spawned once per
+engine (the harness of test_distributed.py), rank 0 writes what it saw to a file.
+"""
+
+import importlib.util
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+
+from test_distributed import WORLD, _free_port
+
+TIMEOUT_S = 150
+STEPS = 3
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
+needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                                      reason="accelerate is not installed (pip install accelerate)")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None
+                                or importlib.util.find_spec("transformers") is None,
+                                reason="peft and transformers are needed")
+
+
+def base_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=64))
+
+
+def peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():  # B = 0 would hide a wrong A gradient in the first step
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def batch(rank):
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(10 + rank))
+
+
+class Counter:
+    """Counts the fused calls ``accelerate_peft`` makes."""
+
+    def __init__(self):
+        from lora_kernels import peft_accel
+
+        self.calls, self._real, self._mod = 0, peft_accel.lora_linear, peft_accel
+        peft_accel.lora_linear = self._count
+
+    def _count(self, *a, **k):
+        self.calls += 1
+        return self._real(*a, **k)
+
+    def close(self):
+        self._mod.lora_linear = self._real
+
+
+# --------------------------------------------------------------------------- #
+# DeepSpeed
+# --------------------------------------------------------------------------- #
+
+
+def ds_config(stage):
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+            "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+
+
+def _deepspeed_run(stage, rank, accel, out):
+    """One training run under ``deepspeed.initialize``; ``accel``: None, "before" or "after"."""
+    import importlib
+
+    import deepspeed
+    import lora_kernels as lk
+
+    # NOTE: DeepSpeed's CPU accelerator JIT-compiles a shared-memory collective op (a C++ build of
+    # a minute or more on two cores) on first use; gloo carries the same collectives.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+    model = peft_model()
+    report = lk.accelerate_peft(model, backend="reference") if accel == "before" else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+    if accel == "after":
+        report = lk.accelerate_peft(model, backend="reference")
+    counter = Counter()
+    losses = []
+    try:
+        ids = batch(rank)
+        for _ in range(STEPS):
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    finally:
+        counter.close()
+    result = {"losses": losses, "calls": counter.calls}
+    if report is not None:
+        result["current"] = report.current()
+    # The adapter: gather the LoRA factors (ZeRO-3 partitions them), save on rank 0.
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    with deepspeed.zero.GatheredParameters(lora, enabled=stage == 3):
+        result["adapter"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        if rank == 0:
+            model.save_pretrained(out)
+    return result
+
+
+def _worker(rank, port, mode, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    result = {}
+    try:
+        engine, variant = mode.split(":")
+        save_dir = out_path + ".adapter"
+        if engine.startswith("zero"):
+            stage = int(engine[-1])
+            result["peft"] = _deepspeed_run(stage, rank, None, save_dir + ".peft")
+            result["fused"] = _deepspeed_run(stage, rank, variant, save_dir)
+        result["save_dir"] = save_dir
+        dist.barrier()
+    except Exception:  # noqa: BLE001
+        result["error"] = traceback.format_exc()
+    if rank == 0:
+        torch.save(result, out_path + ".tmp")
+        os.replace(out_path + ".tmp", out_path)
+    dist.destroy_process_group()
+
+
+def run_two_processes(mode, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "result.pt"
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, mode, str(out)), daemon=True) for rank in range(WORLD)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=max(0.0, start + TIMEOUT_S - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    if not out.exists():
+        pytest.fail(f"{mode}: no result from rank 0 (exit codes {[p.exitcode for p in procs]}"
+                    f"{', timed out after %d s' % TIMEOUT_S if alive else ''})")
+    result = torch.load(out, weights_only=False)
+    assert "error" not in result, result["error"]
+    return result
+
+
+def check_fused_run(result):
+    peft, fused = result["peft"], result["fused"]
+    n_layers = 2 * len(TARGETS)
+    assert peft["calls"] == 0
+    assert fused["calls"] == STEPS * n_layers, fused["calls"]
+    assert len(fused["current"]) == n_layers and set(fused["current"].values()) == {"fused"}, fused["current"]
+    torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(peft["losses"]), rtol=1e-5, atol=1e-6)
+    for name, p in peft["adapter"].items():
+        torch.testing.assert_close(fused["adapter"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    assert fused["losses"][-1] < fused["losses"][0]
+
+
+def check_reload(result):
+    from peft import PeftModel
+
+    again = PeftModel.from_pretrained(base_model(), result["save_dir"])
+    state = {n: p for n, p in again.named_parameters() if "lora_" in n}
+    saved = {n.replace(".default", ""): p for n, p in result["fused"]["adapter"].items()}
+    assert len(state) == len(saved) == 4 * len(TARGETS)
+    for name, p in state.items():
+        torch.testing.assert_close(p, saved[name.replace(".default", "")], rtol=0, atol=0, msg=name)
+
+
+_RUNS = {}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    def get(mode):
+        if mode not in _RUNS:
+            _RUNS[mode] = run_two_processes(mode, tmp_path_factory.mktemp(mode.replace(":", "_")))
+        return _RUNS[mode]
+    return get
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("mode", ["zero3:before", "zero3:after", "zero2:after"])
+def test_deepspeed_fused_equals_peft(runs, mode):
+    result = runs(mode)
+    check_fused_run(result)
+    check_reload(result)
