@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -59,7 +60,6 @@ __all__ = ["AccelerationReport", "accelerate_peft", "deaccelerate_peft"]
 
 # The instance attribute that marks an accelerated layer and holds its settings.
 _STATE = "_lora_kernels_accel"
-_PATCHED = ("forward", "merge", "unmerge")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -452,10 +452,17 @@ def accelerate_peft(model: nn.Module, backend: str = "auto") -> AccelerationRepo
         # NOTE: plain instance attributes; functools.partial (not a bound method) so that
         # deepcopy and pickling of the model carry them over to the copy's own layer.
         object.__setattr__(layer, _STATE, _Settings(backend))
-        layer.forward = functools.partial(_forward, layer)
+        # NOTE: where accelerate's hook wrapper is the layer's forward (dispatch_model hooks every module
+        # with its own tensors, and the PEFT layer too), ours goes beneath it, where its own forward was.
+        setattr(layer, "_old_forward" if engines.accelerate_hooked(layer) else "forward",
+                functools.partial(_forward, layer))
         layer.merge = functools.partial(_merge, layer)
         layer.unmerge = functools.partial(_unmerge, layer)
     return AccelerationReport(model, backend, [n for n, _ in chosen], skipped)
+
+
+def _is_ours(fn) -> bool:
+    return isinstance(fn, functools.partial) and fn.func is _forward
 
 
 def deaccelerate_peft(model: nn.Module) -> nn.Module:
@@ -465,7 +472,11 @@ def deaccelerate_peft(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if hasattr(module, _STATE):
-            for attr in _PATCHED:
+            for attr in ("merge", "unmerge"):
                 module.__dict__.pop(attr, None)
+            if _is_ours(module.__dict__.get("forward")):
+                del module.__dict__["forward"]
+            if _is_ours(module.__dict__.get("_old_forward")):  # beneath accelerate's hook: its own forward back
+                module._old_forward = types.MethodType(type(module).forward, module)
             object.__delattr__(module, _STATE)
     return model

@@ -212,3 +212,112 @@ def test_deepspeed_fused_equals_peft(runs, mode):
     result = runs(mode)
     check_fused_run(result)
     check_reload(result)
+
+
+# --------------------------------------------------------------------------- #
+# accelerate's device maps (one process)
+# --------------------------------------------------------------------------- #
+
+
+def dispatched(tmp_path):
+    """The PEFT model dispatched by accelerate: layer 1 (base weights and LoRA factors) offloaded to disk."""
+    from accelerate import dispatch_model
+
+    model = peft_model()
+    inner = model.base_model.model
+    device_map = {f"base_model.model.{n}": "cpu" for n, _ in inner.named_children() if n != "model"}
+    device_map.update({f"base_model.model.model.{n}": "cpu" for n, _ in inner.model.named_children() if n != "layers"})
+    device_map.update({"base_model.model.model.layers.0": "cpu", "base_model.model.model.layers.1": "disk"})
+    return dispatch_model(model, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path / "offload"))
+
+
+def loss_and_grads(model, ids):
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.logits.detach(), grads
+
+
+@needs_accelerate
+def test_device_map_with_disk_offload_runs_fused(tmp_path):
+    import lora_kernels as lk
+
+    model = dispatched(tmp_path)
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    assert layer.base_layer.weight.device.type == "meta" and layer.lora_A["default"].weight.device.type == "meta"
+    wrapper = layer.forward
+    ids = batch(0)
+    logits, grads = loss_and_grads(model, ids)          # PEFT's forward under the same hooks
+    report = lk.accelerate_peft(model, backend="reference")
+    assert set(report.current().values()) == {"fused"}, report.current()
+    assert layer.forward is wrapper                     # accelerate's hook on the PEFT layer itself is kept
+    counter = Counter()
+    try:
+        fused_logits, fused_grads = loss_and_grads(model, ids)
+    finally:
+        counter.close()
+    assert counter.calls == 2 * len(TARGETS)
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-6)
+    # NOTE: offloaded factors are rebuilt from the offload map at each call, so only layer 0's gradients
+    # land on the model's parameters, with PEFT as without lora_kernels.
+    assert set(fused_grads) == set(grads) and len(grads) == 2 * len(TARGETS)
+    for name, g in grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(fused_logits, peft_model()(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    report.undo()
+    assert layer.forward is wrapper and layer._old_forward.__func__ is type(layer).forward
+    torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=0, atol=0)
+
+
+@needs_accelerate
+def test_cpu_offload_hooks_run_fused(tmp_path):
+    """``cpu_offload``: every module's weights held in a CPU map, moved in for each call."""
+    from accelerate import cpu_offload
+    import lora_kernels as lk
+
+    ids = batch(0)
+    expected = peft_model()(input_ids=ids).logits
+    model = cpu_offload(peft_model(), execution_device="cpu")
+    report = lk.accelerate_peft(model, backend="reference")
+    assert set(report.current().values()) == {"fused"}, report.current()
+    counter = Counter()
+    try:
+        logits = model(input_ids=ids).logits
+    finally:
+        counter.close()
+    assert counter.calls == 2 * len(TARGETS)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- #
+# Hooks the fused path does not know keep PEFT's forward
+# --------------------------------------------------------------------------- #
+
+
+def test_unrecognised_hooks_keep_peft_forward_and_are_named():
+    import lora_kernels as lk
+
+    model = peft_model()
+    report = lk.accelerate_peft(model, backend="reference")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    name = "base_model.model.model.layers.0.self_attn.q_proj"
+    seen = []
+
+    def my_hook(module, args, output):
+        seen.append(output.shape)
+
+    handle = layer.base_layer.register_forward_hook(my_hook)
+    ids = batch(0)
+    counter = Counter()
+    try:
+        model(input_ids=ids)
+        assert "my_hook" in report.current()[name] and "base_layer" in report.current()[name]
+        assert counter.calls == 2 * len(TARGETS) - 1 and len(seen) == 1
+        handle.remove()
+        layer.lora_A["default"].forward = lambda x: torch.nn.functional.linear(x, layer.lora_A["default"].weight)
+        assert "replaced forward" in report.current()[name] and "lora_A" in report.current()[name]
+        del layer.lora_A["default"].forward
+        assert report.current()[name] == "fused"
+    finally:
+        counter.close()
