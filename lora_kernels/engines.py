@@ -70,6 +70,8 @@ def accelerate_hooked(module: nn.Module) -> bool:
 
 def unrecognised(module: nn.Module) -> list[str]:
     """The hooks on ``module`` the fused path does not run under (empty: none, or only recognised ones)."""
+    if _fsdp1(module):  # the unit's own work is in its class's forward; what it wraps is judged as well
+        return unrecognised(module._fsdp_wrapped_module)
     out = []
     for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
         out += [f"{kind} {getattr(_fn(h), '__qualname__', repr(h))}" for h in hooks.values()
@@ -84,9 +86,18 @@ def unrecognised(module: nn.Module) -> list[str]:
     return out
 
 
+def _fsdp1(module: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return type(module) is FullyShardedDataParallel
+
+
 def hooked(module: nn.Module) -> bool:
-    """True when ``module`` has a (recognised) hook that a fused call must run under."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__)
+    """True when ``module`` has a (recognised) hook that a fused call must run under, or is an FSDP1
+    unit (its forward unshards the flat parameter, registers the backward's unshard and reduction)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__) or _fsdp1(module)
 
 
 def execution_device(module: nn.Module, param: Tensor) -> torch.device:
@@ -113,14 +124,16 @@ def call_inside(modules: list[nn.Module], fn: Callable[[Tensor], Tensor], x: Ten
     if not modules:
         return fn(x)
     module, rest = modules[0], modules[1:]
-    # accelerate's wrapper calls ``module._old_forward`` between its pre- and post-forward.
-    attr = "_old_forward" if accelerate_hooked(module) else "forward"
-    saved = module.__dict__.get(attr, _MISSING)
-    module.__dict__[attr] = lambda inner: call_inside(rest, fn, inner)
+    # The forward the hooks run around: an FSDP1 unit calls the module it wraps (whose own hooks, if
+    # any, are judged like any module's), accelerate's wrapper calls ``_old_forward``.
+    target = module._fsdp_wrapped_module if _fsdp1(module) else module
+    attr = "_old_forward" if accelerate_hooked(target) else "forward"
+    saved = target.__dict__.get(attr, _MISSING)
+    target.__dict__[attr] = lambda inner: call_inside(rest, fn, inner)
     try:
         return module(x)
     finally:
         if saved is _MISSING:
-            del module.__dict__[attr]
+            del target.__dict__[attr]
         else:
-            module.__dict__[attr] = saved
+            target.__dict__[attr] = saved

@@ -189,7 +189,7 @@ def _mixed_reason(layer: nn.Module, x, names) -> Optional[str]:
         return "adapter_names= on a layer with adapters disabled or merged (PEFT's forward decides)"
     if nf4.is_peft_linear4bit(layer):
         return "adapter_names= on a 4-bit base (the multi-adapter kernels take a 16-bit weight)"
-    if any(engines.hooked(m) for m in layer.modules()):
+    if any(engines.hooked(m) for m in list(layer.modules())[1:]):
         return "adapter_names= under engine hooks (ZeRO-3, accelerate)"
     if not isinstance(names, (list, tuple)) or not isinstance(x, Tensor) or x.dim() < 2 or len(names) != len(x):
         return "adapter_names= that does not name one adapter per input row (PEFT's forward reports it)"

@@ -123,6 +123,53 @@ def _deepspeed_run(stage, rank, accel, out):
     return result
 
 
+# --------------------------------------------------------------------------- #
+# FSDP1
+# --------------------------------------------------------------------------- #
+
+
+def _fsdp1_run(use_orig_params, rank, accel, out):
+    """One training run under FSDP1 wrapped as the Trainer wraps a PEFT model (peft's
+    ``fsdp_auto_wrap_policy``: each decoder layer a unit, each trainable LoRA factor a unit)."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel as FSDP, StateDictType
+
+    import lora_kernels as lk
+
+    model = peft_model()
+    report = lk.accelerate_peft(model, backend="reference") if accel == "before" else None
+    wrapped = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=use_orig_params,
+                   device_id=torch.device("cpu"))
+    if accel == "after":
+        report = lk.accelerate_peft(wrapped, backend="reference")
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    counter = Counter()
+    losses = []
+    try:
+        ids = batch(rank)
+        for _ in range(STEPS):
+            loss = wrapped(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        counter.close()
+    result = {"losses": losses, "calls": counter.calls}
+    if report is not None:
+        result["current"] = report.current()
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        state = wrapped.state_dict()
+    if rank == 0:
+        # NOTE: saved from an unsharded copy, as for merging under FSDP (docs/integration.md): PEFT's
+        # save_pretrained(state_dict=...) on the FSDP1-wrapped model wrote an empty adapter.
+        result["adapter"] = {k: v.clone() for k, v in state.items() if "lora_" in k}
+        copy = peft_model()
+        copy.load_state_dict(result["adapter"], strict=False)
+        copy.save_pretrained(out)
+    return result
+
+
 def _worker(rank, port, mode, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
@@ -137,6 +184,10 @@ def _worker(rank, port, mode, out_path):
             stage = int(engine[-1])
             result["peft"] = _deepspeed_run(stage, rank, None, save_dir + ".peft")
             result["fused"] = _deepspeed_run(stage, rank, variant, save_dir)
+        elif engine.startswith("fsdp1"):
+            orig = engine == "fsdp1_orig"
+            result["peft"] = _fsdp1_run(orig, rank, None, save_dir + ".peft")
+            result["fused"] = _fsdp1_run(orig, rank, variant, save_dir)
         result["save_dir"] = save_dir
         dist.barrier()
     except Exception:  # noqa: BLE001
@@ -321,3 +372,10 @@ def test_unrecognised_hooks_keep_peft_forward_and_are_named():
         assert report.current()[name] == "fused"
     finally:
         counter.close()
+
+
+@pytest.mark.parametrize("mode", ["fsdp1_orig:after", "fsdp1_flat:before"])
+def test_fsdp1_fused_equals_peft(runs, mode):
+    result = runs(mode)
+    check_fused_run(result)
+    check_reload(result)
