@@ -8,9 +8,9 @@ wraps it). The fused path must be taken (every LoRA call counted, ``report.curre
 engine (the harness of test_distributed.py), rank 0 writes what it saw to a file.
 """
 
+import functools
 import importlib.util
 import os
-import tempfile
 import time
 import traceback
 
@@ -178,17 +178,15 @@ def _worker(rank, port, mode, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     result = {}
     try:
-        engine, variant = mode.split(":")
-        save_dir = out_path + ".adapter"
-        if engine.startswith("zero"):
-            stage = int(engine[-1])
-            result["peft"] = _deepspeed_run(stage, rank, None, save_dir + ".peft")
-            result["fused"] = _deepspeed_run(stage, rank, variant, save_dir)
-        elif engine.startswith("fsdp1"):
-            orig = engine == "fsdp1_orig"
-            result["peft"] = _fsdp1_run(orig, rank, None, save_dir + ".peft")
-            result["fused"] = _fsdp1_run(orig, rank, variant, save_dir)
-        result["save_dir"] = save_dir
+        # plain PEFT, then accelerate_peft called before and/or after the engine wraps the model
+        run, variants = {"zero3": (functools.partial(_deepspeed_run, 3), ("before", "after")),
+                         "zero2": (functools.partial(_deepspeed_run, 2), ("after",)),
+                         "fsdp1_orig": (functools.partial(_fsdp1_run, True), ("after",)),
+                         "fsdp1_flat": (functools.partial(_fsdp1_run, False), ("before",))}[mode]
+        for variant in (None, *variants):
+            save_dir = f"{out_path}.{variant}"
+            result[variant or "peft"] = run(rank, variant, save_dir)
+            result[variant or "peft"]["save_dir"] = save_dir
         dist.barrier()
     except Exception:  # noqa: BLE001
         result["error"] = traceback.format_exc()
@@ -222,8 +220,8 @@ def run_two_processes(mode, tmp_path):
     return result
 
 
-def check_fused_run(result):
-    peft, fused = result["peft"], result["fused"]
+def check_fused_run(result, variant):
+    peft, fused = result["peft"], result[variant]
     n_layers = 2 * len(TARGETS)
     assert peft["calls"] == 0
     assert fused["calls"] == STEPS * n_layers, fused["calls"]
@@ -234,12 +232,12 @@ def check_fused_run(result):
     assert fused["losses"][-1] < fused["losses"][0]
 
 
-def check_reload(result):
+def check_reload(run):
     from peft import PeftModel
 
-    again = PeftModel.from_pretrained(base_model(), result["save_dir"])
+    again = PeftModel.from_pretrained(base_model(), run["save_dir"])
     state = {n: p for n, p in again.named_parameters() if "lora_" in n}
-    saved = {n.replace(".default", ""): p for n, p in result["fused"]["adapter"].items()}
+    saved = {n.replace(".default", ""): p for n, p in run["adapter"].items()}
     assert len(state) == len(saved) == 4 * len(TARGETS)
     for name, p in state.items():
         torch.testing.assert_close(p, saved[name.replace(".default", "")], rtol=0, atol=0, msg=name)
@@ -252,17 +250,17 @@ _RUNS = {}
 def runs(tmp_path_factory):
     def get(mode):
         if mode not in _RUNS:
-            _RUNS[mode] = run_two_processes(mode, tmp_path_factory.mktemp(mode.replace(":", "_")))
+            _RUNS[mode] = run_two_processes(mode, tmp_path_factory.mktemp(mode))
         return _RUNS[mode]
     return get
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("mode", ["zero3:before", "zero3:after", "zero2:after"])
-def test_deepspeed_fused_equals_peft(runs, mode):
+@pytest.mark.parametrize("mode, variant", [("zero3", "before"), ("zero3", "after"), ("zero2", "after")])
+def test_deepspeed_fused_equals_peft(runs, mode, variant):
     result = runs(mode)
-    check_fused_run(result)
-    check_reload(result)
+    check_fused_run(result, variant)
+    check_reload(result[variant])
 
 
 # --------------------------------------------------------------------------- #
@@ -374,8 +372,9 @@ def test_unrecognised_hooks_keep_peft_forward_and_are_named():
         counter.close()
 
 
-@pytest.mark.parametrize("mode", ["fsdp1_orig:after", "fsdp1_flat:before"])
-def test_fsdp1_fused_equals_peft(runs, mode):
+@pytest.mark.parametrize("mode, variant", [("fsdp1_orig", "after"), ("fsdp1_flat", "before")])
+def test_fsdp1_fused_equals_peft(runs, mode, variant):
+    """use_orig_params=True and False; before this, the fused call read the units' flat shards."""
     result = runs(mode)
-    check_fused_run(result)
-    check_reload(result)
+    check_fused_run(result, variant)
+    check_reload(result[variant])
