@@ -170,6 +170,42 @@ def _fsdp1_run(use_orig_params, rank, accel, out):
     return result
 
 
+def _trainer_run(rank, accel, out):
+    """HF ``Trainer`` on two CPU processes.
+
+    NOTE: not under FSDP: accelerate (1.16) selects FSDP only for GPU-like distributed types (its
+    ``AcceleratorState`` leaves ``MULTI_CPU`` out), so on CPUs the Trainer either refuses ``fsdp=``
+    ("Using fsdp only works in distributed training") or, with ``use_cpu=True``, wraps the model in
+    DDP. The FSDP1 runs above wrap the model as the Trainer would (peft's ``fsdp_auto_wrap_policy``).
+    """
+    from transformers import Trainer, TrainingArguments
+
+    import lora_kernels as lk
+
+    model = peft_model()
+    report = lk.accelerate_peft(model, backend="reference") if accel else None
+    data = [{"input_ids": ids, "labels": ids} for ids in batch(0).repeat(STEPS * WORLD, 1)]
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": d["input_ids"][torch.randperm(12, generator=g)]} for d in data]
+    data = [dict(d, labels=d["input_ids"]) for d in data]
+    args = TrainingArguments(output_dir=out + ".trainer", per_device_train_batch_size=1, max_steps=STEPS,
+                             learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    counter = Counter()
+    try:
+        trainer.train()
+    finally:
+        counter.close()
+    result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "calls": counter.calls,
+              "wrapped": type(trainer.model_wrapped).__name__}
+    if report is not None:
+        result["current"] = report.current()
+    result["adapter"] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer.save_model(out)
+    return result
+
+
 def _worker(rank, port, mode, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
@@ -182,7 +218,8 @@ def _worker(rank, port, mode, out_path):
         run, variants = {"zero3": (functools.partial(_deepspeed_run, 3), ("before", "after")),
                          "zero2": (functools.partial(_deepspeed_run, 2), ("after",)),
                          "fsdp1_orig": (functools.partial(_fsdp1_run, True), ("after",)),
-                         "fsdp1_flat": (functools.partial(_fsdp1_run, False), ("before",))}[mode]
+                         "fsdp1_flat": (functools.partial(_fsdp1_run, False), ("before",)),
+                         "trainer": (_trainer_run, ("before",))}[mode]
         for variant in (None, *variants):
             save_dir = f"{out_path}.{variant}"
             result[variant or "peft"] = run(rank, variant, save_dir)
@@ -378,3 +415,10 @@ def test_fsdp1_fused_equals_peft(runs, mode, variant):
     result = runs(mode)
     check_fused_run(result, variant)
     check_reload(result[variant])
+
+
+def test_trainer_two_processes_fused_equals_peft(runs):
+    result = runs("trainer")
+    assert result["before"]["wrapped"] == "DistributedDataParallel"
+    check_fused_run(result, "before")
+    check_reload(result["before"])
