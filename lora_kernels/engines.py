@@ -1,6 +1,6 @@
 """The hooks of distributed and offloading engines that the fused PEFT path runs under.
 
-DeepSpeed ZeRO-3 and accelerate's device maps do their work in module calls: ZeRO-3's
+DeepSpeed ZeRO-3, FSDP1/FSDP2 units and accelerate's device maps do their work in module calls: ZeRO-3's
 forward pre-hook all-gathers a module's own parameters and its forward hook releases them,
 wrapping the output (and the input) in autograd functions that re-gather them before that
 module's backward and release them after; accelerate's ``AlignDevicesHook`` replaces
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 # NOTE: recognised by where they are defined, not by name alone: a hook from elsewhere that
 # happens to share a name keeps PEFT's forward.
 _DEEPSPEED_HOOKS = ("deepspeed.runtime.zero.parameter_offload", "DeepSpeedZeRoOffload._register_deepspeed_module.")
+_FSDP2_HOOKS = ("torch.distributed.fsdp._fully_shard._fsdp_state", ("FSDPState._pre_forward", "FSDPState._post_forward"))
 _ACCELERATE_FORWARD = ("accelerate.hooks", "add_hook_to_module.<locals>.new_forward")
 _MISSING = object()
 
@@ -44,10 +45,12 @@ def _fn(hook) -> Callable:
             return hook
 
 
-def _is_deepspeed_hook(hook) -> bool:
+def _is_engine_hook(hook) -> bool:
+    """ZeRO-3's module hooks, or FSDP2's on a module sharded on its own (``fully_shard(module)``)."""
     fn = _fn(hook)
     module, qualname = getattr(fn, "__module__", ""), getattr(fn, "__qualname__", "")
-    return module == _DEEPSPEED_HOOKS[0] and qualname.startswith(_DEEPSPEED_HOOKS[1])
+    return ((module == _DEEPSPEED_HOOKS[0] and qualname.startswith(_DEEPSPEED_HOOKS[1]))
+            or (module == _FSDP2_HOOKS[0] and qualname in _FSDP2_HOOKS[1]))
 
 
 def _accelerate_hooks(hook) -> Optional[list]:
@@ -75,7 +78,7 @@ def unrecognised(module: nn.Module) -> list[str]:
     out = []
     for kind, hooks in (("forward pre-hook", module._forward_pre_hooks), ("forward hook", module._forward_hooks)):
         out += [f"{kind} {getattr(_fn(h), '__qualname__', repr(h))}" for h in hooks.values()
-                if not _is_deepspeed_hook(h)]
+                if not _is_engine_hook(h)]
     if module._backward_hooks or module._backward_pre_hooks:
         out.append("backward hooks")
     if "forward" in module.__dict__:

@@ -170,6 +170,49 @@ def _fsdp1_run(use_orig_params, rank, accel, out):
     return result
 
 
+def _fsdp2_run(rank, accel, out):
+    """FSDP2: each trainable LoRA factor, each decoder layer and the root sharded on their own
+    (the units of peft's auto-wrap policy)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    import lora_kernels as lk
+
+    model = peft_model()
+    report = lk.accelerate_peft(model, backend="reference") if accel == "before" else None
+    for name, module in model.named_modules():
+        if name.endswith((".lora_A.default", ".lora_B.default")):
+            fully_shard(module)
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    if accel == "after":
+        report = lk.accelerate_peft(model, backend="reference")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    counter = Counter()
+    losses = []
+    try:
+        ids = batch(rank)
+        for _ in range(STEPS):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        counter.close()
+    result = {"losses": losses, "calls": counter.calls}
+    if report is not None:
+        result["current"] = report.current()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        result["adapter"] = {k: v.clone() for k, v in state.items() if "lora_" in k}
+        copy = peft_model()
+        copy.load_state_dict(result["adapter"], strict=False)
+        copy.save_pretrained(out)
+    return result
+
+
 def _trainer_run(rank, accel, out):
     """HF ``Trainer`` on two CPU processes.
 
@@ -219,6 +262,7 @@ def _worker(rank, port, mode, out_path):
                          "zero2": (functools.partial(_deepspeed_run, 2), ("after",)),
                          "fsdp1_orig": (functools.partial(_fsdp1_run, True), ("after",)),
                          "fsdp1_flat": (functools.partial(_fsdp1_run, False), ("before",)),
+                         "fsdp2": (_fsdp2_run, ("after",)),
                          "trainer": (_trainer_run, ("before",))}[mode]
         for variant in (None, *variants):
             save_dir = f"{out_path}.{variant}"
@@ -415,6 +459,13 @@ def test_fsdp1_fused_equals_peft(runs, mode, variant):
     result = runs(mode)
     check_fused_run(result, variant)
     check_reload(result[variant])
+
+
+def test_fsdp2_fused_equals_peft(runs):
+    """FSDP2's hooks on each LoRA factor: before this, PEFT's forward ran (unrecognised hooks)."""
+    result = runs("fsdp2")
+    check_fused_run(result, "after")
+    check_reload(result["after"])
 
 
 def test_trainer_two_processes_fused_equals_peft(runs):
