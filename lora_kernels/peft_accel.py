@@ -3,7 +3,8 @@
 The model stays PEFT's. For each PEFT LoRA ``Linear`` layer, three *instance*
 attributes are set — ``forward``, ``merge`` and ``unmerge`` — that shadow PEFT's
 class methods on that layer only (no class is patched, so other models are not
-touched). Parameters, module names, ``state_dict`` keys, ``save_pretrained`` /
+touched; where accelerate's hook wrapper is the layer's ``forward``, ours goes beneath
+it, as its ``_old_forward``). Parameters, module names, ``state_dict`` keys, ``save_pretrained`` /
 ``from_pretrained``, ``disable_adapter()``, ``set_adapter``, ``modules_to_save``,
 gradient checkpointing and ``merge_and_unload`` are PEFT's own code and keep
 working. :func:`deaccelerate_peft` (or ``report.undo()``) deletes the three
@@ -18,7 +19,9 @@ At every call the layer's state decides (:func:`_state_reason`, :func:`_call_rea
   structure, never PEFT's dense ``B A``; no other variant; 16-bit bases), ``lora_bias=False``,
   ``fan_in_fan_out=False``, dropout an ``nn.Dropout`` or ``nn.Identity``, not merged,
   adapters enabled, no extra arguments, ``x`` in the base weight's dtype (or under
-  autocast) and device, no forward hooks on the base layer or the factors. Several
+  autocast) and device, no hooks on the base layer or the factors other than the engines'
+  that :mod:`lora_kernels.engines` recognises (ZeRO-3, FSDP1/FSDP2, accelerate's
+  ``AlignDevicesHook``: the fused call then runs inside those modules' calls). Several
   active plain adapters without dropout in training (16-bit bases): one fused call of their
   stacked rank (``[A₁; A₂]``, ``[s₁B₁ | s₂B₂]``). ``adapter_names=`` (PEFT's mixed batch, eval,
   16-bit bases): one call of the segmented multi-adapter kernels (:func:`lora_kernels.multi_lora_linear`).
