@@ -19,7 +19,7 @@ import torch
 
 from test_distributed import WORLD, _free_port
 
-TIMEOUT_S = 150
+TIMEOUT_S = 300  # one pair of processes runs up to six trainings
 STEPS = 3
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -27,6 +27,8 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
                                      reason="deepspeed is not installed (DS_BUILD_OPS=0 pip install deepspeed)")
 needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                                       reason="accelerate is not installed (pip install accelerate)")
+needs_gloo = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is unavailable")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None
                                 or importlib.util.find_spec("transformers") is None,
                                 reason="peft and transformers are needed")
@@ -257,17 +259,13 @@ def _worker(rank, port, mode, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     result = {}
     try:
-        # plain PEFT, then accelerate_peft called before and/or after the engine wraps the model
-        run, variants = {"zero3": (functools.partial(_deepspeed_run, 3), ("before", "after")),
-                         "zero2": (functools.partial(_deepspeed_run, 2), ("after",)),
-                         "fsdp1_orig": (functools.partial(_fsdp1_run, True), ("after",)),
-                         "fsdp1_flat": (functools.partial(_fsdp1_run, False), ("before",)),
-                         "fsdp2": (_fsdp2_run, ("after",)),
-                         "trainer": (_trainer_run, ("before",))}[mode]
-        for variant in (None, *variants):
-            save_dir = f"{out_path}.{variant}"
-            result[variant or "peft"] = run(rank, variant, save_dir)
-            result[variant or "peft"]["save_dir"] = save_dir
+        # Per engine: plain PEFT, then accelerate_peft called before and/or after the engine wraps the
+        # model. NOTE: several engines per pair of processes: starting them costs more than a run.
+        for engine, (run, variants) in ENGINES[mode].items():
+            for variant in (None, *variants):
+                key = f"{engine}:{variant or 'peft'}"
+                result[key] = run(rank, variant, f"{out_path}.{engine}.{variant}")
+                result[key]["save_dir"] = f"{out_path}.{engine}.{variant}"
         dist.barrier()
     except Exception:  # noqa: BLE001
         result["error"] = traceback.format_exc()
@@ -275,6 +273,16 @@ def _worker(rank, port, mode, out_path):
         torch.save(result, out_path + ".tmp")
         os.replace(out_path + ".tmp", out_path)
     dist.destroy_process_group()
+
+
+ENGINES = {
+    "deepspeed": {"zero3": (functools.partial(_deepspeed_run, 3), ("before", "after")),
+                  "zero2": (functools.partial(_deepspeed_run, 2), ("after",))},
+    "fsdp": {"fsdp1_orig": (functools.partial(_fsdp1_run, True), ("after",)),
+             "fsdp1_flat": (functools.partial(_fsdp1_run, False), ("before",)),
+             "fsdp2": (_fsdp2_run, ("after",))},
+    "trainer": {"trainer": (_trainer_run, ("before",))},
+}
 
 
 def run_two_processes(mode, tmp_path):
@@ -301,8 +309,8 @@ def run_two_processes(mode, tmp_path):
     return result
 
 
-def check_fused_run(result, variant):
-    peft, fused = result["peft"], result[variant]
+def check_fused_run(result, engine, variant):
+    peft, fused = result[f"{engine}:peft"], result[f"{engine}:{variant}"]
     n_layers = 2 * len(TARGETS)
     assert peft["calls"] == 0
     assert fused["calls"] == STEPS * n_layers, fused["calls"]
@@ -336,12 +344,13 @@ def runs(tmp_path_factory):
     return get
 
 
+@needs_gloo
 @needs_deepspeed
-@pytest.mark.parametrize("mode, variant", [("zero3", "before"), ("zero3", "after"), ("zero2", "after")])
-def test_deepspeed_fused_equals_peft(runs, mode, variant):
-    result = runs(mode)
-    check_fused_run(result, variant)
-    check_reload(result[variant])
+@pytest.mark.parametrize("engine, variant", [("zero3", "before"), ("zero3", "after"), ("zero2", "after")])
+def test_deepspeed_fused_equals_peft(runs, engine, variant):
+    result = runs("deepspeed")
+    check_fused_run(result, engine, variant)
+    check_reload(result[f"{engine}:{variant}"])
 
 
 # --------------------------------------------------------------------------- #
@@ -453,23 +462,29 @@ def test_unrecognised_hooks_keep_peft_forward_and_are_named():
         counter.close()
 
 
-@pytest.mark.parametrize("mode, variant", [("fsdp1_orig", "after"), ("fsdp1_flat", "before")])
-def test_fsdp1_fused_equals_peft(runs, mode, variant):
+@needs_gloo
+@needs_accelerate  # peft's fsdp_auto_wrap_policy imports it
+@pytest.mark.parametrize("engine, variant", [("fsdp1_orig", "after"), ("fsdp1_flat", "before")])
+def test_fsdp1_fused_equals_peft(runs, engine, variant):
     """use_orig_params=True and False; before this, the fused call read the units' flat shards."""
-    result = runs(mode)
-    check_fused_run(result, variant)
-    check_reload(result[variant])
+    result = runs("fsdp")
+    check_fused_run(result, engine, variant)
+    check_reload(result[f"{engine}:{variant}"])
 
 
+@needs_gloo
+@needs_accelerate
 def test_fsdp2_fused_equals_peft(runs):
     """FSDP2's hooks on each LoRA factor: before this, PEFT's forward ran (unrecognised hooks)."""
-    result = runs("fsdp2")
-    check_fused_run(result, "after")
-    check_reload(result["after"])
+    result = runs("fsdp")
+    check_fused_run(result, "fsdp2", "after")
+    check_reload(result["fsdp2:after"])
 
 
+@needs_gloo
+@needs_accelerate  # the Trainer needs it
 def test_trainer_two_processes_fused_equals_peft(runs):
     result = runs("trainer")
-    assert result["before"]["wrapped"] == "DistributedDataParallel"
-    check_fused_run(result, "before")
-    check_reload(result["before"])
+    assert result["trainer:before"]["wrapped"] == "DistributedDataParallel"
+    check_fused_run(result, "trainer", "before")
+    check_reload(result["trainer:before"])
