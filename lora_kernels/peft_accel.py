@@ -120,9 +120,10 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     if _is_dora(layer, adapter):
         mag = layer.lora_magnitude_vector[adapter].weight
         W = layer.base_layer.weight
-        if mag.device != W.device or mag.dtype not in _FLOATS or mag.shape != W.shape[:1]:
+        rows = engines.full_shape(W)[0]
+        if mag.device != W.device or mag.dtype not in _FLOATS or engines.full_shape(mag) != (rows,):
             return (f"DoRA magnitude of adapter {adapter!r}: {tuple(mag.shape)} {mag.dtype} on {mag.device} "
-                    f"(needs ({W.shape[0]},), a float dtype, the weight's device)")
+                    f"(needs ({rows},), a float dtype, the weight's device)")
     if layer.lora_bias.get(adapter, False):
         return f"adapter {adapter!r} has lora_bias=True"
     if layer.fan_in_fan_out:
