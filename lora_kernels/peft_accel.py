@@ -3,7 +3,8 @@
 The model stays PEFT's. For each PEFT LoRA ``Linear`` layer, three *instance*
 attributes are set — ``forward``, ``merge`` and ``unmerge`` — that shadow PEFT's
 class methods on that layer only (no class is patched, so other models are not
-touched). Parameters, module names, ``state_dict`` keys, ``save_pretrained`` /
+touched; where accelerate's hook wrapper is the layer's ``forward``, ours goes beneath
+it, as its ``_old_forward``). Parameters, module names, ``state_dict`` keys, ``save_pretrained`` /
 ``from_pretrained``, ``disable_adapter()``, ``set_adapter``, ``modules_to_save``,
 gradient checkpointing and ``merge_and_unload`` are PEFT's own code and keep
 working. :func:`deaccelerate_peft` (or ``report.undo()``) deletes the three
@@ -18,7 +19,9 @@ At every call the layer's state decides (:func:`_state_reason`, :func:`_call_rea
   structure, never PEFT's dense ``B A``; no other variant; 16-bit bases), ``lora_bias=False``,
   ``fan_in_fan_out=False``, dropout an ``nn.Dropout`` or ``nn.Identity``, not merged,
   adapters enabled, no extra arguments, ``x`` in the base weight's dtype (or under
-  autocast) and device, no forward hooks on the base layer or the factors. Several
+  autocast) and device, no hooks on the base layer or the factors other than the engines'
+  that :mod:`lora_kernels.engines` recognises (ZeRO-3, FSDP1/FSDP2, accelerate's
+  ``AlignDevicesHook``: the fused call then runs inside those modules' calls). Several
   active plain adapters without dropout in training (16-bit bases): one fused call of their
   stacked rank (``[A₁; A₂]``, ``[s₁B₁ | s₂B₂]``). ``adapter_names=`` (PEFT's mixed batch, eval,
   16-bit bases): one call of the segmented multi-adapter kernels (:func:`lora_kernels.multi_lora_linear`).
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -50,7 +54,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, engines
 from .dora import WeightNorms, dora_linear
 from .functional import _autocast_available, lora_linear, merge_lora_, unmerge_lora_
 from .nf4 import peft_accel as nf4
@@ -59,7 +63,6 @@ __all__ = ["AccelerationReport", "accelerate_peft", "deaccelerate_peft"]
 
 # The instance attribute that marks an accelerated layer and holds its settings.
 _STATE = "_lora_kernels_accel"
-_PATCHED = ("forward", "merge", "unmerge")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -97,10 +100,11 @@ def _static_reason(layer: nn.Module, lora_layer, backend: str = "auto") -> Optio
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    # NOTE: accelerate's device-map hooks replace ``module.forward`` on the instance; the fused
-    # path bypasses module calls, so any hook or replaced forward sends the call to PEFT's code.
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+def _hooked_modules(layer: nn.Module, adapters) -> list[nn.Module]:
+    """The modules owning the parameters a fused call reads that carry (recognised) engine hooks: the
+    fused call runs inside their calls (:func:`engines.call_inside`), outermost first."""
+    owners = [m for a in adapters for m in (layer.lora_A[a], layer.lora_B[a])] + [layer.base_layer]
+    return [m for m in owners if engines.hooked(m)]
 
 
 def _is_dora(layer: nn.Module, adapter: str) -> bool:
@@ -117,9 +121,10 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     if _is_dora(layer, adapter):
         mag = layer.lora_magnitude_vector[adapter].weight
         W = layer.base_layer.weight
-        if mag.device != W.device or mag.dtype not in _FLOATS or mag.shape != W.shape[:1]:
+        rows = engines.full_shape(W)[0]
+        if mag.device != W.device or mag.dtype not in _FLOATS or engines.full_shape(mag) != (rows,):
             return (f"DoRA magnitude of adapter {adapter!r}: {tuple(mag.shape)} {mag.dtype} on {mag.device} "
-                    f"(needs ({W.shape[0]},), a float dtype, the weight's device)")
+                    f"(needs ({rows},), a float dtype, the weight's device)")
     if layer.lora_bias.get(adapter, False):
         return f"adapter {adapter!r} has lora_bias=True"
     if layer.fan_in_fan_out:
@@ -129,8 +134,10 @@ def _adapter_reason(layer: nn.Module, adapter: str) -> Optional[str]:
     w_dtype = nf4.weight_dtype(layer) if nf4.is_peft_linear4bit(layer) else W.dtype
     if A.dtype != B.dtype or A.dtype not in _FLOATS or w_dtype not in _FLOATS:
         return f"dtypes weight={w_dtype}, lora_A={A.dtype}, lora_B={B.dtype} (float factors of one dtype needed)"
-    if not (A.device == B.device == W.device):
-        return f"devices weight={W.device}, lora_A={A.device}, lora_B={B.device} differ"
+    devices = [engines.execution_device(m, m.weight) for m in (layer.base_layer, layer.lora_A[adapter],
+                                                                 layer.lora_B[adapter])]
+    if len(set(devices)) > 1:
+        return f"devices weight={devices[0]}, lora_A={devices[1]}, lora_B={devices[2]} differ"
     scaling = layer.scaling[adapter]
     if not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         return f"scaling {scaling!r} of adapter {adapter!r} is not a finite number"
@@ -159,10 +166,14 @@ def _state_reason(layer: nn.Module) -> tuple[Optional[str], Optional[tuple[str, 
         dropout = layer.lora_dropout[adapter]
         if type(dropout) not in (nn.Dropout, nn.Identity):
             return f"dropout module is {type(dropout).__name__}, not nn.Dropout or nn.Identity", None
-        hooked = [n for n, m in (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
-                                 ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout)) if _has_hooks(m)]
-        if hooked:
-            return f"forward hooks or a replaced forward on {hooked}", None
+        owners = (("base_layer", layer.base_layer), ("lora_A", layer.lora_A[adapter]),
+                  ("lora_B", layer.lora_B[adapter]), ("lora_dropout", dropout))
+        unknown = {n: engines.unrecognised(m) for n, m in owners}
+        unknown = {n: hooks for n, hooks in unknown.items() if hooks}
+        if unknown:
+            return f"hooks the fused path does not run under: {unknown}", None
+        if any(engines.hooked(m) for _, m in owners) and (_is_dora(layer, adapter) or nf4.is_peft_linear4bit(layer)):
+            return "engine hooks (ZeRO-3, accelerate) on a DoRA or 4-bit layer (fused only for plain LoRA)", None
     if len(active) > 1:
         if nf4.is_peft_linear4bit(layer):
             return f"{len(active)} active adapters {active} on a 4-bit base (the 4-bit kernels take one)", None
@@ -183,6 +194,8 @@ def _mixed_reason(layer: nn.Module, x, names) -> Optional[str]:
         return "adapter_names= on a layer with adapters disabled or merged (PEFT's forward decides)"
     if nf4.is_peft_linear4bit(layer):
         return "adapter_names= on a 4-bit base (the multi-adapter kernels take a 16-bit weight)"
+    if any(engines.hooked(m) for m in list(layer.modules())[1:]):
+        return "adapter_names= under engine hooks (ZeRO-3, accelerate)"
     if not isinstance(names, (list, tuple)) or not isinstance(x, Tensor) or x.dim() < 2 or len(names) != len(x):
         return "adapter_names= that does not name one adapter per input row (PEFT's forward reports it)"
     used = [a for a in dict.fromkeys(names) if a in layer.lora_A]
@@ -235,8 +248,9 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
         return f"input is {type(x).__name__}, not a Tensor"
     W = layer.base_layer.weight
     quantised = nf4.is_peft_linear4bit(layer)
-    if x.device != W.device:
-        return f"input on {x.device}, weight on {W.device}"
+    device = engines.execution_device(layer.base_layer, W)
+    if x.device != device:
+        return f"input on {x.device}, weight on {device}"
     if quantised:
         why = nf4.call_reason(layer, x)
         if why:
@@ -244,7 +258,7 @@ def _call_reason(layer: nn.Module, x, args: tuple, kwargs: dict) -> Optional[str
     elif x.dtype != W.dtype and not (_autocast_available(x.device.type)
                                       and torch.is_autocast_enabled(x.device.type)):
         return f"input dtype {x.dtype} differs from the weight's {W.dtype} (outside autocast)"
-    in_features = nf4.in_features(layer) if quantised else W.shape[1]
+    in_features = nf4.in_features(layer) if quantised else engines.full_shape(W)[1]
     if x.dim() < 1 or x.shape[-1] != in_features:
         return f"input shape {tuple(x.shape)} does not fit in_features={in_features}"
     return None
@@ -264,6 +278,16 @@ def _forward(layer: nn.Module, x, *args, **kwargs):
         adapters = _state_reason(layer)[1]
     if adapters is None:
         return type(layer).forward(layer, x, *args, **kwargs)
+    hooked = _hooked_modules(layer, adapters)
+    if hooked:
+        # NOTE: ZeRO-3 / accelerate gather or move the parameters in their modules' calls: the weights
+        # are read inside those calls (engines.py), never here.
+        return engines.call_inside(hooked, functools.partial(_fused, layer, adapters), x)
+    return _fused(layer, adapters, x)
+
+
+def _fused(layer: nn.Module, adapters: tuple[str, ...], x: Tensor) -> Tensor:
+    """The fused call for the active ``adapters``, reading the parameters now."""
     base, settings = layer.base_layer, getattr(layer, _STATE)
     if len(adapters) > 1:
         # Σₐ sₐ·(x Aₐᵀ) Bₐᵀ = (x [A₁; A₂; …]ᵀ) [s₁B₁ | s₂B₂ | …]ᵀ: one fused call of the summed rank (the
@@ -290,6 +314,8 @@ def _merge_reason(layer: nn.Module, adapter: str) -> Optional[str]:
         why = "DoRA adapter (PEFT's merge: it keeps the row norms that its unmerge needs)"
     if why is None and any(_is_dtensor(t) for t in (layer.base_layer.weight, layer.lora_A[adapter].weight)):
         why = "sharded (DTensor) parameters"
+    if why is None and hasattr(layer.base_layer.weight, "ds_id"):
+        why = "ZeRO-3 partitioned parameters"
     return why
 
 
@@ -433,10 +459,17 @@ def accelerate_peft(model: nn.Module, backend: str = "auto") -> AccelerationRepo
         # NOTE: plain instance attributes; functools.partial (not a bound method) so that
         # deepcopy and pickling of the model carry them over to the copy's own layer.
         object.__setattr__(layer, _STATE, _Settings(backend))
-        layer.forward = functools.partial(_forward, layer)
+        # NOTE: where accelerate's hook wrapper is the layer's forward (dispatch_model hooks every module
+        # with its own tensors, and the PEFT layer too), ours goes beneath it, where its own forward was.
+        setattr(layer, "_old_forward" if engines.accelerate_hooked(layer) else "forward",
+                functools.partial(_forward, layer))
         layer.merge = functools.partial(_merge, layer)
         layer.unmerge = functools.partial(_unmerge, layer)
     return AccelerationReport(model, backend, [n for n, _ in chosen], skipped)
+
+
+def _is_ours(fn) -> bool:
+    return isinstance(fn, functools.partial) and fn.func is _forward
 
 
 def deaccelerate_peft(model: nn.Module) -> nn.Module:
@@ -446,7 +479,11 @@ def deaccelerate_peft(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if hasattr(module, _STATE):
-            for attr in _PATCHED:
+            for attr in ("merge", "unmerge"):
                 module.__dict__.pop(attr, None)
+            if _is_ours(module.__dict__.get("forward")):
+                del module.__dict__["forward"]
+            if _is_ours(module.__dict__.get("_old_forward")):  # beneath accelerate's hook: its own forward back
+                module._old_forward = types.MethodType(type(module).forward, module)
             object.__delattr__(module, _STATE)
     return model
