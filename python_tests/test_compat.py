@@ -306,20 +306,71 @@ def _readme_commands() -> list[str]:
     return re.findall(r"^pip install torch==\S+ .*$", (ROOT / "README.md").read_text(), flags=re.M)
 
 
+def _without_constraints(words: list[str]) -> list[str]:
+    """A pip command's words without its ``-c constraints.txt``."""
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "-c":
+            skip = True
+        else:
+            out.append(word)
+    return out
+
+
 def test_readme_install_lines_name_the_build_requirements():
     commands = _readme_commands()
     assert len(commands) == 2, commands
     hint = re.search(r'"pip install (setuptools[^"]*?) "', (ROOT / "setup.py").read_text()).group(1).split()
     for command in commands:
-        first = command.split(" && ")[0].split()
+        first = _without_constraints(command.split(" && ")[0].split())
         assert first[:3] == ["pip", "install", first[2]] and first[2].startswith("torch==")
         assert sorted(first[3:]) == sorted(hint), (first, hint)
-        assert " && pip install --no-build-isolation -e " in command
+        assert " && pip install --no-build-isolation -c constraints.txt -e " in command
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_readme_commands_install_the_pinned_stack():
+    """Both pip installs of both README commands take constraints.txt; every package the [test] and
+    [bench] extras and the build name is pinned there, and the commands' own pins agree with it."""
+    pins = _constraints()
+    for command in _readme_commands():
+        installs = [part for part in command.split(" && ") if part.startswith("pip install ")]
+        assert len(installs) == 2 and all(" -c constraints.txt" in part for part in installs), command
+        for name, version in re.findall(r"(?<![\w-])([A-Za-z][\w.-]*)==(\S+)", command):
+            if name != "torch":  # torch (and so Triton and the CUDA libraries) is pinned by the command
+                assert pins.get(name.lower()) == version, (name, version, pins.get(name.lower()))
+    setup = (ROOT / "setup.py").read_text()
+    for extra in ("test", "bench"):
+        listed = re.search(rf'"{extra}": \[([^\]]*)\]', setup).group(1)
+        for name in re.findall(r'"([A-Za-z][\w.-]*)', listed):
+            assert re.sub(r"[-_.]+", "-", name).lower() in pins, f"[{extra}] needs {name}, unpinned in constraints.txt"
+    for name in ("setuptools", "wheel", "packaging", "ninja", "pybind11", "numpy"):
+        assert name in pins, name
+    assert "torch" not in pins and "triton" not in pins  # per compat row: the command's torch decides
 
 
 def test_ci_runs_the_readme_test_command_literally():
     test_command = next(c for c in _readme_commands() if c.endswith("python -m pytest python_tests -q"))
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
+    # ... in a fresh venv of its own, created and entered before it, and with its status checked
+    # (under `set -e` a failed install in the && list would not stop the script).
+    at = ci.index(test_command)
+    before, after = "\n".join(ci[:at]), "\n".join(ci[at + 1:at + 5])
+    assert re.search(r"-m venv ", before) and re.search(r"source \S+/bin/activate", before)
+    assert "status=$?" in after and "fail " in after
 
 
 def test_bench_env_silences_the_cuda_home_notice():
