@@ -378,3 +378,60 @@ def test_bench_env_silences_the_cuda_home_notice():
     run = _setup_py(code="import bench.env, torch.utils.cpp_extension")
     assert run.returncode == 0, run.stderr
     assert "No CUDA runtime is found" not in run.stderr
+
+
+def test_setup_builds_for_the_local_gpu_and_the_sm90_units_for_sm90a_alone(tmp_path):
+    """The default architectures are the local GPU's (9.0 as 9.0a) or, without one, the documented list;
+    the sm_90a CUTLASS units are compiled apart, for sm_90a alone; the build's closing lines give each
+    unit compiled this time (ninja's log) with its time."""
+    log = tmp_path / ".ninja_log"
+    log.write_text("# ninja log v7\n0\t5000\t1\t/b/csrc/old.o\taa\n")
+    code = (
+        "import os, runpy, sys, types\n"
+        "sys.argv = ['setup.py', '--name']\n"
+        "g = runpy.run_path('setup.py')\n"
+        "def fake_torch(cap):\n"
+        "    cuda = types.SimpleNamespace(is_available=lambda: cap is not None,\n"
+        "                                 get_device_capability=lambda: cap, get_device_name=lambda: 'GPU')\n"
+        "    return types.SimpleNamespace(cuda=cuda)\n"
+        "os.environ.pop('LORA_KERNELS_CUDA_ARCHS', None)\n"
+        "for cap in [(9, 0), (8, 6), (12, 0), None]:\n"
+        "    print('ARCHS', cap, g['default_archs'](fake_torch(cap))[0])\n"
+        "os.environ['LORA_KERNELS_CUDA_ARCHS'] = '8.0'\n"
+        "print('ARCHS env', g['default_archs'](fake_torch((9, 0)))[0])\n"
+        "calls = []\n"
+        "def compile_(sources, output_dir=None, extra_postargs=None, **kw):\n"
+        "    calls.append((sources, extra_postargs.get('nvcc')))\n"
+        "    return [s + '.o' for s in sources]\n"
+        "split = g['sm90_only_for_sm90a'](compile_)\n"
+        "nvcc = ['-O3'] + g['arch_flags']('8.0;9.0a') + ['-DX']\n"
+        "objs = split(['csrc/a.cpp', 'csrc/cuda/forward.cu', '/r/csrc/cuda/sm90/gemm_sm90_fwd_bf16.cu'],\n"
+        "             output_dir='o', extra_postargs={'cxx': [], 'nvcc': nvcc})\n"
+        "print('OBJS', len(objs))\n"
+        "for sources, flags in calls:\n"
+        "    print('CALL', ','.join(sources), ' '.join(flags))\n"
+        "calls.clear(); split(['csrc/a.cpp'], output_dir='o', extra_postargs={'cxx': []})\n"
+        "print('CPU', calls)\n"
+        f"log = __import__('pathlib').Path({str(log)!r})\n"
+        "before = set(log.read_text().splitlines())\n"
+        "with log.open('a') as f:\n"
+        "    f.write('0\\t81500\\t2\\t/b/csrc/cuda/sm90/gemm_sm90_fwd_bf16.o\\tbb\\n1\\t2400\\t3\\t/b/csrc/lora.o\\tcc\\n')\n"
+        "g['_report_units'](log, before, 83.2)\n"
+    )
+    run = _setup_py(code=code, env_extra={"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "1"})
+    assert run.returncode == 0, run.stderr
+    archs = dict(re.findall(r"^ARCHS (.*) (\S+)$", run.stdout, re.M))
+    assert archs == {"(9, 0)": "9.0a", "(8, 6)": "8.6", "(12, 0)": "12.0", "None": "8.0;9.0a", "env": "8.0"}, archs
+    assert "OBJS 3" in run.stdout
+    calls = re.findall(r"^CALL (\S+) (.*)$", run.stdout, re.M)
+    assert calls == [
+        ("csrc/a.cpp,csrc/cuda/forward.cu", "-O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a "
+                                            "-gencode=arch=compute_90,code=compute_90 -DX"),
+        ("/r/csrc/cuda/sm90/gemm_sm90_fwd_bf16.cu", "-O3 -gencode=arch=compute_90a,code=sm_90a -DX"),
+    ], calls
+    assert "CPU [(['csrc/a.cpp'], None)]" in run.stdout
+    report = [l for l in run.stdout.splitlines() if l.startswith("lora_kernels build:")]
+    assert [l.split()[2:] for l in report] == [["81.5", "s", "/b/csrc/cuda/sm90/gemm_sm90_fwd_bf16.o"],
+                                              ["2.4", "s", "/b/csrc/lora.o"],
+                                              ["2", "translation", "unit(s)", "compiled", "(the", "others",
+                                               "unchanged),", "83", "s", "in", "all"]], report
