@@ -481,8 +481,9 @@ def fixed_build_dir(base, directory: Path):
             before = set(log.read_text(errors="replace").splitlines()) if log.is_file() else set()
             # ninja prints each command as it starts: prefixed with its count and the time so far.
             os.environ.setdefault("NINJA_STATUS", "[%f/%t done, %es] ")
-            _progress(f"{ext.name}: {len(ext.sources)} translation units for {archs}, up to "
-                      f"{os.environ.get('MAX_JOBS') or os.cpu_count()} at a time (MAX_JOBS), objects in {self.build_temp}")
+            jobs = os.environ.get("MAX_JOBS")
+            jobs = f"up to {jobs} at a time (MAX_JOBS)" if jobs else "as many at a time as ninja's default (MAX_JOBS unset)"
+            _progress(f"{ext.name}: {len(ext.sources)} translation units for {archs}, {jobs}, objects in {self.build_temp}")
             start = time.monotonic()
             try:
                 super().build_extension(ext)
