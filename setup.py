@@ -512,8 +512,9 @@ def sm90_only_for_sm90a(compile_):
     compiled for sm_90a alone.
 
     NOTE: their kernels exist only for sm_90a (wgmma, setmaxnreg); for sm_80 and the compute_90
-    PTX, CUTLASS compiles a trap stub, after the whole front-end pass over its templates: two
-    thirds of each unit's time for nothing. The launchers call them on 9.0 devices only
+    PTX, CUTLASS compiles a trap stub, each after its own device front-end pass over CUTLASS's
+    templates (nvcc --dryrun: 3 cicc, 3 ptxas, 5 gcc runs; for sm_90a alone 1, 1, 3): measured,
+    73.6 s of CPU per unit became 53.6 s. The launchers call them on 9.0 devices only
     (host_plan.h). They are compiled in a second ninja run over the same build directory.
     """
 
