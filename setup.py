@@ -479,10 +479,12 @@ def fixed_build_dir(base, directory: Path):
             archs = describe_archs((getattr(ext, "extra_compile_args", None) or {}).get("nvcc", [])) or "host"
             log = Path(self.build_temp) / ".ninja_log"
             before = set(log.read_text(errors="replace").splitlines()) if log.is_file() else set()
-            # ninja prints each command as it starts: prefixed with its count and the time so far.
+            # ninja prints each command as it finishes, prefixed with the count done and the time so far.
             os.environ.setdefault("NINJA_STATUS", "[%f/%t done, %es] ")
             jobs = os.environ.get("MAX_JOBS")
             jobs = f"up to {jobs} at a time (MAX_JOBS)" if jobs else "as many at a time as ninja's default (MAX_JOBS unset)"
+            sm90 = sum(Path(s).parent.name == "sm90" for s in ext.sources)
+            archs += f"; the {sm90} in csrc/cuda/sm90/ for sm_90a alone" if sm90 else ""
             _progress(f"{ext.name}: {len(ext.sources)} translation units for {archs}, {jobs}, objects in {self.build_temp}")
             start = time.monotonic()
             try:
