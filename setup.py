@@ -9,21 +9,24 @@ The extension ``lora_kernels._C`` (csrc/) is built with it:
   plain C++ compiler. That build is optional: where it fails (no working C++ compiler), the
   package installs without ``_C`` and the reference path computes the same masks with PyTorch ops.
 
-What is built, and why, is said in one line.
+What is built, and why, is said in one line; while the extension compiles, its progress (the
+architectures, the translation units, the time of each and the total) is written to the build's
+output, which pip keeps in its log (``pip install -v``, ``pip install --log FILE``).
 
     pip install setuptools wheel packaging ninja pybind11 nvidia-cutlass==4.2.0.0   # build requirements
     pip install --no-build-isolation -e .
 
 Compiled objects are kept in build/temp.<platform>-<python>-torch<version>/ (one directory per
 Python and torch), so a reinstall with unchanged sources only relinks: seconds, not minutes.
-That line goes to the terminal where there is one (pip shows the build's own output only with
-``pip install -v``).
+The one line also goes to the terminal where there is one (pip shows the build's own output only
+with ``pip install -v``).
 
 Environment switches (see docs/cuda.md):
 
     LORA_KERNELS_FORCE_CUDA=1     a missing toolkit or CUDA PyTorch is an error, not a notice
     LORA_KERNELS_SKIP_CUDA=1      build the extension with its CPU kernels only (no CUDA kernels)
-    LORA_KERNELS_CUDA_ARCHS       ";"-separated compute capabilities, default "8.0;9.0a"; PTX is
+    LORA_KERNELS_CUDA_ARCHS       ";"-separated compute capabilities; default: the local GPU's
+                                  (9.0 builds as 9.0a), without a GPU "8.0;9.0a"; PTX is
                                   embedded for the newest (or for entries written "X.Y+PTX")
     LORA_KERNELS_DEBUG=1          device debug build (-G, host -O0 -g)
     LORA_KERNELS_LINEINFO=1       -lineinfo (source lines in compute-sanitizer / Nsight reports)
@@ -41,6 +44,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 # --------------------------------------------------------------------------- #
@@ -87,7 +91,21 @@ check_build_requirements()
 from setuptools import find_packages, setup  # noqa: E402  (after the check: it names what is missing)
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0a"
+DEFAULT_ARCHS = "8.0;9.0a"  # without a GPU: Ampere and Ada (sm_80 SASS), Hopper (sm_90a), PTX for newer
+
+
+def default_archs(torch) -> tuple[str, str]:
+    """``(LORA_KERNELS_CUDA_ARCHS, where it came from)``: the variable if set; else the local GPU's
+    compute capability (9.0 as "9.0a", for the Hopper kernels); else :data:`DEFAULT_ARCHS`."""
+    if os.environ.get("LORA_KERNELS_CUDA_ARCHS"):
+        return os.environ["LORA_KERNELS_CUDA_ARCHS"], "LORA_KERNELS_CUDA_ARCHS"
+    try:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{major}.{minor}" + ("a" if (major, minor) == (9, 0) else ""), f"the local GPU, {torch.cuda.get_device_name()}"
+    except Exception:  # noqa: BLE001  (a broken driver: build for the default list)
+        pass
+    return DEFAULT_ARCHS, "no GPU here: the default list"
 
 
 def _env_flag(name: str) -> bool:
@@ -105,22 +123,28 @@ BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develo
 def _notice(message: str) -> None:
     """One line for the person installing.
 
-    NOTE: pip captures a build backend's stdout and stderr and shows them only when the build
-    fails or with ``pip install -v``. The controlling terminal, where there is one, is not
-    captured, so the line goes there; otherwise (CI logs, no terminal) to stderr, which
-    ``pip -v`` and a direct ``python setup.py`` show.
+    NOTE: pip captures a build backend's stdout and stderr, keeps them in its log and shows them
+    only when the build fails or with ``pip install -v``. The line therefore goes to stderr (the
+    log) and, where stderr is not itself a terminal, also to the controlling terminal if there is
+    one, which pip does not capture (so without ``-v`` a person still sees it).
     """
     if not BUILD_COMMANDS.intersection(sys.argv[1:]):
         return  # pip also runs setup.py for metadata only: the line is said once, by the build
     line = f"lora_kernels setup: {message}\n"
+    sys.stderr.write(line)
+    sys.stderr.flush()
+    if sys.stderr.isatty():
+        return
     try:
         with open("/dev/tty", "w") as tty:
             tty.write(line)
-        return
     except OSError:
         pass
-    sys.stderr.write(line)
-    sys.stderr.flush()
+
+
+def _progress(message: str) -> None:
+    """A line of the build's progress, for pip's log (``pip install -v`` shows it as it happens)."""
+    print(f"lora_kernels build: {message}", flush=True)
 
 
 
@@ -390,7 +414,8 @@ def extensions() -> tuple[list, dict]:
 
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    nvcc = ["-O3"] + arch_flags(os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
+    archs, archs_from = default_archs(torch)
+    nvcc = ["-O3"] + arch_flags(archs)
     if _env_flag("LORA_KERNELS_DEBUG"):
         nvcc += ["-G", "-g"]
     elif _env_flag("LORA_KERNELS_LINEINFO"):
@@ -400,7 +425,7 @@ def extensions() -> tuple[list, dict]:
     if os.environ.get("NVCC_THREADS"):
         nvcc += ["--threads", os.environ["NVCC_THREADS"]]
 
-    sources, include_dirs, source_flags = cuda_sources(os.environ.get("LORA_KERNELS_CUDA_ARCHS", DEFAULT_ARCHS))
+    sources, include_dirs, source_flags = cuda_sources(archs)
     nvcc += source_flags
     # The sm_90a kernels' CUTLASS headers are the include directory after csrc/ (cuda_sources).
     # NOTE: read before CUDAExtension, which appends torch's include directories to the list.
@@ -414,7 +439,7 @@ def extensions() -> tuple[list, dict]:
         depends=_depends(),
     )
     _notice(
-        f"building lora_kernels._C with the CUDA kernels for {describe_archs(nvcc)} with CUDA {tk} "
+        f"building lora_kernels._C with the CUDA kernels for {describe_archs(nvcc)} ({archs_from}) with CUDA {tk} "
         f"({cuda_home}{cutlass}) in {build_dir(torch).relative_to(ROOT)}/ (unchanged objects are reused); "
         "LORA_KERNELS_SKIP_CUDA=1 builds the CPU kernels only, LORA_KERNELS_CUDA_ARCHS chooses the GPUs"
     )
@@ -448,6 +473,25 @@ def fixed_build_dir(base, directory: Path):
             super().finalize_options()
             self.build_temp = str(directory)
 
+        def build_extension(self, ext):
+            # NOTE: torch's BuildExtension has replaced self.compiler.compile by its ninja build by now.
+            self.compiler.compile = sm90_only_for_sm90a(self.compiler.compile)
+            archs = describe_archs((getattr(ext, "extra_compile_args", None) or {}).get("nvcc", [])) or "host"
+            log = Path(self.build_temp) / ".ninja_log"
+            before = set(log.read_text(errors="replace").splitlines()) if log.is_file() else set()
+            # ninja prints each command as it finishes, prefixed with the count done and the time so far.
+            os.environ.setdefault("NINJA_STATUS", "[%f/%t done, %es] ")
+            jobs = os.environ.get("MAX_JOBS")
+            jobs = f"up to {jobs} at a time (MAX_JOBS)" if jobs else "as many at a time as ninja's default (MAX_JOBS unset)"
+            sm90 = sum(Path(s).parent.name == "sm90" for s in ext.sources)
+            archs += f"; the {sm90} in csrc/cuda/sm90/ for sm_90a alone" if sm90 else ""
+            _progress(f"{ext.name}: {len(ext.sources)} translation units for {archs}, {jobs}, objects in {self.build_temp}")
+            start = time.monotonic()
+            try:
+                super().build_extension(ext)
+            finally:
+                _report_units(log, before, time.monotonic() - start)
+
         def build_extensions(self):
             try:
                 super().build_extensions()
@@ -463,6 +507,46 @@ def fixed_build_dir(base, directory: Path):
                 self.warn(f"building the optional extension lora_kernels._C failed: {exc}")
 
     return LoraBuildExt
+
+
+def sm90_only_for_sm90a(compile_):
+    """``compile_`` (torch's ninja compile), with the sm_90a CUTLASS sources (csrc/cuda/sm90/)
+    compiled for sm_90a alone.
+
+    NOTE: their kernels exist only for sm_90a (wgmma, setmaxnreg); for sm_80 and the compute_90
+    PTX, CUTLASS compiles a trap stub, each after its own device front-end pass over CUTLASS's
+    templates (nvcc --dryrun: 3 cicc, 3 ptxas, 5 gcc runs; for sm_90a alone 1, 1, 3): measured,
+    73.6 s of CPU per unit became 53.6 s. The launchers call them on 9.0 devices only
+    (host_plan.h). They are compiled in a second ninja run over the same build directory.
+    """
+
+    def compile_in_two(sources, *args, extra_postargs=None, **kwargs):
+        sm90 = [s for s in sources if Path(s).parent.name == "sm90" and s.endswith(".cu")]
+        nvcc = extra_postargs.get("nvcc") if isinstance(extra_postargs, dict) else None
+        if not sm90 or not nvcc:
+            return compile_(sources, *args, extra_postargs=extra_postargs, **kwargs)
+        rest = [s for s in sources if s not in sm90]
+        only = [f for f in nvcc if not f.startswith("-gencode") or f.endswith("code=sm_90a")]
+        objects = compile_(rest, *args, extra_postargs=extra_postargs, **kwargs) if rest else []
+        return objects + compile_(sm90, *args, extra_postargs={**extra_postargs, "nvcc": only}, **kwargs)
+
+    return compile_in_two
+
+
+def _report_units(log: Path, before: set, seconds: float) -> None:
+    """The build's closing lines: each translation unit compiled this time, with its time (from
+    ninja's log), slowest first, and the total."""
+    units = []
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            fields = line.split("\t")
+            if line in before or len(fields) != 5 or not fields[0].isdigit():
+                continue
+            units.append(((int(fields[1]) - int(fields[0])) / 1000, fields[3]))
+    root = f"{log.parent}{os.sep}"
+    for secs, obj in sorted(units, reverse=True):
+        _progress(f"  {secs:6.1f} s  {obj.removeprefix(root)}")
+    _progress(f"{len(units)} translation unit(s) compiled (the others unchanged), {seconds:.0f} s in all")
 
 
 def describe_archs(nvcc_flags: list[str]) -> str:

@@ -6,6 +6,12 @@
 #
 #   bash ci/compat.sh                 # every row of the matrix
 #   bash ci/compat.sh 2.11.0          # one row (others keep their last results in the table)
+#   bash ci/compat.sh latest          # the newest releases of the test stack (see below)
+#
+# The torch rows install with constraints.txt, as the README does (the tested stack, torch swapped
+# per row). The `latest` row drops `-c constraints.txt`: the README's torch (2.14.1) with the newest
+# release of everything else (pytest, hypothesis, peft, transformers, numpy, ...), so drift in the
+# test stack shows as a dated row of docs/compatibility.md, listing the versions it got.
 #
 # Environment: PYTHON (default python3.11), COMPAT_DIR (venvs, the source copy, logs and per-row
 # results; default build/compat), KEEP_VENVS=1 keeps each row's venv. The CUDA kernels are not built
@@ -19,7 +25,7 @@ REPO=$(pwd)
 DOC="$REPO/docs/compatibility.md"
 
 ROWS=("$@")
-[ ${#ROWS[@]} -gt 0 ] || ROWS=(2.8.0 2.11.0 2.14.1 2.15.0)
+[ ${#ROWS[@]} -gt 0 ] || ROWS=(2.8.0 2.11.0 2.14.1 2.15.0 latest)
 PYTHON=${PYTHON:-python3.11}
 COMPAT_DIR=$(mkdir -p "${COMPAT_DIR:-build/compat}" && cd "${COMPAT_DIR:-build/compat}" && pwd)
 
@@ -50,7 +56,11 @@ for row in "${ROWS[@]}"; do
         "$PYTHON" -m venv "$venv"
         # shellcheck disable=SC1091
         source "$venv/bin/activate"
-        cmd=$(echo "$INSTALL_CMD" | sed -E "s/torch==[^ ]+/torch==$row/")
+        if [ "$row" = latest ]; then
+            cmd=$(echo "$INSTALL_CMD" | sed -E "s/ -c [^ ]+//g")   # the README's torch, nothing else pinned
+        else
+            cmd=$(echo "$INSTALL_CMD" | sed -E "s/torch==[^ ]+/torch==$row/")
+        fi
         echo "+ $cmd"
         t0=$SECONDS; eval "$cmd"; echo "install_s=$((SECONDS - t0))" >> "$res"
     ) >> "$log" 2>&1 && install=ok || install=FAIL
@@ -92,6 +102,14 @@ for dist in ("torch", "triton", "numpy"):
     except md.PackageNotFoundError:
         print(f"{dist}=absent")
 print(f"python={platform.python_version()}")
+stack = []
+for dist in ("pytest", "hypothesis", "pytest-benchmark", "transformers", "peft", "accelerate", "safetensors",
+             "huggingface-hub", "matplotlib", "setuptools"):
+    try:
+        stack.append(f"{dist} {md.version(dist)}")
+    except md.PackageNotFoundError:
+        stack.append(f"{dist} absent")
+print("stack=" + ", ".join(stack))
 PY
         deactivate
         [ "$suite" = ok ] && [ "$smoke" = ok ] || failed=1

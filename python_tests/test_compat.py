@@ -306,20 +306,71 @@ def _readme_commands() -> list[str]:
     return re.findall(r"^pip install torch==\S+ .*$", (ROOT / "README.md").read_text(), flags=re.M)
 
 
+def _without_constraints(words: list[str]) -> list[str]:
+    """A pip command's words without its ``-c constraints.txt``."""
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "-c":
+            skip = True
+        else:
+            out.append(word)
+    return out
+
+
 def test_readme_install_lines_name_the_build_requirements():
     commands = _readme_commands()
     assert len(commands) == 2, commands
     hint = re.search(r'"pip install (setuptools[^"]*?) "', (ROOT / "setup.py").read_text()).group(1).split()
     for command in commands:
-        first = command.split(" && ")[0].split()
+        first = _without_constraints(command.split(" && ")[0].split())
         assert first[:3] == ["pip", "install", first[2]] and first[2].startswith("torch==")
         assert sorted(first[3:]) == sorted(hint), (first, hint)
-        assert " && pip install --no-build-isolation -e " in command
+        assert " && pip install --no-build-isolation -c constraints.txt -e " in command
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_readme_commands_install_the_pinned_stack():
+    """Both pip installs of both README commands take constraints.txt; every package the [test] and
+    [bench] extras and the build name is pinned there, and the commands' own pins agree with it."""
+    pins = _constraints()
+    for command in _readme_commands():
+        installs = [part for part in command.split(" && ") if part.startswith("pip install ")]
+        assert len(installs) == 2 and all(" -c constraints.txt" in part for part in installs), command
+        for name, version in re.findall(r"(?<![\w-])([A-Za-z][\w.-]*)==(\S+)", command):
+            if name != "torch":  # torch (and so Triton and the CUDA libraries) is pinned by the command
+                assert pins.get(name.lower()) == version, (name, version, pins.get(name.lower()))
+    setup = (ROOT / "setup.py").read_text()
+    for extra in ("test", "bench"):
+        listed = re.search(rf'"{extra}": \[([^\]]*)\]', setup).group(1)
+        for name in re.findall(r'"([A-Za-z][\w.-]*)', listed):
+            assert re.sub(r"[-_.]+", "-", name).lower() in pins, f"[{extra}] needs {name}, unpinned in constraints.txt"
+    for name in ("setuptools", "wheel", "packaging", "ninja", "pybind11", "numpy"):
+        assert name in pins, name
+    assert "torch" not in pins and "triton" not in pins  # per compat row: the command's torch decides
 
 
 def test_ci_runs_the_readme_test_command_literally():
     test_command = next(c for c in _readme_commands() if c.endswith("python -m pytest python_tests -q"))
-    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci
+    # ... in a fresh venv of its own, created and entered before it, and with its status checked
+    # (under `set -e` a failed install in the && list would not stop the script).
+    at = ci.index(test_command)
+    before, after = "\n".join(ci[:at]), "\n".join(ci[at + 1:at + 5])
+    assert re.search(r"-m venv ", before) and re.search(r"source \S+/bin/activate", before)
+    assert "status=$?" in after and "fail " in after
 
 
 def test_bench_env_silences_the_cuda_home_notice():
@@ -327,3 +378,60 @@ def test_bench_env_silences_the_cuda_home_notice():
     run = _setup_py(code="import bench.env, torch.utils.cpp_extension")
     assert run.returncode == 0, run.stderr
     assert "No CUDA runtime is found" not in run.stderr
+
+
+def test_setup_builds_for_the_local_gpu_and_the_sm90_units_for_sm90a_alone(tmp_path):
+    """The default architectures are the local GPU's (9.0 as 9.0a) or, without one, the documented list;
+    the sm_90a CUTLASS units are compiled apart, for sm_90a alone; the build's closing lines give each
+    unit compiled this time (ninja's log) with its time."""
+    log = tmp_path / ".ninja_log"
+    log.write_text("# ninja log v7\n0\t5000\t1\t/b/csrc/old.o\taa\n")
+    code = (
+        "import os, runpy, sys, types\n"
+        "sys.argv = ['setup.py', '--name']\n"
+        "g = runpy.run_path('setup.py')\n"
+        "def fake_torch(cap):\n"
+        "    cuda = types.SimpleNamespace(is_available=lambda: cap is not None,\n"
+        "                                 get_device_capability=lambda: cap, get_device_name=lambda: 'GPU')\n"
+        "    return types.SimpleNamespace(cuda=cuda)\n"
+        "os.environ.pop('LORA_KERNELS_CUDA_ARCHS', None)\n"
+        "for cap in [(9, 0), (8, 6), (12, 0), None]:\n"
+        "    print('ARCHS', cap, g['default_archs'](fake_torch(cap))[0])\n"
+        "os.environ['LORA_KERNELS_CUDA_ARCHS'] = '8.0'\n"
+        "print('ARCHS env', g['default_archs'](fake_torch((9, 0)))[0])\n"
+        "calls = []\n"
+        "def compile_(sources, output_dir=None, extra_postargs=None, **kw):\n"
+        "    calls.append((sources, extra_postargs.get('nvcc')))\n"
+        "    return [s + '.o' for s in sources]\n"
+        "split = g['sm90_only_for_sm90a'](compile_)\n"
+        "nvcc = ['-O3'] + g['arch_flags']('8.0;9.0a') + ['-DX']\n"
+        "objs = split(['csrc/a.cpp', 'csrc/cuda/forward.cu', '/r/csrc/cuda/sm90/gemm_sm90_fwd_bf16.cu'],\n"
+        "             output_dir='o', extra_postargs={'cxx': [], 'nvcc': nvcc})\n"
+        "print('OBJS', len(objs))\n"
+        "for sources, flags in calls:\n"
+        "    print('CALL', ','.join(sources), ' '.join(flags))\n"
+        "calls.clear(); split(['csrc/a.cpp'], output_dir='o', extra_postargs={'cxx': []})\n"
+        "print('CPU', calls)\n"
+        f"log = __import__('pathlib').Path({str(log)!r})\n"
+        "before = set(log.read_text().splitlines())\n"
+        "with log.open('a') as f:\n"
+        "    f.write('0\\t81500\\t2\\t/b/csrc/cuda/sm90/gemm_sm90_fwd_bf16.o\\tbb\\n1\\t2400\\t3\\t/b/csrc/lora.o\\tcc\\n')\n"
+        "g['_report_units'](log, before, 83.2)\n"
+    )
+    run = _setup_py(code=code, env_extra={"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "1"})
+    assert run.returncode == 0, run.stderr
+    archs = dict(re.findall(r"^ARCHS (.*) (\S+)$", run.stdout, re.M))
+    assert archs == {"(9, 0)": "9.0a", "(8, 6)": "8.6", "(12, 0)": "12.0", "None": "8.0;9.0a", "env": "8.0"}, archs
+    assert "OBJS 3" in run.stdout
+    calls = re.findall(r"^CALL (\S+) (.*)$", run.stdout, re.M)
+    assert calls == [
+        ("csrc/a.cpp,csrc/cuda/forward.cu", "-O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a "
+                                            "-gencode=arch=compute_90,code=compute_90 -DX"),
+        ("/r/csrc/cuda/sm90/gemm_sm90_fwd_bf16.cu", "-O3 -gencode=arch=compute_90a,code=sm_90a -DX"),
+    ], calls
+    assert "CPU [(['csrc/a.cpp'], None)]" in run.stdout
+    report = [l for l in run.stdout.splitlines() if l.startswith("lora_kernels build:")]
+    assert [l.split()[2:] for l in report] == [["81.5", "s", "/b/csrc/cuda/sm90/gemm_sm90_fwd_bf16.o"],
+                                              ["2.4", "s", "/b/csrc/lora.o"],
+                                              ["2", "translation", "unit(s)", "compiled", "(the", "others",
+                                               "unchanged),", "83", "s", "in", "all"]], report
