@@ -575,8 +575,10 @@ setup(
         "bench": ["peft", "matplotlib", "tqdm"],
         # QLoRA: a bitsandbytes 4-bit base (lora_kernels.nf4); tested with bitsandbytes 0.50.
         "qlora": ["bitsandbytes>=0.50", "peft"],
-        # Everything the test suite exercises (tests of optional packages skip without them).
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers", "safetensors", "matplotlib"],
+        # Everything the test suite exercises (tests of optional packages skip without them): the
+        # engines (DeepSpeed on its CPU accelerator, accelerate) and bitsandbytes' CPU build included.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers", "safetensors", "matplotlib",
+                 "accelerate", "deepspeed", "bitsandbytes>=0.50"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
