@@ -152,6 +152,33 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _strided(ptr, i, stride):
+    """``ptr + i·stride`` in int64 (``i`` a program id, a loop counter or a vector of indices)."""
+    return ptr + tl.cast(i, tl.int64) * stride
+
+
+@triton.jit
+def _tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c):
+    """Pointers of the tile ``ptr[offs_r, offs_c]``. NOTE: both index terms in int64, so a view whose
+    element offsets pass 2³¹ (a 256k-vocabulary head, a transposed weight) is addressed correctly."""
+    return ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _load_at(ptr, offs_r, offs_c, mask_r, mask_c, stride_r, stride_c):
+    """The tile ``ptr[offs_r, offs_c]`` (rows may be gathered), zero where ``mask_r`` or ``mask_c`` is off."""
+    return tl.load(_tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c), mask=mask_r[:, None] & mask_c[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_at(ptr, value, offs_r, offs_c, mask_r, mask_c, stride_r, stride_c):
+    """``ptr[offs_r, offs_c] = value``, rounded to the destination dtype (rows may be gathered)."""
+    tl.store(_tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c), _round_to(value, ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_c[None, :])
+
+
+@triton.jit
 def _load_tile(ptr, desc, row0, col0, n_rows, n_cols, stride_r, stride_c,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr):
     """Tile ``[row0, row0 + BLOCK_R) x [col0, col0 + BLOCK_C)``, zero outside the matrix.
@@ -162,8 +189,7 @@ def _load_tile(ptr, desc, row0, col0, n_rows, n_cols, stride_r, stride_c,
         return desc.load([row0, col0])
     offs_r = row0 + tl.arange(0, BLOCK_R)
     offs_c = col0 + tl.arange(0, BLOCK_C)
-    return tl.load(ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c[None, :] * stride_c,
-                   mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
+    return _load_at(ptr, offs_r, offs_c, offs_r < n_rows, offs_c < n_cols, stride_r, stride_c)
 
 
 @triton.jit
@@ -175,9 +201,59 @@ def _store_tile(ptr, desc, value, row0, col0, n_rows, n_cols, stride_r, stride_c
     else:
         offs_r = row0 + tl.arange(0, BLOCK_R)
         offs_c = col0 + tl.arange(0, BLOCK_C)
-        tl.store(ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c[None, :] * stride_c,
-                 _round_to(value, ptr.dtype.element_ty),
-                 mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols))
+        _store_at(ptr, value, offs_r, offs_c, offs_r < n_rows, offs_c < n_cols, stride_r, stride_c)
+
+
+@triton.jit
+def _lora_up(acc, l, u_ptr, n0, r0, N, R, stride_un, stride_ur, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + l U[n0 : n0 + BLOCK_N, r0 : r0 + BLOCK_R]ᵀ``: the low-rank up-projection of an output
+    tile (``l``: (BLOCK_M, BLOCK_R), its rank columns ``r0 …``), straight into the accumulator."""
+    u = _load_tile(u_ptr, u_ptr, n0, r0, N, R, stride_un, stride_ur, BLOCK_N, BLOCK_R, False)
+    return _dot(l, u.T, acc, UPCAST, IEEE)
+
+
+@triton.jit
+def _add_bias(acc, bias_ptr, n0, N, stride_bias, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc + b[n0 : n0 + BLOCK_N]`` over every row (b read through its stride), or ``acc``."""
+    if HAS_BIAS:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(_strided(bias_ptr, offs_n, stride_bias), mask=offs_n < N, other=0.0).to(acc.dtype)[None, :]
+    return acc
+
+
+@triton.jit
+def _forward_epilogue(
+    acc, xa_acc, pid_n, m0, n0, l_ptr, b_ptr, bias_ptr, y_ptr, y_desc, xa_ptr, M, N, R, L_SPLITS,
+    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
+    stride_xam, stride_xar, xa_scale,
+    FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The forward GEMMs' epilogue (16-bit and 4-bit base): ``y = acc + xa Bᵀ + b``, rounded and
+    stored, and xa stored by the column-block-0 programs (STORE_XA). FUSED: xa from ``xa_acc``
+    (all of r in one block); else from the shrink kernel's fp32 partials, summed in split order,
+    one rank chunk of BLOCK_R at a time."""
+    if FUSED:
+        xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
+        if STORE_XA:
+            if pid_n == 0:
+                _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+        acc = _lora_up(acc, xa, b_ptr, n0, 0, N, R, stride_bn, stride_br, UPCAST, IEEE, BLOCK_N, BLOCK_R)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+            for s in range(0, L_SPLITS):
+                part += _load_tile(_strided(l_ptr, s, stride_ls), l_ptr, m0, r0, M, R, stride_lm, stride_lr,
+                                   BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+            xa = _round_to(part * xa_scale, y_ptr.dtype.element_ty)
+            if STORE_XA:
+                if pid_n == 0:
+                    _store_tile(xa_ptr, xa_ptr, xa, m0, r0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+            acc = _lora_up(acc, xa, b_ptr, n0, r0, N, R, stride_bn, stride_br, UPCAST, IEEE, BLOCK_N, BLOCK_R)
+    acc = _add_bias(acc, bias_ptr, n0, N, stride_bias, HAS_BIAS, BLOCK_N)
+    _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
@@ -202,7 +278,7 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 def _lora_forward_kernel(
     x_ptr, x_desc,  # X (M, K): x; the descriptor (TMA only) has blocks (BLOCK_M, BLOCK_K)
     w_ptr, w_desc,  # W (N, K): W0; blocks (BLOCK_N, BLOCK_K)
-    bias_ptr,  # b (N,) (HAS_BIAS only)
+    bias_ptr,  # b (N,), any stride (HAS_BIAS only)
     a_ptr,  # A (R, K) (FUSED only)
     l_ptr,  # two_pass: fp32 partial sums of (x ⊙ keep) Aᵀ, (L_SPLITS, M, R)
     b_ptr,  # B (N, R)
@@ -211,7 +287,7 @@ def _lora_forward_kernel(
     M, N, K, R, L_SPLITS,
     M_BUCKET,  # next power of two of M: the autotuning key, so a new token count does not re-tune
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_ls, stride_lm, stride_lr,
-    stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar,
+    stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_xam, stride_xar,
     xa_scale,  # s / (1 - p)
     seed_ptr, threshold, groups_per_row,  # keep-mask over X's elements (DROPOUT only; FUSED only)
     FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -229,7 +305,7 @@ def _lora_forward_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
                           M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
                           stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
                           FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
@@ -237,7 +313,7 @@ def _lora_forward_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
                           M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
                           stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
                           FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
@@ -247,7 +323,7 @@ def _lora_forward_kernel(
 def _forward_tile(
     tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
     M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
     stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
     FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -270,21 +346,10 @@ def _forward_tile(
             if DROPOUT:
                 x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
             xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
-    if not FUSED:  # the partials of the shrink kernel, summed in split order
-        for s in range(0, L_SPLITS):
-            xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
-                                 BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-    xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
-    if STORE_XA:
-        if pid_n == 0:
-            _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
-    # NOTE: xa Bᵀ goes straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile.
-    b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
-    acc = _dot(xa, b.T, acc, UPCAST, IEEE)
-    if HAS_BIAS:
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
+    _forward_epilogue(acc, xa_acc, pid_n, m0, n0, l_ptr, b_ptr, bias_ptr, y_ptr, y_desc, xa_ptr, M, N, R, L_SPLITS,
+                      stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
+                      stride_xam, stride_xar, xa_scale, FUSED, STORE_XA, HAS_BIAS, TMA, ACC_DTYPE, UPCAST, IEEE,
+                      BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit
@@ -310,7 +375,7 @@ def _lora_shrink_kernel(
             x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
         a = _load_tile(a_ptr, a_ptr, k0, 0, k_end, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
         acc = _dot(x, a, acc, UPCAST, IEEE)
-    _store_tile(part_ptr + pid_s * stride_ps, part_ptr, acc, m0, 0, M, R, stride_pm, stride_pr,
+    _store_tile(_strided(part_ptr, pid_s, stride_ps), part_ptr, acc, m0, 0, M, R, stride_pm, stride_pr,
                 BLOCK_M, BLOCK_R, False)
 
 
@@ -350,7 +415,7 @@ def _store_partial(ptr, value, row0, n_rows, R, stride_pj, stride_pr, ACCUMULATE
     """``partial[row0 + j, r] (+)= value[j, r]``: only this program touches these elements."""
     offs_j = row0 + tl.arange(0, BLOCK_J)
     offs_r = tl.arange(0, BLOCK_R)
-    ptrs = ptr + offs_j.to(tl.int64)[:, None] * stride_pj + offs_r[None, :] * stride_pr
+    ptrs = _tile_ptrs(ptr, offs_j, offs_r, stride_pj, stride_pr)
     mask = (offs_j[:, None] < n_rows) & (offs_r[None, :] < R)
     if ACCUMULATE:
         value += tl.load(ptrs, mask=mask, other=0.0)
@@ -395,7 +460,7 @@ def _lora_backward_kernel(
     run_len = tl.cdiv(num_m, runs)
     m_first = run * run_len
     m_end = tl.minimum(num_m, m_first + run_len)
-    part = part_ptr + run.to(tl.int64) * stride_ps
+    part = _strided(part_ptr, run, stride_ps)
     k0 = pid_k * BLOCK_K
     da0 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
     da1 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
@@ -427,7 +492,7 @@ def _lora_backward_kernel(
                 _store_partial(part, db, K + n0, K + N, R, stride_pj, stride_pr, pid_m > m_first, BLOCK_N, BLOCK_R)
         if G_LOADED:
             for s in range(0, G_SPLITS):
-                g += _load_tile(g_ptr + s * stride_gs, g_ptr, m0, 0, M, R, stride_gm, stride_gr,
+                g += _load_tile(_strided(g_ptr, s, stride_gs), g_ptr, m0, 0, M, R, stride_gm, stride_gr,
                                 BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
         g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
         if NEED_DX:
@@ -473,7 +538,7 @@ def _lora_g_kernel(
         dy = _load_tile(dy_ptr, dy_ptr, m0, n0, M, n_end, stride_dym, stride_dyn, BLOCK_M, BLOCK_N, False)
         b = _load_tile(b_ptr, b_ptr, n0, 0, n_end, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
         g = _dot(dy, b, g, UPCAST, IEEE)
-    _store_tile(part_ptr + pid_s * stride_ps, part_ptr, g, m0, 0, M, R, stride_pm, stride_pr,
+    _store_tile(_strided(part_ptr, pid_s, stride_ps), part_ptr, g, m0, 0, M, R, stride_pm, stride_pr,
                 BLOCK_M, BLOCK_R, False)
 
 
@@ -490,15 +555,14 @@ def _reduce_runs_kernel(
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = (offs_j[:, None] < K + N) & (offs_r[None, :] < R)
-    ptrs = part_ptr + offs_j.to(tl.int64)[:, None] * stride_pj + offs_r[None, :] * stride_pr
+    ptrs = _tile_ptrs(part_ptr, offs_j, offs_r, stride_pj, stride_pr)
     acc = tl.zeros((BLOCK_J, BLOCK_R), dtype=ACC_DTYPE)
     for s in range(0, runs):  # a fixed order: deterministic
-        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
-    is_a = (offs_j < K)[:, None]
-    tl.store(da_ptr + offs_r[None, :] * stride_ar + offs_j.to(tl.int64)[:, None] * stride_ak,
-             _round_to(acc * inv_keep, da_ptr.dtype.element_ty), mask=mask & is_a)
-    tl.store(db_ptr + (offs_j - K).to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
-             _round_to(acc, db_ptr.dtype.element_ty), mask=mask & ~is_a)
+        acc += tl.load(_strided(ptrs, s, stride_ps), mask=mask, other=0.0)
+    is_a = offs_j < K
+    # dAᵀ rows [0, K), dB rows [K, K + N) of the partials
+    _store_at(da_ptr, acc * inv_keep, offs_j, offs_r, is_a, offs_r < R, stride_ak, stride_ar)
+    _store_at(db_ptr, acc, offs_j - K, offs_r, ~is_a & (offs_j < K + N), offs_r < R, stride_bn, stride_br)
 
 
 # --------------------------------------------------------------------------- #
@@ -905,11 +969,12 @@ def _forward_gemm_plan(x, w, bias, y, xa, a, part, b, xa_scale, dropout_p, fused
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
         stride_ar=a.stride(0), stride_ak=a.stride(1),
         stride_ls=part.stride(0), stride_lm=part.stride(1), stride_lr=part.stride(2),
-        stride_bn=b.stride(0), stride_br=b.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_bn=b.stride(0), stride_br=b.stride(1), stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_xam=xa.stride(0) if xa is not None else 0, stride_xar=xa.stride(1) if xa is not None else 0,
         xa_scale=xa_scale, threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(K, 4),
         DROPOUT=dropout_p > 0.0, FUSED=fused, STORE_XA=xa is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
+        BLOCK_R=_full_block_r(R) if fused else _block_r(R), **_dtype_flags(x.dtype),
     )
     tiles = lambda meta: _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])  # noqa: E731
     programs = _num_sms(x.device)
@@ -968,7 +1033,7 @@ def _shrink_splits(M: int, K: int, block_m: int, block_k: int, device) -> int:
 def _forward_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple:
     """The plan key of a forward call (see _PLANS)."""
     return ("forward", x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape, lora_A.stride(),
-            lora_B.stride(), bias is not None, x.dtype, x.device, scaling, dropout_p, _settings())
+            lora_B.stride(), None if bias is None else bias.stride(), x.dtype, x.device, scaling, dropout_p, _settings())
 
 
 def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
