@@ -70,24 +70,29 @@ def _record_jit(self, *args, grid, warmup, **kwargs):
     LAUNCHES.append((self, named, None))
 
 
+# --all: every config of every autotuned launch, not only those that the launchers' pruning keeps
+# (to compare the pruning's estimate with what the compiler does).
+EVERY_CONFIG = False
+
+
 def _record_autotuned(self, *args, grid=None, warmup=False, **kwargs):
     named = dict(zip(self.arg_names, args), **kwargs)
     configs = self.configs
-    if self.early_config_prune:
+    if self.early_config_prune and not EVERY_CONFIG:
         configs = self.early_config_prune(configs, named)
     LAUNCHES.append((self.fn, named, configs))
 
 
-def record(dtype, arch, tma):
-    """Run every launcher on small CPU tensors of ``dtype`` and return the launches they make."""
+def record(dtype, arch, tma, r=16):
+    """Run every launcher on small CPU tensors of ``dtype`` at rank ``r`` and return the launches they make."""
     JITFunction.run, Autotuner.run = _record_jit, _record_autotuned
     T._shared_memory_limit = lambda device: SHARED_MEMORY[arch]
     T._target_arch = lambda device: arch
     T.USE_TMA = tma
     del LAUNCHES[:]
     torch.manual_seed(0)
-    # Sizes divisible by 16 (the common case, and what the JIT specialises on); r = 16.
-    M, K, N, r, n = 256, 512, 384, 16, 3
+    # Sizes divisible by 16 (the common case, and what the JIT specialises on).
+    M, K, N, n = 256, 512, 384, 3
     x, dy = torch.randn(M, K, dtype=dtype), torch.randn(M, N, dtype=dtype)
     w, b = torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
     A, B, xa = torch.randn(r, K, dtype=dtype), torch.randn(N, r, dtype=dtype), torch.randn(M, r, dtype=dtype)
@@ -161,10 +166,10 @@ def _flags(named):
     return " ".join(f"{k}={int(bool(named[k]))}" for k in keys if k in named)
 
 
-def jobs_for(arch, dtype, tma_modes):
-    """Distinct (name, flags, config, named arguments) compilations for one target."""
+def jobs_for(arch, dtype, tma_modes, r=16):
+    """Distinct (name, flags, config, named arguments) compilations for one target and rank."""
     jobs, seen = [], set()
-    launches = [launch for tma in tma_modes for launch in record(dtype, arch, tma)]
+    launches = [launch for tma in tma_modes for launch in record(dtype, arch, tma, r)]
     for fn, named, configs in launches:
         for cfg in configs or [None]:
             args = dict(named)
@@ -179,6 +184,7 @@ def jobs_for(arch, dtype, tma_modes):
                 blocks = [f"{k}={v}" for k, v in args.items() if k.startswith("BLOCK_")]
                 opts = [f"{k[4]}{args[k]}" for k in ("num_stages", "num_warps") if k in args]
                 label = " ".join(blocks + opts)
+            label = f"r{args.get('R', '-')} {label}"
             key = (fn.__name__, _flags(args), label, str(dtype))
             if key not in seen:
                 seen.add(key)

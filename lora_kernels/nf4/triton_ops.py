@@ -31,8 +31,8 @@ import triton.language as tl
 
 from .. import triton_ops as t
 from .._runtime import on_input_device
-from ..triton_ops import (_dot, _forward_epilogue, _keep_mask, _load_tile, _round_to, _store_partial, _store_tile,
-                          _strided, _tile_coords)
+from ..triton_ops import (_db_share, _dot, _dx_half, _dx_half_chunks, _empty_run, _forward_epilogue, _g_chunk,
+                          _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _tile_coords)
 from .reference import QuantWeight
 
 # Which variant runs: None asks lora_kernels.cost_model.choose_qlora_variant (per forward and per backward);
@@ -157,7 +157,7 @@ def _qlora_backward_kernel(
     stride_bn, stride_br, stride_xam, stride_xar, stride_gs, stride_gm, stride_gr, stride_dxm, stride_dxk,
     stride_ps, stride_pj, stride_pr,
     scaling, inv_keep, seed_ptr, threshold, groups_per_row,  # g = s·dY B; D over dX's elements
-    G_LOADED: tl.constexpr, DROPOUT: tl.constexpr,
+    G_LOADED: tl.constexpr, CHUNKED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -177,10 +177,9 @@ def _qlora_backward_kernel(
     k0 = pid_k * BLOCK_K
     da0 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
     da1 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
-    if m_first >= m_end:  # an empty run: its dB slots are zero (its dA slots are stored below)
-        for n0 in range(pid_k * BLOCK_N, N, num_kb * BLOCK_N):
-            _store_partial(part, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), K + n0, K + N, R,
-                           stride_pj, stride_pr, False, BLOCK_N, BLOCK_R)
+    if m_first >= m_end:  # an empty run: its partial slots are zero
+        _empty_run(part, pid_k, k0, num_kb, K, N, R, stride_pj, stride_pr, True, CHUNKED, ACC_DTYPE,
+                   BLOCK_N, HALF, BLOCK_R)
     for pid_m in range(m_first, m_end):
         m0 = pid_m * BLOCK_M
         xa = _load_tile(xa_ptr, xa_ptr, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
@@ -199,23 +198,36 @@ def _qlora_backward_kernel(
                 b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
                 g = _dot(dy, b, g, UPCAST, IEEE)
             if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
-                db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
-                _store_partial(part, db, K + n0, K + N, R, stride_pj, stride_pr, pid_m > m_first, BLOCK_N, BLOCK_R)
-        if G_LOADED:
-            for s in range(0, G_SPLITS):
-                g += _load_tile(_strided(g_ptr, s, stride_gs), g_ptr, m0, 0, M, R, stride_gm, stride_gr,
-                                BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-        g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
-        da0 = t._dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
-                         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                         inv_keep, seed_ptr, threshold, groups_per_row,
-                         DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-        da1 = t._dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
-                         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                         inv_keep, seed_ptr, threshold, groups_per_row,
-                         DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-    _store_partial(part, da0, k0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
-    _store_partial(part, da1, k0 + HALF, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+                _db_share(part, dy, xa, xa_ptr, m0, n0, M, N, K, R, stride_xam, stride_xar, stride_pj, stride_pr,
+                          pid_m > m_first, CHUNKED, ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
+        if CHUNKED:
+            _dx_half_chunks(acc0, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R, G_SPLITS,
+                            stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                            stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
+                            seed_ptr, threshold, groups_per_row, DROPOUT, False, ACC_DTYPE, UPCAST, IEEE,
+                            BLOCK_M, HALF, BLOCK_R)
+            _dx_half_chunks(acc1, m0, k0 + HALF, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R, G_SPLITS,
+                            stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                            stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
+                            seed_ptr, threshold, groups_per_row, DROPOUT, False, ACC_DTYPE, UPCAST, IEEE,
+                            BLOCK_M, HALF, BLOCK_R)
+        else:
+            if G_LOADED:
+                g = _g_chunk(g_ptr, m0, 0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling,
+                             dy_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
+            else:
+                g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
+            da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
+                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                           inv_keep, seed_ptr, threshold, groups_per_row,
+                           DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+            da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
+                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                           inv_keep, seed_ptr, threshold, groups_per_row,
+                           DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+    if not CHUNKED:  # dAᵀ accumulated over the run in registers
+        _store_partial(part, da0, k0, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+        _store_partial(part, da1, k0 + HALF, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
 
 
 _FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "FUSED", "DROPOUT", "HAS_BIAS", "NESTED"]
@@ -350,7 +362,7 @@ def qlora_backward(grad_out, x, q: QuantWeight, lora_A, lora_B, xa, scaling, dro
         stride_dxm=grad_x.stride(0), stride_dxk=grad_x.stride(1),
         stride_ps=part.stride(0), stride_pj=part.stride(1), stride_pr=part.stride(2),
         scaling=scaling, inv_keep=t._inv_keep(dropout_p), **t._dropout_args(dropout_p, seed, K, x.device),
-        G_LOADED=g_loaded, BLOCK_R=t._full_block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
+        G_LOADED=g_loaded, CHUNKED=R > t._block_r(R), BLOCK_R=t._block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
     )
     t._reduce_partials(part, grad_A, grad_B, dropout_p)
     return grad_x, grad_A, grad_B

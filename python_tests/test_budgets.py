@@ -1,0 +1,102 @@
+"""The autotuners' shared-memory and register budgets count the rank: what the kernel bodies hold
+(A, B, xa, g tiles and the fp32 rank blocks), checked against the compiler's own figures (Triton
+3.8, sm_90a, bf16, python_tests/triton_compile_check.py) and at the ranks 8-256."""
+
+import pytest
+import torch
+import triton
+
+from lora_kernels import triton_ops as T
+
+H100_SHARED = 232448  # shared_memory_per_block_optin of an H100 (what the compile check prunes by)
+
+
+def configs(shapes, backward):
+    group = {} if backward else {"GROUP_M": 8}
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **group}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in shapes]
+
+
+def shapes_of(cfgs):
+    return [tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (c.num_stages, c.num_warps) for c in cfgs]
+
+
+def forward_args(R, fused, tma, dtype=torch.bfloat16, dropout=False):
+    return dict(y_ptr=torch.empty(1, 1, dtype=dtype), R=R, FUSED=fused, TMA=tma, DROPOUT=dropout,
+                BLOCK_R=T._full_block_r(R) if fused else T._block_r(R))
+
+
+def backward_args(R, need_dx, g_loaded, tma, dtype=torch.bfloat16, dropout=False):
+    return dict(dy_ptr=torch.empty(1, 1, dtype=dtype), R=R, NEED_DX=need_dx, G_LOADED=g_loaded, TMA=tma,
+                DROPOUT=dropout, BLOCK_R=T._block_r(R))
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    """The pruning of an H100 on this machine: its shared memory, sm_90's exclusion table."""
+    monkeypatch.setattr(T, "_shared_memory_limit", lambda device: H100_SHARED)
+    monkeypatch.setattr(T, "_target_arch", lambda device: 90)
+    monkeypatch.setattr(T, "AUTOTUNE", True)
+
+
+def test_r64_drops_the_persistent_tma_forward_128x256x64_three_stages(h100):
+    """At r = 64 the fused TMA forward's 128x256x64 three-stage config needs ~280 KB (x, W0 and A
+    tiles per stage, then B, xa and the y tile), over the H100's 227 KB; at r = 16 it fits (the
+    compiler gives it 227,352 bytes)."""
+    big = (128, 256, 64, 3, 8)
+    cfgs = configs(T._GEMM_SHAPES, backward=False)
+    kept16 = shapes_of(T._prune(cfgs, forward_args(16, True, True), False, "_lora_forward_kernel"))
+    kept64 = shapes_of(T._prune(cfgs, forward_args(64, True, True), False, "_lora_forward_kernel"))
+    assert big in kept16
+    assert big not in kept64
+    assert kept64, "some config must remain at r = 64"
+
+
+# (kernel variant, R, config, compiled shared memory in bytes, spilled): Triton 3.8, sm_90a, bf16,
+# as triton_compile_check.py --all printed them.
+MEASURED = [
+    (("forward", True, True), 16, (128, 256, 64, 3, 8), 227352, False),
+    (("two_pass", False, True), 256, (128, 256, 64, 3, 8), 262144, False),
+    (("two_pass", False, True), 256, (256, 128, 64, 3, 8), 294912, True),
+    (("two_pass", False, True), 256, (128, 128, 64, 3, 4), 172032, True),
+    (("two_pass", False, True), 256, (128, 64, 64, 4, 4), 172032, False),
+    (("two_pass", False, True), 256, (64, 128, 64, 4, 4), 147456, False),
+    (("two_pass", False, True), 256, (128, 128, 64, 4, 8), 229376, False),
+]
+
+
+@pytest.mark.parametrize("variant,R,shape,shared,spilled", MEASURED, ids=lambda v: str(v))
+def test_the_estimate_bounds_what_the_compiler_measured(variant, R, shape, shared, spilled):
+    """The shared-memory estimate is never below the compiler's figure, and the register rule
+    says 'does not fit' exactly where the compiled kernel spilled."""
+    _, fused, tma = variant
+    (cfg,) = configs([shape], backward=False)
+    args = forward_args(R, fused, tma)
+    estimate = (cfg.num_stages * T._stage_elements(cfg, False, args) + T._epilogue_elements(cfg, False, args)) * 2
+    assert estimate >= shared
+    per_thread = T._register_elements(cfg, False, args) / (32 * cfg.num_warps)
+    assert (per_thread > T.REGISTER_BUDGET) == spilled
+
+
+CASES = [("forward", f, t) for f in (True, False) for t in (True, False)] + \
+        [("backward", dx, gl, t) for dx in (True, False) for gl in (True, False) for t in (True, False)]
+
+
+@pytest.mark.parametrize("R", [8, 16, 64, 128, 256])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kept_configs_fit_the_estimate_at_every_rank(h100, R, case):
+    """Every config the pruning keeps fits the rank-aware budgets (the fallback included)."""
+    if case[0] == "forward":
+        _, fused, tma = case
+        if fused and R > T.FUSED_MAX_RANK:
+            pytest.skip("the fused forward runs up to FUSED_MAX_RANK")
+        shapes = T._GEMM_SHAPES + ([] if tma else T._GEMM_SHAPES_POINTER)
+        args, backward, kernel = forward_args(R, fused, tma), False, "_lora_forward_kernel"
+    else:
+        _, need_dx, g_loaded, tma = case
+        shapes = T._BACKWARD_SHAPES + ([] if tma else T._BACKWARD_SHAPES_POINTER)
+        args, backward, kernel = backward_args(R, need_dx, g_loaded, tma), True, "_lora_backward_kernel"
+    kept = T._prune(configs(shapes, backward), args, backward, kernel)
+    assert kept
+    for cfg in kept:
+        assert T._fits(cfg, args, backward, 2, H100_SHARED), shapes_of([cfg])
