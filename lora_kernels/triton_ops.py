@@ -809,11 +809,19 @@ def _register_elements(cfg, backward: bool, args) -> int:
     return bm * bn + bm * br + up
 
 
+def _shared_bytes(cfg, backward: bool, args, element_size: int) -> int:
+    """Shared memory of a config for a kernel variant: its pipeline stages, the epilogue's operands
+    and, where a rank block is summed from fp32 partials (two-pass forward, g pass), their tile."""
+    partials = args.get("G_LOADED") if backward else not args.get("FUSED") and "LOAD_C" not in args
+    acc_bytes = 8 if element_size == 8 else 4
+    return ((cfg.num_stages * _stage_elements(cfg, backward, args) + _epilogue_elements(cfg, backward, args))
+            * element_size + (cfg.kwargs["BLOCK_M"] * args.get("BLOCK_R", 0) * acc_bytes if partials else 0))
+
+
 def _fits(cfg, args, backward: bool, element_size: int, shared_limit: int) -> bool:
     """Whether ``cfg`` fits the shared memory and the register file for this kernel variant."""
-    shared = (cfg.num_stages * _stage_elements(cfg, backward, args) + _epilogue_elements(cfg, backward, args))
     per_thread = _register_elements(cfg, backward, args) * max(1, element_size // 4) / (32 * cfg.num_warps)
-    return shared * element_size <= shared_limit and per_thread <= REGISTER_BUDGET
+    return _shared_bytes(cfg, backward, args, element_size) <= shared_limit and per_thread <= REGISTER_BUDGET
 
 
 VARIANT_FLAGS = ("FUSED", "NEED_DX", "G_LOADED", "LOAD_C", "DROPOUT", "TMA")
