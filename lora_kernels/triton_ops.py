@@ -71,9 +71,11 @@ FUSED_MAX_RANK = 64
 # accumulators spill every backward config on sm_90a (the compile check); wider ranks go by chunks
 # (the backward then takes g from the g pass, backward_plan).
 RANK_CHUNK = 64
-# Accumulator elements (fp32) per thread that a GEMM config may hold in registers beside its
-# addresses and operands (of 255 registers): calibrated by the compile check (see _fits).
-REGISTER_BUDGET = 160
+# fp32 accumulator elements per thread that a GEMM config may hold in registers beside its addresses,
+# operands and masks (of 255 registers), by (backward, num_warps): the compile check's figures
+# (Triton 3.8, sm_90a, bf16: the forward spills from 192 per thread, the backward from 114 with 8 warps
+# and 96 with 4, at every rank). See _fits.
+REGISTER_BUDGET = {(False, 4): 160, (False, 8): 160, (True, 4): 88, (True, 8): 112}
 
 
 # --------------------------------------------------------------------------- #
@@ -790,8 +792,9 @@ def _epilogue_elements(cfg, backward: bool, args) -> int:
     the output tile staged for its store."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     br = args.get("BLOCK_R", 0)
-    if backward:  # xa (dB = dyᵀ xa), g and the A and x half tiles of the dx epilogue, the dx half tile
-        return bm * br + bm * br + (br + bm) * (bk // 2) + (bm * bk // 2 if args.get("TMA") else 0)
+    if backward:  # xa and dyᵀ (dB), g, A and x, xᵀ half tiles (dx, dAᵀ), the two dx half tiles
+        half = bk // 2
+        return 2 * bm * br + bm * bn + (br + 2 * bm) * half + (bm * bk if args.get("TMA") else 0)
     return bm * br + bn * br + (bm * bn if args.get("TMA") else 0)  # xa, B (U), the y tile
 
 
@@ -821,7 +824,8 @@ def _shared_bytes(cfg, backward: bool, args, element_size: int) -> int:
 def _fits(cfg, args, backward: bool, element_size: int, shared_limit: int) -> bool:
     """Whether ``cfg`` fits the shared memory and the register file for this kernel variant."""
     per_thread = _register_elements(cfg, backward, args) * max(1, element_size // 4) / (32 * cfg.num_warps)
-    return _shared_bytes(cfg, backward, args, element_size) <= shared_limit and per_thread <= REGISTER_BUDGET
+    budget = REGISTER_BUDGET.get((backward, cfg.num_warps), REGISTER_BUDGET[(backward, 8)])
+    return _shared_bytes(cfg, backward, args, element_size) <= shared_limit and per_thread <= budget
 
 
 VARIANT_FLAGS = ("FUSED", "NEED_DX", "G_LOADED", "LOAD_C", "DROPOUT", "TMA")

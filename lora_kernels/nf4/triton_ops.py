@@ -32,7 +32,7 @@ import triton.language as tl
 from .. import triton_ops as t
 from .._runtime import on_input_device
 from ..triton_ops import (_db_share, _dot, _dx_half, _dx_half_chunks, _empty_run, _forward_epilogue, _g_chunk,
-                          _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _tile_coords)
+                          _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _strided, _tile_coords)
 from .reference import QuantWeight
 
 # Which variant runs: None asks lora_kernels.cost_model.choose_qlora_variant (per forward and per backward);
