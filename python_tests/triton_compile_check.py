@@ -15,12 +15,18 @@ never autotune over a config that spilled for that kernel variant: ``--update`` 
 everything and rewrites their exclusion table, lora_kernels/_triton_excluded.py (run it after
 changing a kernel or a config list, on every Triton of the support matrix, then commit the table:
 register allocation differs between Triton releases, so each version has its own entry, and a
-version without one gets all of them together). The table is made for r = 16;
-wider ranks hold more registers and are not covered.
+version without one gets all of them together). The table is measured at r = 16.
 
-Usage: python triton_compile_check.py [--jobs N] [--update | --self-test]
-(~300 compilations, 3.5 CPU-minutes: about 2 min on 2 idle cores, 5 min on a busy machine,
-seconds with a warm Triton cache.)
+Every rank of RANKS is compiled (r = 8 ... 256: the rank blocks and chunks are what change).
+Beside the table, the launchers prune by a rank-aware estimate of shared memory and registers
+(``triton_ops._fits``); the check prints its verdict for every config ("rule": fit / drop) and
+fails where a config it keeps spills. ``--all`` compiles the configs it drops too, and counts
+where the estimate and the compiler disagree (a dropped config that compiles clean costs only a
+candidate; a kept one that spills fails the check).
+
+Usage: python triton_compile_check.py [--jobs N] [--ranks 8,16,...] [--all] [--update | --self-test]
+(~300 compilations per rank at r <= 16, fewer above (fewer configs fit): about 1,200 in all,
+~15 CPU-minutes; seconds with a warm Triton cache.)
 """
 
 import argparse
@@ -55,6 +61,10 @@ SHARED_MEMORY = {90: 232448, 80: 166912}
 # its spills are reported, not failed.
 TARGETS = [(90, torch.bfloat16, (True, False)), (90, torch.float32, (False,)), (90, torch.float64, (False,)),
            (80, torch.bfloat16, (False,))]
+# The ranks compiled: r = 8 (not a multiple of 16: other specialisations), the table's r = 16, and
+# the ranks whose blocks the budgets must count (r = 64: the fused forward's widest; 128 and 256: the
+# rank chunks).
+RANKS = (8, 16, 64, 128, 256)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -222,6 +232,26 @@ def run_job(i):
         time.time() - start
 
 
+def _rule(job):
+    """The launchers' rank-aware estimate for an autotuned job: True (kept), False (dropped), None
+    (not an autotuned config)."""
+    arch, dtype, name, flags, label, fn, args, exclusion = job
+    if exclusion is None:
+        return None
+    backward = "backward" in name
+    element_size = torch.empty((), dtype=dtype).element_size()
+    cfg = _Config(args)
+    return T._fits(cfg, args, backward, element_size, SHARED_MEMORY[arch])
+
+
+class _Config:
+    """The block sizes, stages and warps of a job, as _fits reads a triton.Config."""
+
+    def __init__(self, args):
+        self.kwargs = {k: args[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+        self.num_stages, self.num_warps = args["num_stages"], args["num_warps"]
+
+
 def self_test():
     """The check can fail: a config far too big for its warps must report spills."""
     fn, named, configs = next(launch for launch in record(torch.bfloat16, 90, False)
@@ -254,35 +284,52 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--self-test", action="store_true", help="check that a spilling config is caught")
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="comma-separated ranks to compile")
+    parser.add_argument("--all", action="store_true",
+                        help="compile every config, also those the rank-aware estimate drops, and compare")
     parser.add_argument("--update", action="store_true",
                         help="compile every config and rewrite lora_kernels/_triton_excluded.py with the "
                              "autotuning configs that spill or overflow shared memory")
     opts = parser.parse_args()
     if opts.self_test:
         self_test()
+    global EVERY_CONFIG
+    EVERY_CONFIG = opts.all
+    ranks = [int(r) for r in opts.ranks.split(",")]
     if opts.update:
         T._EXCLUDED = set()
+        if 16 not in ranks:
+            parser.error("--update writes the table measured at r = 16: include 16 in --ranks")
     start = time.time()
-    for arch, dtype, tma_modes in TARGETS:
-        JOBS.extend(jobs_for(arch, dtype, tma_modes))
+    for r in ranks:
+        for arch, dtype, tma_modes in TARGETS:
+            JOBS.extend(jobs_for(arch, dtype, tma_modes, r))
     with multiprocessing.get_context("fork").Pool(opts.jobs) as pool:
         results = sorted(pool.imap_unordered(run_job, range(len(JOBS))))
-    failures, excluded = [], set()
-    print(f"{'target':<15} {'kernel':<22} {'variant':<28} {'config':<18} {'regs':>4} {'spill':>5} "
-          f"{'smem':>6} wgmma tma")
+    failures, excluded, disagree = [], set(), {"keeps, spills": 0, "drops, fits": 0}
+    print(f"{'target':<15} {'kernel':<22} {'variant':<28} {'config':<24} {'regs':>4} {'spill':>5} "
+          f"{'smem':>6} wgmma tma rule")
     for i, res, error, _ in results:
         arch, dtype, name, flags, label, fn, args, exclusion = JOBS[i]
         target = f"sm_{arch}{'a' if arch == 90 else ''} {str(dtype)[6:]}"
         if res is None:
             failures.append(f"{target} {name} {flags} {label}: does not compile: {error}")
-            print(f"{target:<15} {name:<22} {flags:<28} {label:<18} FAILED: {error}")
+            print(f"{target:<15} {name:<22} {flags:<28} {label:<24} FAILED: {error}")
             continue
         regs, spill, smem, wgmma, tma = res
-        print(f"{target:<15} {name:<22} {flags:<28} {label:<18} {regs:>4} {spill:>5} {smem:>6} "
-              f"{'yes' if wgmma else 'no':<5} {'yes' if tma else 'no'}")
+        fits = _rule(JOBS[i])
+        print(f"{target:<15} {name:<22} {flags:<28} {label:<24} {regs:>4} {spill:>5} {smem:>6} "
+              f"{'yes' if wgmma else 'no':<5} {'yes' if tma else 'no':<3} {'' if fits is None else 'fit' if fits else 'drop'}")
         too_big = smem > SHARED_MEMORY[arch]
-        if (spill or too_big) and exclusion is not None:
+        if (spill or too_big) and exclusion is not None and label.startswith("r16 "):
             excluded.add(exclusion)
+        if fits is not None and dtype != torch.float64:
+            if fits and (spill or too_big):
+                disagree["keeps, spills"] += 1
+            elif not fits and not (spill or too_big):
+                disagree["drops, fits"] += 1
+        if fits is False or (opts.all and exclusion in T._EXCLUDED):
+            continue  # compiled with --all only, to compare: the launchers never run it
         if spill and dtype != torch.float64:
             failures.append(f"{target} {name} {flags} {label}: {spill} bytes of register spills")
         if too_big:
@@ -290,6 +337,8 @@ def main():
         if args.get("TMA") and arch == 90 and not (wgmma and tma):
             failures.append(f"{target} {name} {flags} {label}: the TMA kernel lost wgmma or its TMA copies")
     print(f"{len(results)} compilations in {time.time() - start:.0f} s with {opts.jobs} processes")
+    print("the rank-aware estimate against the compiler (autotuned configs, fp64 aside): "
+          + ", ".join(f"{k}: {v}" for k, v in disagree.items()))
     if opts.update:
         path = os.path.join(os.path.dirname(T.__file__), "_triton_excluded.py")
         version = ".".join(triton.__version__.split(".")[:2])
