@@ -138,6 +138,30 @@ def test_single_adapter_any_stride_and_rank(backend, plans, M, K, N, r, dtype, b
     single_layer_check(M, K, N, r, dtype, bias, p, layout)
 
 
+@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.parametrize("r,p,need_dx", [(72, 0.1, True), (256, 0.0, True), (256, 0.2, False)])
+def test_rank_chunks_over_runs_with_an_empty_run(backend, r, p, need_dx, monkeypatch):
+    """Ranks above RANK_CHUNK: the backward goes by rank chunks (g from the g pass, whatever the
+    plan asked) and accumulates the dAᵀ partials in memory; 4 runs over 9 row blocks leave the
+    last run empty, whose partial slots must be zero."""
+    monkeypatch.setattr(triton_ops, "BACKWARD_PLAN", "fused")
+    monkeypatch.setattr(triton_ops, "_backward_runs", lambda *args: 4)
+    assert triton_ops.backward_plan(257, 40, 33, r, torch.float32, p, need_dx, DEVICE) == "g_pass"
+    M, K, N = 257, 40, 33  # 9 row blocks of 32 under the interpreter
+    mk = lambda *s: torch.randn(*s, device=DEVICE)  # noqa: E731
+    x, w, A, B = mk(M, K), mk(N, K) / 8, mk(r, K) / 8, mk(N, r)
+    xg, Ag, Bg = x.clone().requires_grad_(need_dx), A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    y = triton_ops_linear(xg, w, None, Ag, Bg, p, 3)
+    dy = torch.randn_like(y)
+    leaves = (xg, Ag, Bg) if need_dx else (Ag, Bg)
+    grads = torch.autograd.grad(y, leaves, dy)
+    x64, A64, B64 = x.double().requires_grad_(need_dx), A.double().requires_grad_(True), B.double().requires_grad_(True)
+    y64 = lora_linear_reference(x64, w.double(), None, A64, B64, 0.75, p, 3)
+    grads64 = torch.autograd.grad(y64, (x64, A64, B64) if need_dx else (A64, B64), dy.double())
+    for got, ref in zip((y, *grads), (y64, *grads64)):
+        assert relative_error(got, ref) <= TOLERANCE[torch.float32]
+
+
 MULTI_CASES = [
     (7, 65, 33, [8, 3], torch.float32, True, 0.0),
     (9, 33, 17, [64, 8], torch.bfloat16, True, 0.2),
