@@ -72,12 +72,12 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 # Recording the launches of the real launchers
 # --------------------------------------------------------------------------- #
 
-LAUNCHES = []  # (kernel JITFunction, named arguments, configs or None)
+LAUNCHES = []  # (kernel JITFunction, named arguments, configs or None, the configs the pruning keeps)
 
 
 def _record_jit(self, *args, grid, warmup, **kwargs):
     named = dict(zip(self.arg_names, args), **kwargs)
-    LAUNCHES.append((self, named, None))
+    LAUNCHES.append((self, named, None, None))
 
 
 # --all: every config of every autotuned launch, not only those that the launchers' pruning keeps
@@ -87,10 +87,8 @@ EVERY_CONFIG = False
 
 def _record_autotuned(self, *args, grid=None, warmup=False, **kwargs):
     named = dict(zip(self.arg_names, args), **kwargs)
-    configs = self.configs
-    if self.early_config_prune and not EVERY_CONFIG:
-        configs = self.early_config_prune(configs, named)
-    LAUNCHES.append((self.fn, named, configs))
+    kept = self.early_config_prune(self.configs, named) if self.early_config_prune else self.configs
+    LAUNCHES.append((self.fn, named, self.configs if EVERY_CONFIG else kept, kept))
 
 
 def record(dtype, arch, tma, r=16):
@@ -180,7 +178,7 @@ def jobs_for(arch, dtype, tma_modes, r=16):
     """Distinct (name, flags, config, named arguments) compilations for one target and rank."""
     jobs, seen = [], set()
     launches = [launch for tma in tma_modes for launch in record(dtype, arch, tma, r)]
-    for fn, named, configs in launches:
+    for fn, named, configs, kept in launches:
         for cfg in configs or [None]:
             args = dict(named)
             if cfg is not None:
@@ -202,7 +200,8 @@ def jobs_for(arch, dtype, tma_modes, r=16):
                 args = {k: (_copy_descriptor(v) if _is_descriptor(v) else v) for k, v in args.items()}
                 exclusion = None if cfg is None else T.config_key(
                     fn.__name__, arch, torch.empty((), dtype=dtype).element_size(), named, cfg)
-                jobs.append((arch, dtype, fn.__name__, _flags(args), label, fn, args, exclusion))
+                jobs.append((arch, dtype, fn.__name__, _flags(args), label, fn, args, exclusion,
+                             cfg is None or cfg in kept))
     return jobs
 
 
@@ -220,7 +219,7 @@ JOBS = []
 
 
 def run_job(i):
-    arch, dtype, name, flags, label, fn, args, _ = JOBS[i]
+    arch, dtype, name, flags, label, fn, args = JOBS[i][:7]
     start = time.time()
     try:
         kernel = compile_as_jit(fn, args, arch)
@@ -235,7 +234,7 @@ def run_job(i):
 def _rule(job):
     """The launchers' rank-aware estimate for an autotuned job: True (kept), False (dropped), None
     (not an autotuned config)."""
-    arch, dtype, name, flags, label, fn, args, exclusion = job
+    arch, dtype, name, flags, label, fn, args, exclusion = job[:8]
     if exclusion is None:
         return None
     backward = "backward" in name
@@ -254,7 +253,7 @@ class _Config:
 
 def self_test():
     """The check can fail: a config far too big for its warps must report spills."""
-    fn, named, configs = next(launch for launch in record(torch.bfloat16, 90, False)
+    fn, named, configs, _ = next(launch for launch in record(torch.bfloat16, 90, False)
                               if launch[0] is T._lora_forward_kernel and launch[1]["FUSED"])
     args = dict(named, BLOCK_M=256, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
     regs, spill = resources(compile_as_jit(fn, args, 90).asm["cubin"])
@@ -310,7 +309,7 @@ def main():
     print(f"{'target':<15} {'kernel':<22} {'variant':<28} {'config':<24} {'regs':>4} {'spill':>5} "
           f"{'smem':>6} wgmma tma rule")
     for i, res, error, _ in results:
-        arch, dtype, name, flags, label, fn, args, exclusion = JOBS[i]
+        arch, dtype, name, flags, label, fn, args, exclusion, launched = JOBS[i]
         target = f"sm_{arch}{'a' if arch == 90 else ''} {str(dtype)[6:]}"
         if res is None:
             failures.append(f"{target} {name} {flags} {label}: does not compile: {error}")
@@ -328,8 +327,8 @@ def main():
                 disagree["keeps, spills"] += 1
             elif not fits and not (spill or too_big):
                 disagree["drops, fits"] += 1
-        if fits is False or (opts.all and exclusion in T._EXCLUDED):
-            continue  # compiled with --all only, to compare: the launchers never run it
+        if not launched:
+            continue  # compiled with --all only, to compare: the pruning drops it
         if spill and dtype != torch.float64:
             failures.append(f"{target} {name} {flags} {label}: {spill} bytes of register spills")
         if too_big:
