@@ -1197,7 +1197,8 @@ def _shrink_splits(M: int, K: int, block_m: int, block_k: int, device) -> int:
 def _forward_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple:
     """The plan key of a forward call (see _PLANS)."""
     return ("forward", x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape, lora_A.stride(),
-            lora_B.stride(), None if bias is None else bias.stride(), x.dtype, x.device, scaling, dropout_p, _settings())
+            lora_B.stride(), None if bias is None else bias.stride(), x.dtype, x.device, scaling, dropout_p,
+            _settings())
 
 
 def _shrink_plan(x, lora_A, R, dropout_p) -> dict:

@@ -327,7 +327,8 @@ def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, s
         stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_bias=bias.stride(0) if bias is not None else 0,
         stride_ym=y.stride(0), stride_yn=y.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1),
         xa_scale=scaling * t._inv_keep(dropout_p), **t._dropout_args(dropout_p if fused else 0.0, seed, K, x.device),
-        FUSED=fused, HAS_BIAS=bias is not None, BLOCK_R=t._full_block_r(R) if fused else t._block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
+        FUSED=fused, HAS_BIAS=bias is not None, BLOCK_R=t._full_block_r(R) if fused else t._block_r(R),
+        **t._dtype_flags(x.dtype), **_LAUNCH,
     )
     return y, xa
 
