@@ -170,7 +170,7 @@ def resources(cubin: bytes):
 
 
 def _flags(named):
-    keys = ("FUSED", "NEED_DX", "G_LOADED", "LOAD_C", "REDUCE_ROWS", "DROPOUT", "TMA")
+    keys = ("FUSED", "NEED_DX", "G_LOADED", "CHUNKED", "LOAD_C", "REDUCE_ROWS", "DROPOUT", "TMA")
     return " ".join(f"{k}={int(bool(named[k]))}" for k in keys if k in named)
 
 
