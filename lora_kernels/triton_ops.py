@@ -810,7 +810,8 @@ def _register_elements(cfg, backward: bool, args) -> int:
         return acc + bm * br + (bk if held else bk // 2) * br + bn * br
     if "LOAD_C" in args:  # the SGMV GEMM: U's chunk by pointer into registers, the masked tile with dropout
         return bm * bn + bm * br + bn * br + (bm * bn if args.get("DROPOUT") else 0)
-    return bm * bn + bm * br
+    keep = bm * bk if args.get("FUSED") and args.get("DROPOUT") else 0  # the x tile's Philox words and mask
+    return bm * bn + bm * br + keep
 
 
 def _shared_bytes(cfg, backward: bool, args, element_size: int) -> int:

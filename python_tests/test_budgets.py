@@ -56,6 +56,8 @@ def test_r64_drops_the_persistent_tma_forward_128x256x64_three_stages(h100):
 # bf16, TMA, as triton_compile_check.py --all printed them (the backward at r = 256 in rank chunks).
 MEASURED = [
     ("forward", dict(FUSED=True), 16, (128, 256, 64, 3, 8), 227352, False),
+    ("forward", dict(FUSED=True, DROPOUT=True), 64, (128, 64, 64, 4, 4), 155736, True),
+    ("forward", dict(FUSED=True, DROPOUT=True), 64, (128, 128, 64, 4, 8), 213080, False),
     ("forward", dict(FUSED=False), 256, (128, 256, 64, 3, 8), 262144, False),
     ("forward", dict(FUSED=False), 256, (256, 128, 64, 3, 8), 294912, True),
     ("forward", dict(FUSED=False), 256, (128, 128, 64, 3, 4), 172032, True),
