@@ -327,7 +327,7 @@ def main():
         print(f"{target:<15} {name:<22} {flags:<28} {label:<24} {regs:>4} {spill:>5} {smem:>6} "
               f"{'yes' if wgmma else 'no':<5} {'yes' if tma else 'no':<3} {'' if fits is None else 'fit' if fits else 'drop'}")
         too_big = smem > SHARED_MEMORY[arch]
-        if (spill or too_big) and exclusion is not None and label.startswith("r16 "):
+        if (spill or too_big) and exclusion is not None and args.get("R", 0) <= 16:  # the table's bucket: r <= 16
             excluded.add(exclusion)
         if fits is not None and dtype != torch.float64:
             if fits and (spill or too_big):
