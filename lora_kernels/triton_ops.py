@@ -73,6 +73,15 @@ FORWARD_PLAN = None
 BACKWARD_PLAN = None
 # The fused forward keeps xa (BLOCK_M x r, fp32) in registers beside the GEMM accumulator.
 FUSED_MAX_RANK = 64
+# NOTE: no kernel holds a rank block wider than this: fp32 blocks of r = 128-256 beside the GEMM
+# accumulators spill every backward config on sm_90a (the compile check); wider ranks go by chunks
+# (the backward then takes g from the g pass, backward_plan).
+RANK_CHUNK = 64
+# fp32 accumulator elements per thread that a GEMM config may hold in registers beside its addresses,
+# operands and masks (of 255 registers), by (backward, num_warps): the compile check's figures
+# (Triton 3.8, sm_90a, bf16: the forward spills from 192 per thread, 160 with 2 warps, the backward
+# from 114 with 8 warps and 96 with 4, at every rank). See _fits.
+REGISTER_BUDGET = {(False, 2): 128, (False, 4): 160, (False, 8): 160, (True, 4): 88, (True, 8): 112}
 
 
 # --------------------------------------------------------------------------- #
@@ -158,6 +167,33 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _strided(ptr, i, stride):
+    """``ptr + i·stride`` in int64 (``i`` a program id, a loop counter or a vector of indices)."""
+    return ptr + tl.cast(i, tl.int64) * stride
+
+
+@triton.jit
+def _tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c):
+    """Pointers of the tile ``ptr[offs_r, offs_c]``. NOTE: both index terms in int64, so a view whose
+    element offsets pass 2³¹ (a 256k-vocabulary head, a transposed weight) is addressed correctly."""
+    return ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
+def _load_at(ptr, offs_r, offs_c, mask_r, mask_c, stride_r, stride_c):
+    """The tile ``ptr[offs_r, offs_c]`` (rows may be gathered), zero where ``mask_r`` or ``mask_c`` is off."""
+    return tl.load(_tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c), mask=mask_r[:, None] & mask_c[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_at(ptr, value, offs_r, offs_c, mask_r, mask_c, stride_r, stride_c):
+    """``ptr[offs_r, offs_c] = value``, rounded to the destination dtype (rows may be gathered)."""
+    tl.store(_tile_ptrs(ptr, offs_r, offs_c, stride_r, stride_c), _round_to(value, ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_c[None, :])
+
+
+@triton.jit
 def _load_tile(ptr, desc, row0, col0, n_rows, n_cols, stride_r, stride_c,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, TMA: tl.constexpr):
     """Tile ``[row0, row0 + BLOCK_R) x [col0, col0 + BLOCK_C)``, zero outside the matrix.
@@ -168,8 +204,7 @@ def _load_tile(ptr, desc, row0, col0, n_rows, n_cols, stride_r, stride_c,
         return desc.load([row0, col0])
     offs_r = row0 + tl.arange(0, BLOCK_R)
     offs_c = col0 + tl.arange(0, BLOCK_C)
-    return tl.load(ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c[None, :] * stride_c,
-                   mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
+    return _load_at(ptr, offs_r, offs_c, offs_r < n_rows, offs_c < n_cols, stride_r, stride_c)
 
 
 @triton.jit
@@ -181,9 +216,59 @@ def _store_tile(ptr, desc, value, row0, col0, n_rows, n_cols, stride_r, stride_c
     else:
         offs_r = row0 + tl.arange(0, BLOCK_R)
         offs_c = col0 + tl.arange(0, BLOCK_C)
-        tl.store(ptr + offs_r.to(tl.int64)[:, None] * stride_r + offs_c[None, :] * stride_c,
-                 _round_to(value, ptr.dtype.element_ty),
-                 mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols))
+        _store_at(ptr, value, offs_r, offs_c, offs_r < n_rows, offs_c < n_cols, stride_r, stride_c)
+
+
+@triton.jit
+def _lora_up(acc, l, u_ptr, n0, r0, N, R, stride_un, stride_ur, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc + l U[n0 : n0 + BLOCK_N, r0 : r0 + BLOCK_R]ᵀ``: the low-rank up-projection of an output
+    tile (``l``: (BLOCK_M, BLOCK_R), its rank columns ``r0 …``), straight into the accumulator."""
+    u = _load_tile(u_ptr, u_ptr, n0, r0, N, R, stride_un, stride_ur, BLOCK_N, BLOCK_R, False)
+    return _dot(l, u.T, acc, UPCAST, IEEE)
+
+
+@triton.jit
+def _add_bias(acc, bias_ptr, n0, N, stride_bias, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc + b[n0 : n0 + BLOCK_N]`` over every row (b read through its stride), or ``acc``."""
+    if HAS_BIAS:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(_strided(bias_ptr, offs_n, stride_bias), mask=offs_n < N, other=0.0).to(acc.dtype)[None, :]
+    return acc
+
+
+@triton.jit
+def _forward_epilogue(
+    acc, xa_acc, pid_n, m0, n0, l_ptr, b_ptr, bias_ptr, y_ptr, y_desc, xa_ptr, M, N, R, L_SPLITS,
+    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
+    stride_xam, stride_xar, xa_scale,
+    FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, TMA: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The forward GEMMs' epilogue (16-bit and 4-bit base): ``y = acc + xa Bᵀ + b``, rounded and
+    stored, and xa stored by the column-block-0 programs (STORE_XA). FUSED: xa from ``xa_acc``
+    (all of r in one block); else from the shrink kernel's fp32 partials, summed in split order,
+    one rank chunk of BLOCK_R at a time."""
+    if FUSED:
+        xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
+        if STORE_XA:
+            if pid_n == 0:
+                _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+        acc = _lora_up(acc, xa, b_ptr, n0, 0, N, R, stride_bn, stride_br, UPCAST, IEEE, BLOCK_N, BLOCK_R)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+            for s in range(0, L_SPLITS):
+                part += _load_tile(_strided(l_ptr, s, stride_ls), l_ptr, m0, r0, M, R, stride_lm, stride_lr,
+                                   BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+            xa = _round_to(part * xa_scale, y_ptr.dtype.element_ty)
+            if STORE_XA:
+                if pid_n == 0:
+                    _store_tile(xa_ptr, xa_ptr, xa, m0, r0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+            acc = _lora_up(acc, xa, b_ptr, n0, r0, N, R, stride_bn, stride_br, UPCAST, IEEE, BLOCK_N, BLOCK_R)
+    acc = _add_bias(acc, bias_ptr, n0, N, stride_bias, HAS_BIAS, BLOCK_N)
+    _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
 
 
 @triton.jit
@@ -208,7 +293,7 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 def _lora_forward_kernel(
     x_ptr, x_desc,  # X (M, K): x; the descriptor (TMA only) has blocks (BLOCK_M, BLOCK_K)
     w_ptr, w_desc,  # W (N, K): W0; blocks (BLOCK_N, BLOCK_K)
-    bias_ptr,  # b (N,) (HAS_BIAS only)
+    bias_ptr,  # b (N,), any stride (HAS_BIAS only)
     a_ptr,  # A (R, K) (FUSED only)
     l_ptr,  # two_pass: fp32 partial sums of (x ⊙ keep) Aᵀ, (L_SPLITS, M, R)
     b_ptr,  # B (N, R)
@@ -217,7 +302,7 @@ def _lora_forward_kernel(
     M, N, K, R, L_SPLITS,
     M_BUCKET,  # next power of two of M: the autotuning key, so a new token count does not re-tune
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_ls, stride_lm, stride_lr,
-    stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar,
+    stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_xam, stride_xar,
     xa_scale,  # s / (1 - p)
     seed_ptr, threshold, groups_per_row,  # keep-mask over X's elements (DROPOUT only; FUSED only)
     FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -235,7 +320,7 @@ def _lora_forward_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=True):
             _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
                           M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
                           stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
                           FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
@@ -243,7 +328,7 @@ def _lora_forward_kernel(
         for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
             _forward_tile(tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
                           M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+                          stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
                           stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
                           FUSED, STORE_XA, HAS_BIAS, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
                           BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M)
@@ -253,7 +338,7 @@ def _lora_forward_kernel(
 def _forward_tile(
     tile, x_ptr, x_desc, w_ptr, w_desc, bias_ptr, a_ptr, l_ptr, b_ptr, y_ptr, y_desc, xa_ptr,
     M, N, K, R, L_SPLITS, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
     stride_xam, stride_xar, xa_scale, seed_ptr, threshold, groups_per_row,
     FUSED: tl.constexpr, STORE_XA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -276,21 +361,10 @@ def _forward_tile(
             if DROPOUT:
                 x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
             xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
-    if not FUSED:  # the partials of the shrink kernel, summed in split order
-        for s in range(0, L_SPLITS):
-            xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
-                                 BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-    xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
-    if STORE_XA:
-        if pid_n == 0:
-            _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
-    # NOTE: xa Bᵀ goes straight into the accumulator: no second (BLOCK_M, BLOCK_N) tile.
-    b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
-    acc = _dot(xa, b.T, acc, UPCAST, IEEE)
-    if HAS_BIAS:
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    _store_tile(y_ptr, y_desc, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, TMA)
+    _forward_epilogue(acc, xa_acc, pid_n, m0, n0, l_ptr, b_ptr, bias_ptr, y_ptr, y_desc, xa_ptr, M, N, R, L_SPLITS,
+                      stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
+                      stride_xam, stride_xar, xa_scale, FUSED, STORE_XA, HAS_BIAS, TMA, ACC_DTYPE, UPCAST, IEEE,
+                      BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit
@@ -306,6 +380,7 @@ def _lora_shrink_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    r0 = tl.program_id(2) * BLOCK_R  # this program's rank chunk
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     k_end = tl.minimum(K, pid_s * span + span)
@@ -314,9 +389,9 @@ def _lora_shrink_kernel(
         x = _load_tile(x_ptr, x_ptr, m0, k0, M, k_end, stride_xm, stride_xk, BLOCK_M, BLOCK_K, False)
         if DROPOUT:
             x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
-        a = _load_tile(a_ptr, a_ptr, k0, 0, k_end, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
+        a = _load_tile(a_ptr, a_ptr, k0, r0, k_end, R, stride_ak, stride_ar, BLOCK_K, BLOCK_R, False)
         acc = _dot(x, a, acc, UPCAST, IEEE)
-    _store_tile(part_ptr + pid_s * stride_ps, part_ptr, acc, m0, 0, M, R, stride_pm, stride_pr,
+    _store_tile(_strided(part_ptr, pid_s, stride_ps), part_ptr, acc, m0, r0, M, R, stride_pm, stride_pr,
                 BLOCK_M, BLOCK_R, False)
 
 
@@ -351,16 +426,96 @@ def _dx_half(
 
 
 @triton.jit
-def _store_partial(ptr, value, row0, n_rows, R, stride_pj, stride_pr, ACCUMULATE,
+def _store_partial(ptr, value, row0, col0, n_rows, R, stride_pj, stride_pr, ACCUMULATE,
                    BLOCK_J: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``partial[row0 + j, r] (+)= value[j, r]``: only this program touches these elements."""
+    """``partial[row0 + j, col0 + r] (+)= value[j, r]``: only this program touches these elements."""
     offs_j = row0 + tl.arange(0, BLOCK_J)
-    offs_r = tl.arange(0, BLOCK_R)
-    ptrs = ptr + offs_j.to(tl.int64)[:, None] * stride_pj + offs_r[None, :] * stride_pr
+    offs_r = col0 + tl.arange(0, BLOCK_R)
+    ptrs = _tile_ptrs(ptr, offs_j, offs_r, stride_pj, stride_pr)
     mask = (offs_j[:, None] < n_rows) & (offs_r[None, :] < R)
     if ACCUMULATE:
         value += tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, value, mask=mask)
+
+
+@triton.jit
+def _g_chunk(g_ptr, m0, r0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling, out_dtype: tl.constexpr,
+             ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Columns ``[r0, r0 + BLOCK_R)`` of ``g = s·dY B`` for rows ``[m0, m0 + BLOCK_M)``: the g pass's
+    partials summed in split order, scaled and rounded to ``out_dtype``."""
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for s in range(0, G_SPLITS):
+        g += _load_tile(_strided(g_ptr, s, stride_gs), g_ptr, m0, r0, M, R, stride_gm, stride_gr,
+                        BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
+    return _round_to(g * scaling, out_dtype)
+
+
+@triton.jit
+def _db_share(part, dy, xa, xa_ptr, m0, n0, M, N, K, R, stride_xam, stride_xar, stride_pj, stride_pr, accumulate,
+              CHUNKED: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The dB partial rows of dY's column block ``n0``: ``(+)= dyᵀ xa``. CHUNKED: xa read (and dB
+    written) one rank chunk at a time; else ``xa`` is the row block's, all of r."""
+    if CHUNKED:
+        for r0 in range(0, R, BLOCK_R):
+            xa_c = _load_tile(xa_ptr, xa_ptr, m0, r0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
+            db = _dot(tl.trans(dy), xa_c, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+            _store_partial(part, db, K + n0, r0, K + N, R, stride_pj, stride_pr, accumulate, BLOCK_N, BLOCK_R)
+    else:
+        db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+        _store_partial(part, db, K + n0, 0, K + N, R, stride_pj, stride_pr, accumulate, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def _dx_half_chunks(
+    acc, m0, c0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
+    stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    stride_pj, stride_pr, accumulate, scaling, inv_keep, seed_ptr, threshold, groups_per_row,
+    DROPOUT: tl.constexpr, TMA: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """_dx_half by rank chunks (CHUNKED: g from the g pass): ``(g A) ⊙ D`` and the dAᵀ partial
+    ``(+)= (x ⊙ keep)ᵀ g`` one chunk of g at a time (the partial is accumulated in memory, not
+    held), then dx stored."""
+    x = _load_tile(x_ptr, x_ptr, m0, c0, M, K, stride_xm, stride_xk, BLOCK_M, HALF, False)
+    if DROPOUT:
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        keep = _keep_mask(seed_ptr, threshold, offs_m, c0, groups_per_row, BLOCK_M, HALF)
+        x = tl.where(keep, x, 0.0)
+        up = tl.zeros((BLOCK_M, HALF), dtype=ACC_DTYPE)
+    else:
+        up = acc
+    for r0 in range(0, R, BLOCK_R):
+        g = _g_chunk(g_ptr, m0, r0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling,
+                     x_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
+        a = _load_tile(a_ptr, a_ptr, r0, c0, R, K, stride_ar, stride_ak, BLOCK_R, HALF, False)
+        up = _dot(g, a, up, UPCAST, IEEE)
+        da = _dot(tl.trans(x), g, tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+        _store_partial(part, da, c0, r0, K, R, stride_pj, stride_pr, accumulate, HALF, BLOCK_R)
+    if DROPOUT:
+        acc += tl.where(keep, up * inv_keep, 0.0)
+    else:
+        acc = up
+    _store_tile(dx_ptr, dx_desc, acc, m0, c0, M, K, stride_dxm, stride_dxk, BLOCK_M, HALF, TMA)
+
+
+@triton.jit
+def _empty_run(part, pid_k, k0, num_kb, K, N, R, stride_pj, stride_pr, NEED_DX: tl.constexpr, CHUNKED: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Zero partial slots of a run without row blocks: its dB rows and the dAᵀ rows that the row
+    blocks would have written (all of them without dx; this program's with dx, CHUNKED)."""
+    for r0 in range(0, R, BLOCK_R):
+        for n0 in range(pid_k * BLOCK_N, N, num_kb * BLOCK_N):
+            _store_partial(part, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), K + n0, r0, K + N, R,
+                           stride_pj, stride_pr, False, BLOCK_N, BLOCK_R)
+        if not NEED_DX:
+            for c0 in range(0, K, HALF):
+                _store_partial(part, tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE), c0, r0, K, R, stride_pj, stride_pr,
+                               False, HALF, BLOCK_R)
+        elif CHUNKED:
+            for c0 in range(k0, k0 + 2 * HALF, HALF):
+                _store_partial(part, tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE), c0, r0, K, R, stride_pj, stride_pr,
+                               False, HALF, BLOCK_R)
 
 
 @triton.jit
@@ -380,7 +535,7 @@ def _lora_backward_kernel(
     stride_bn, stride_br, stride_xam, stride_xar, stride_gs, stride_gm, stride_gr, stride_dxm, stride_dxk,
     stride_ps, stride_pj, stride_pr,
     scaling, inv_keep, seed_ptr, threshold, groups_per_row,  # g = s·dY B; D over dX's elements
-    NEED_DX: tl.constexpr, G_LOADED: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
+    NEED_DX: tl.constexpr, G_LOADED: tl.constexpr, CHUNKED: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -388,8 +543,10 @@ def _lora_backward_kernel(
     row block of dY once (dx GEMM, g, and dB for the dy column blocks j ≡ k mod the number of
     column blocks), then finishes the dx tile and takes dAᵀ from the x tile of that block.
     Without NEED_DX there is one column block, spanning all of K. With G_LOADED (the "g_pass"
-    plan, NEED_DX only) the main loop does no rank-r MMA for g: it sums the partials of
-    _lora_g_kernel in split order instead."""
+    plan) the main loop does no rank-r MMA for g: it sums the partials of _lora_g_kernel in
+    split order instead. CHUNKED (r > BLOCK_R, with G_LOADED): no block holds all of r; xa, g, A
+    and the dAᵀ and dB partials go by rank chunks of BLOCK_R, and the dAᵀ partial is accumulated
+    in memory row block by row block, as without dx."""
     HALF: tl.constexpr = BLOCK_K // 2
     if NEED_DX:
         num_kb = tl.cdiv(K, BLOCK_K)
@@ -401,17 +558,13 @@ def _lora_backward_kernel(
     run_len = tl.cdiv(num_m, runs)
     m_first = run * run_len
     m_end = tl.minimum(num_m, m_first + run_len)
-    part = part_ptr + run.to(tl.int64) * stride_ps
+    part = _strided(part_ptr, run, stride_ps)
     k0 = pid_k * BLOCK_K
     da0 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
     da1 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
     if m_first >= m_end:  # an empty run (few row blocks): its partial slots are zero
-        for n0 in range(pid_k * BLOCK_N, N, num_kb * BLOCK_N):
-            _store_partial(part, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), K + n0, K + N, R,
-                           stride_pj, stride_pr, False, BLOCK_N, BLOCK_R)
-        if not NEED_DX:
-            for c0 in range(0, K, HALF):
-                _store_partial(part, da0, c0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+        _empty_run(part, pid_k, k0, num_kb, K, N, R, stride_pj, stride_pr, NEED_DX, CHUNKED, ACC_DTYPE,
+                   BLOCK_N, HALF, BLOCK_R)
     for pid_m in range(m_first, m_end):
         m0 = pid_m * BLOCK_M
         xa = _load_tile(xa_ptr, xa_ptr, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
@@ -429,33 +582,53 @@ def _lora_backward_kernel(
                 b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
                 g = _dot(dy, b, g, UPCAST, IEEE)
             if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
-                db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
-                _store_partial(part, db, K + n0, K + N, R, stride_pj, stride_pr, pid_m > m_first, BLOCK_N, BLOCK_R)
-        if G_LOADED:
-            for s in range(0, G_SPLITS):
-                g += _load_tile(g_ptr + s * stride_gs, g_ptr, m0, 0, M, R, stride_gm, stride_gr,
-                                BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-        g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
-        if NEED_DX:
-            da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
-                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                           inv_keep, seed_ptr, threshold, groups_per_row,
-                           DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-            da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
-                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                           inv_keep, seed_ptr, threshold, groups_per_row,
-                           DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-        else:  # x once, after g is complete: dAᵀ partials for every column block of this run
+                _db_share(part, dy, xa, xa_ptr, m0, n0, M, N, K, R, stride_xam, stride_xar, stride_pj, stride_pr,
+                          pid_m > m_first, CHUNKED, ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
+        if CHUNKED:
+            if NEED_DX:
+                _dx_half_chunks(acc0, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
+                                stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                                stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
+                                seed_ptr, threshold, groups_per_row, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                                BLOCK_M, HALF, BLOCK_R)
+                _dx_half_chunks(acc1, m0, k0 + HALF, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
+                                stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                                stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
+                                seed_ptr, threshold, groups_per_row, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                                BLOCK_M, HALF, BLOCK_R)
+        else:
+            if G_LOADED:
+                g = _g_chunk(g_ptr, m0, 0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling,
+                             dy_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
+            else:
+                g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
+            if NEED_DX:
+                da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
+                               stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                               inv_keep, seed_ptr, threshold, groups_per_row,
+                               DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+                da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
+                               stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                               inv_keep, seed_ptr, threshold, groups_per_row,
+                               DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+        if not NEED_DX:  # x once, after g is complete: dAᵀ partials for every column block of this run
             offs_m = m0 + tl.arange(0, BLOCK_M)
             for c0 in range(0, K, HALF):
                 x = _load_tile(x_ptr, x_ptr, m0, c0, M, K, stride_xm, stride_xk, BLOCK_M, HALF, False)
                 if DROPOUT:
                     x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, c0, groups_per_row, BLOCK_M, HALF), x, 0.0)
-                da = _dot(tl.trans(x), g, tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
-                _store_partial(part, da, c0, K, R, stride_pj, stride_pr, pid_m > m_first, HALF, BLOCK_R)
-    if NEED_DX:  # dAᵀ accumulated over the run in registers
-        _store_partial(part, da0, k0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
-        _store_partial(part, da1, k0 + HALF, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+                if CHUNKED:
+                    for r0 in range(0, R, BLOCK_R):
+                        gc = _g_chunk(g_ptr, m0, r0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling,
+                                      dy_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
+                        da = _dot(tl.trans(x), gc, tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+                        _store_partial(part, da, c0, r0, K, R, stride_pj, stride_pr, pid_m > m_first, HALF, BLOCK_R)
+                else:
+                    da = _dot(tl.trans(x), g, tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
+                    _store_partial(part, da, c0, 0, K, R, stride_pj, stride_pr, pid_m > m_first, HALF, BLOCK_R)
+    if NEED_DX and not CHUNKED:  # dAᵀ accumulated over the run in registers
+        _store_partial(part, da0, k0, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+        _store_partial(part, da1, k0 + HALF, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
 
 
 @triton.jit
@@ -468,18 +641,20 @@ def _lora_g_kernel(
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """The "g_pass" backward's first launch, program (row block, split): dY read once; the dx
-    GEMM sums the splits' partials in split order (deterministic) and scales them."""
+    """The "g_pass" backward's first launch, program (row block, split, rank chunk): dY read once
+    per rank chunk; the dx GEMM sums the splits' partials in split order (deterministic) and
+    scales them."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
+    r0 = tl.program_id(2) * BLOCK_R
     m0 = pid_m * BLOCK_M
     n_end = tl.minimum(N, pid_s * span + span)
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for n0 in range(pid_s * span, n_end, BLOCK_N):
         dy = _load_tile(dy_ptr, dy_ptr, m0, n0, M, n_end, stride_dym, stride_dyn, BLOCK_M, BLOCK_N, False)
-        b = _load_tile(b_ptr, b_ptr, n0, 0, n_end, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
+        b = _load_tile(b_ptr, b_ptr, n0, r0, n_end, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
         g = _dot(dy, b, g, UPCAST, IEEE)
-    _store_tile(part_ptr + pid_s * stride_ps, part_ptr, g, m0, 0, M, R, stride_pm, stride_pr,
+    _store_tile(_strided(part_ptr, pid_s, stride_ps), part_ptr, g, m0, r0, M, R, stride_pm, stride_pr,
                 BLOCK_M, BLOCK_R, False)
 
 
@@ -496,15 +671,14 @@ def _reduce_runs_kernel(
     offs_j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask = (offs_j[:, None] < K + N) & (offs_r[None, :] < R)
-    ptrs = part_ptr + offs_j.to(tl.int64)[:, None] * stride_pj + offs_r[None, :] * stride_pr
+    ptrs = _tile_ptrs(part_ptr, offs_j, offs_r, stride_pj, stride_pr)
     acc = tl.zeros((BLOCK_J, BLOCK_R), dtype=ACC_DTYPE)
     for s in range(0, runs):  # a fixed order: deterministic
-        acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
-    is_a = (offs_j < K)[:, None]
-    tl.store(da_ptr + offs_r[None, :] * stride_ar + offs_j.to(tl.int64)[:, None] * stride_ak,
-             _round_to(acc * inv_keep, da_ptr.dtype.element_ty), mask=mask & is_a)
-    tl.store(db_ptr + (offs_j - K).to(tl.int64)[:, None] * stride_bn + offs_r[None, :] * stride_br,
-             _round_to(acc, db_ptr.dtype.element_ty), mask=mask & ~is_a)
+        acc += tl.load(_strided(ptrs, s, stride_ps), mask=mask, other=0.0)
+    is_a = offs_j < K
+    # dAᵀ rows [0, K), dB rows [K, K + N) of the partials
+    _store_at(da_ptr, acc * inv_keep, offs_j, offs_r, is_a, offs_r < R, stride_ak, stride_ar)
+    _store_at(db_ptr, acc, offs_j - K, offs_r, ~is_a & (offs_j < K + N), offs_r < R, stride_bn, stride_br)
 
 
 # --------------------------------------------------------------------------- #
@@ -601,10 +775,63 @@ def _num_sms(device: torch.device) -> int:
     return target(device).sms
 
 
-def _stage_elements(cfg, backward: bool) -> int:
-    """Operand elements one pipeline stage holds in shared memory."""
+# NOTE: the budgets below count what the kernel bodies hold, rank blocks included (BLOCK_R: all of r
+# in the backward and the fused forward, a chunk of <= 64 elsewhere). The compile check
+# (python_tests/triton_compile_check.py, r = 8 ... 256) compares them with the compiler's figures.
+
+
+def _stage_elements(cfg, backward: bool, args=None) -> int:
+    """Operand elements one pipeline stage holds in shared memory: the big tiles and the rank-r tile
+    loaded beside them (A in the fused forward, B where the backward accumulates g)."""
     bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    return bn * (bm + bk) if backward else bk * (bm + bn)
+    args = args or {}
+    br = args.get("BLOCK_R", 0)
+    if backward:  # dY, W0 (dx only), B (g in the main loop)
+        return bm * bn + (bn * bk if args.get("NEED_DX", True) else 0) + (0 if args.get("G_LOADED") else bn * br)
+    return bk * (bm + bn) + (bk * br if args.get("FUSED") else 0)
+
+
+def _epilogue_elements(cfg, backward: bool, args) -> int:
+    """Operand elements outside the pipeline: the rank-r dot operands of the epilogue and, with TMA,
+    the output tile staged for its store."""
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    br = args.get("BLOCK_R", 0)
+    if backward:  # xa and dyᵀ (dB), g, A and x, xᵀ half tiles (dx, dAᵀ), the two dx half tiles
+        half = bk // 2
+        return 2 * bm * br + bm * bn + (br + 2 * bm) * half + (bm * bk if args.get("TMA") else 0)
+    return bm * br + bn * br + (bm * bn if args.get("TMA") else 0)  # xa, B (U), the y tile
+
+
+def _register_elements(cfg, backward: bool, args) -> int:
+    """fp32 (fp64 for fp64 operands) elements the kernel keeps live in registers: the accumulator
+    tiles and the rank blocks beside them."""
+    bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    br = args.get("BLOCK_R", 0)
+    if backward:  # acc0 + acc1 (and the masked half tile) with dx; g; dAᵀ (a half tile's unless held); dB
+        dx = args.get("NEED_DX", True)
+        held = dx and not args.get("CHUNKED")  # dA0, dA1 held over the run
+        acc = (bm * bk + (bm * bk // 2 if args.get("DROPOUT") else 0)) if dx else 0
+        return acc + bm * br + (bk if held else bk // 2) * br + bn * br
+    if "LOAD_C" in args:  # the SGMV GEMM: U's chunk by pointer into registers, the masked tile with dropout
+        return bm * bn + bm * br + bn * br + (bm * bn if args.get("DROPOUT") else 0)
+    keep = bm * bk if args.get("FUSED") and args.get("DROPOUT") else 0  # the x tile's Philox words and mask
+    return bm * bn + bm * br + keep
+
+
+def _shared_bytes(cfg, backward: bool, args, element_size: int) -> int:
+    """Shared memory of a config for a kernel variant: its pipeline stages, the epilogue's operands
+    and, where a rank block is summed from fp32 partials (two-pass forward, g pass), their tile."""
+    partials = args.get("G_LOADED") if backward else not args.get("FUSED") and "LOAD_C" not in args
+    acc_bytes = 8 if element_size == 8 else 4
+    return ((cfg.num_stages * _stage_elements(cfg, backward, args) + _epilogue_elements(cfg, backward, args))
+            * element_size + (cfg.kwargs["BLOCK_M"] * args.get("BLOCK_R", 0) * acc_bytes if partials else 0))
+
+
+def _fits(cfg, args, backward: bool, element_size: int, shared_limit: int) -> bool:
+    """Whether ``cfg`` fits the shared memory and the register file for this kernel variant."""
+    per_thread = _register_elements(cfg, backward, args) * max(1, element_size // 4) / (32 * cfg.num_warps)
+    budget = REGISTER_BUDGET.get((backward, cfg.num_warps), REGISTER_BUDGET[(backward, 8)])
+    return _shared_bytes(cfg, backward, args, element_size) <= shared_limit and per_thread <= budget
 
 
 VARIANT_FLAGS = ("FUSED", "NEED_DX", "G_LOADED", "LOAD_C", "DROPOUT", "TMA")
@@ -633,7 +860,7 @@ def _prune(configs, named_args, backward, kernel=None):
     limit = _shared_memory_limit(out.device)
     arch = _target_arch(out.device) if kernel else None
     fitting = [cfg for cfg in configs
-               if cfg.num_stages * _stage_elements(cfg, backward) * out.element_size() <= limit
+               if _fits(cfg, named_args, backward, out.element_size(), limit)
                and (arch is None or config_key(kernel, arch, out.element_size(), named_args, cfg) not in _EXCLUDED)]
     fitting = fitting or configs[-1:]
     if not AUTOTUNE:
@@ -813,13 +1040,14 @@ def _next_pow2(n: int) -> int:
 
 
 def _block_r(R: int) -> int:
-    """Rank chunk of kernels that loop over r (merge, multi-adapter): tl.dot needs every
-    dimension ≥ 16; wider ranks loop over chunks of 64."""
-    return min(64, _full_block_r(R))
+    """Rank block of the kernels: tl.dot needs every dimension ≥ 16; ranks above RANK_CHUNK go
+    by chunks of RANK_CHUNK (merge, multi-adapter, the two-pass forward's epilogue, the shrink and
+    g passes, the CHUNKED backward)."""
+    return min(RANK_CHUNK, _full_block_r(R))
 
 
 def _full_block_r(R: int) -> int:
-    """Rank block of the single-adapter GEMMs, which hold all of r in one block."""
+    """All of r in one block: the fused forward's xa accumulator (r ≤ FUSED_MAX_RANK)."""
     return max(16, _next_pow2(R))
 
 
@@ -881,6 +1109,8 @@ def backward_plan(M, K, N, R, dtype, dropout_p, need_grad_x, device) -> str:
             plan = choose_backward_plan(M, K, N, R, dtype, dropout_p, need_grad_x, device)
     if plan not in ("fused", "g_pass"):
         raise ValueError(f"unknown backward plan {plan!r}; expected 'fused' or 'g_pass'")
+    if R > RANK_CHUNK:  # rank chunks: g cannot be accumulated whole in the main loop
+        return "g_pass"
     return plan if need_grad_x else "fused"
 
 
@@ -939,11 +1169,12 @@ def _forward_gemm_plan(x, w, bias, y, xa, a, part, b, xa_scale, dropout_p, fused
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
         stride_ar=a.stride(0), stride_ak=a.stride(1),
         stride_ls=part.stride(0), stride_lm=part.stride(1), stride_lr=part.stride(2),
-        stride_bn=b.stride(0), stride_br=b.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
+        stride_bn=b.stride(0), stride_br=b.stride(1), stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_ym=y.stride(0), stride_yn=y.stride(1),
         stride_xam=xa.stride(0) if xa is not None else 0, stride_xar=xa.stride(1) if xa is not None else 0,
         xa_scale=xa_scale, threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(K, 4),
         DROPOUT=dropout_p > 0.0, FUSED=fused, STORE_XA=xa is not None, HAS_BIAS=bias is not None,
-        BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
+        BLOCK_R=_full_block_r(R) if fused else _block_r(R), **_dtype_flags(x.dtype),
     )
     tiles = lambda meta: _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])  # noqa: E731
     programs = _num_sms(x.device)
@@ -1002,7 +1233,8 @@ def _shrink_splits(M: int, K: int, block_m: int, block_k: int, device) -> int:
 def _forward_key(x, weight, bias, lora_A, lora_B, scaling, dropout_p) -> tuple:
     """The plan key of a forward call (see _PLANS)."""
     return ("forward", x.shape, x.stride(), weight.shape, weight.stride(), lora_A.shape, lora_A.stride(),
-            lora_B.stride(), bias is not None, x.dtype, x.device, scaling, dropout_p, _settings())
+            lora_B.stride(), None if bias is None else bias.stride(), x.dtype, x.device, scaling, dropout_p,
+            _settings())
 
 
 def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
@@ -1012,12 +1244,12 @@ def _shrink_plan(x, lora_A, R, dropout_p) -> dict:
     if x.element_size() == 8:  # fp64 tiles: half the K block, two stages, to fit shared memory
         block_k, launch["num_stages"] = block_k // 2, 2
     span, splits = _split_shape(M, K, block_m, block_k, x.device)
-    return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), args=dict(
+    return dict(grid=(_cdiv(M, block_m), splits, _cdiv(R, _block_r(R))), part_shape=(splits, M, R), args=dict(
         M=M, K=K, R=R, span=span, stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_ps=M * R, stride_pm=R, stride_pr=1,
         threshold=dropout_threshold(dropout_p), groups_per_row=_cdiv(K, 4), DROPOUT=dropout_p > 0.0,
-        **_dtype_flags(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_full_block_r(R), **launch))
+        **_dtype_flags(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=_block_r(R), **launch))
 
 
 @on_input_device
@@ -1100,10 +1332,10 @@ def _g_pass_plan(dy, lora_B) -> dict:
     elif dy.element_size() == 4 and gpu:
         block_n = 64  # NOTE: fp32 tiles of 128 columns took a stack frame on Triton 3.5
     span, splits = _split_shape(M, N, block_m, block_n, dy.device)
-    return dict(grid=(_cdiv(M, block_m), splits), part_shape=(splits, M, R), args=dict(
+    return dict(grid=(_cdiv(M, block_m), splits, _cdiv(R, _block_r(R))), part_shape=(splits, M, R), args=dict(
         M=M, N=N, R=R, span=span, stride_dym=dy.stride(0), stride_dyn=dy.stride(1),
         stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_ps=M * R, stride_pm=R, stride_pr=1,
-        **_dtype_flags(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_full_block_r(R), **launch))
+        **_dtype_flags(dy.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(R), **launch))
 
 
 def _g_pass(dy, lora_B, plan=None):
@@ -1137,7 +1369,7 @@ def _backward_plan(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, need_g
         stride_ps=part_strides[0], stride_pj=part_strides[1], stride_pr=part_strides[2],
         scaling=scaling, inv_keep=_inv_keep(dropout_p), threshold=dropout_threshold(dropout_p),
         groups_per_row=_cdiv(K, 4), DROPOUT=dropout_p > 0.0,
-        NEED_DX=need_grad_x, G_LOADED=g_loaded, BLOCK_R=_full_block_r(R), **_dtype_flags(x.dtype),
+        NEED_DX=need_grad_x, G_LOADED=g_loaded, CHUNKED=R > _block_r(R), BLOCK_R=_block_r(R), **_dtype_flags(x.dtype),
     )
     column_blocks = lambda meta: _cdiv(K, meta["BLOCK_K"]) if need_grad_x else 1  # noqa: E731
     # grad_A / grad_B come from empty_like(lora_A / lora_B): the strides it gives them

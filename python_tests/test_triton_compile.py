@@ -25,12 +25,14 @@ def _run(*args, timeout):
 
 
 def test_every_config_compiles_without_spills():
-    run = _run(timeout=1200)
+    run = _run(timeout=3600)  # five ranks: ~1,200 compilations
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     assert "every config compiles without spills" in run.stdout
     # The Hopper GEMMs were compiled with TMA and use wgmma and TMA copies.
     tma_rows = [line for line in run.stdout.splitlines() if line.startswith("sm_90a bfloat16") and "TMA=1" in line]
-    assert tma_rows and all(re.search(r"yes +yes$", line.rstrip()) for line in tma_rows)
+    # (without dx and with g from the g pass, r > 64, there is no big GEMM: no wgmma needed)
+    assert tma_rows and all(re.search(r"yes +yes +fit$" if "NEED_DX=0 G_LOADED=1" not in line else r"yes +fit$",
+                                      line.rstrip()) for line in tma_rows)
 
 
 def test_the_check_catches_spills():

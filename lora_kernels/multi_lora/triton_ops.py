@@ -39,10 +39,15 @@ from ..triton_ops import (
     _dtype_flags,
     _gemm_configs,
     prune_gemm_configs,
+    _add_bias,
     _keep_mask,
+    _load_at,
+    _load_tile,
+    _lora_up,
     _next_pow2,
     _num_sms,
-    _round_to,
+    _store_at,
+    _strided,
     _tile_coords,
 )
 
@@ -112,23 +117,20 @@ def _sgmv_shrink_kernel(
     in_seg = pos < row_end
     rows = tl.load(order_ptr + pos, mask=in_seg, other=0).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    q_base = q_ptr + adapter.to(tl.int64) * stride_qa
+    q_base = _strided(q_ptr, adapter, stride_qa)
     t_start = pid_s * span
     t_end = tl.minimum(T, t_start + span)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for t0 in range(t_start, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_t[None, :] * stride_pt,
-                    mask=in_seg[:, None] & (offs_t[None, :] < t_end), other=0.0)
+        p = _load_at(p_ptr, rows, offs_t, in_seg, offs_t < t_end, stride_pm, stride_pt)
         if DROPOUT:
             keep = _keep_mask(seed_ptr, threshold, rows, t0, groups_per_row, BLOCK_M, BLOCK_T)
             p = tl.where(keep, p, 0.0)
-        q = tl.load(q_base + offs_t.to(tl.int64)[:, None] * stride_qt + offs_r[None, :] * stride_qr,
-                    mask=(offs_t[:, None] < t_end) & (offs_r[None, :] < R), other=0.0)
+        q = _load_at(q_base, offs_t, offs_r, offs_t < t_end, offs_r < R, stride_qt, stride_qr)
         acc = _dot(p, q, acc, UPCAST, IEEE)
     acc = acc * (tl.load(scale_ptr + adapter).to(ACC_DTYPE) * coeff)
-    tl.store(out_ptr + pid_s * stride_os + rows[:, None] * stride_om + offs_r[None, :] * stride_or,
-             _round_to(acc, out_ptr.dtype.element_ty), mask=in_seg[:, None] & (offs_r[None, :] < R))
+    _store_at(_strided(out_ptr, pid_s, stride_os), acc, rows, offs_r, in_seg, offs_r < R, stride_om, stride_or)
 
 
 @triton.jit
@@ -155,16 +157,14 @@ def _sgmv_reduce_kernel(
         pos = t0 + tl.arange(0, BLOCK_T)
         in_seg = pos < row_end
         rows = tl.load(order_ptr + pos, mask=in_seg, other=0).to(tl.int64)
-        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_j[None, :] * stride_pj,
-                    mask=in_seg[:, None] & (offs_j[None, :] < J), other=0.0)
+        p = _load_at(p_ptr, rows, offs_j, in_seg, offs_j < J, stride_pm, stride_pj)
         if DROPOUT:
             keep = _keep_mask(seed_ptr, threshold, rows, tl.program_id(0) * BLOCK_J, groups_per_row, BLOCK_T, BLOCK_J)
             p = tl.where(keep, p, 0.0)
-        q = tl.load(q_ptr + rows[:, None] * stride_qm + offs_r[None, :] * stride_qr,
-                    mask=in_seg[:, None] & (offs_r[None, :] < R), other=0.0)
+        q = _load_at(q_ptr, rows, offs_r, in_seg, offs_r < R, stride_qm, stride_qr)
         acc = _dot(tl.trans(p), q, acc, UPCAST, IEEE)
-    tl.store(part_ptr + chunk.to(tl.int64) * stride_wc + offs_j[:, None] * stride_wj + offs_r[None, :] * stride_wr,
-             acc, mask=(offs_j[:, None] < J) & (offs_r[None, :] < R))
+    _store_at(_strided(part_ptr, chunk, stride_wc), acc, offs_j, offs_r, offs_j < J, offs_r < R,
+              stride_wj, stride_wr)
 
 
 @triton.jit
@@ -189,20 +189,19 @@ def _segment_sum_kernel(
         chunks_before += tl.where(before, (end - start + span - 1) // span, 0)
     first = tl.sum(chunks_before, 0)
     count = (tl.load(seg_ptr + adapter + 1) - tl.load(seg_ptr + adapter) + span - 1) // span
-    mask = (offs_j[:, None] < J) & (offs_r[None, :] < R)
-    tile = offs_j[:, None] * stride_wj + offs_r[None, :] * stride_wr
     acc = tl.zeros((BLOCK_J, BLOCK_R), dtype=ACC_DTYPE)
     for c in range(first, first + count):
-        acc += tl.load(part_ptr + c * stride_wc + tile, mask=mask, other=0.0)
-    tl.store(out_ptr + adapter.to(tl.int64) * stride_oa + offs_j[:, None] * stride_oj + offs_r[None, :] * stride_or,
-             _round_to(acc * coeff, out_ptr.dtype.element_ty), mask=mask)
+        acc += _load_at(_strided(part_ptr, c, stride_wc), offs_j, offs_r, offs_j < J, offs_r < R,
+                        stride_wj, stride_wr)
+    _store_at(_strided(out_ptr, adapter, stride_oa), acc * coeff, offs_j, offs_r, offs_j < J, offs_r < R,
+              stride_oj, stride_or)
 
 
 @triton.jit
 def _sgmv_gemm_kernel(
     x_ptr,  # X (M, K): x or dy; rows through order
     w_ptr,  # W (N, K): W0, or W0ᵀ as a strided view
-    bias_ptr,  # b (N,) (HAS_BIAS only)
+    bias_ptr,  # b (N,), any stride (HAS_BIAS only)
     l_ptr,  # L (M, R), original row order: xa or g
     u_ptr,  # U (n, N, R): B, or Aᵀ as a strided view
     c_ptr,  # C (M, N), original row order: X Wᵀ + b + (L U_iᵀ) ⊙ D; with LOAD_C, C += (L U_iᵀ) ⊙ D
@@ -211,7 +210,7 @@ def _sgmv_gemm_kernel(
     M, N, K, R, n,
     M_BUCKET,  # next power of two of M: the autotuning key
     stride_xm, stride_xk, stride_wn, stride_wk, stride_lm, stride_lr, stride_ua, stride_un, stride_ur,
-    stride_cm, stride_cn,
+    stride_cm, stride_cn, stride_bias,
     inv_keep, seed_ptr, threshold, groups_per_row,  # D over C's elements (DROPOUT only)
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LOAD_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -222,21 +221,17 @@ def _sgmv_gemm_kernel(
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_m = pos < M
     rows = tl.load(order_ptr + pos, mask=in_m, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = offs_n.to(tl.int64)
-    c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    c_mask = in_m[:, None] & (offs_n[None, :] < N)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     if LOAD_C:
-        acc = tl.load(c_ptrs, mask=c_mask, other=0.0).to(ACC_DTYPE)
+        acc = _load_at(c_ptr, rows, offs_n, in_m, offs_n < N, stride_cm, stride_cn).to(ACC_DTYPE)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=in_m[:, None] & (offs_k[None, :] < K), other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                        mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
-            acc = _dot(x, w, acc, UPCAST, IEEE)
+            x = _load_at(x_ptr, rows, offs_k, in_m, offs_k < K, stride_xm, stride_xk)
+            w = _load_tile(w_ptr, w_ptr, n0, k0, N, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K, False)
+            acc = _dot(x, w.T, acc, UPCAST, IEEE)
     # The tile's rows are sorted by adapter: its adapters are the contiguous range [lo, hi].
     ids = tl.load(ids_ptr + rows, mask=in_m, other=-1)
     lo = tl.maximum(tl.min(tl.where(in_m, ids, n), 0), 0)  # int64, like the ids
@@ -247,22 +242,18 @@ def _sgmv_gemm_kernel(
         up = acc  # NOTE: straight into the accumulator, as in the single-adapter epilogue
     for adapter in range(lo, hi + 1):
         mine = in_m & (ids == adapter)
-        u_base = u_ptr + adapter * stride_ua
+        u_base = _strided(u_ptr, adapter, stride_ua)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            l = tl.load(l_ptr + rows[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                        mask=mine[:, None] & (offs_r[None, :] < R), other=0.0)
-            u = tl.load(u_base + offs_r[:, None] * stride_ur + cols[None, :] * stride_un,
-                        mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-            up = _dot(l, u, up, UPCAST, IEEE)
+            l = _load_at(l_ptr, rows, offs_r, mine, offs_r < R, stride_lm, stride_lr)
+            up = _lora_up(up, l, u_base, n0, r0, N, R, stride_un, stride_ur, UPCAST, IEEE, BLOCK_N, BLOCK_R)
     if DROPOUT:
-        keep = _keep_mask(seed_ptr, threshold, rows, pid_n * BLOCK_N, groups_per_row, BLOCK_M, BLOCK_N)
+        keep = _keep_mask(seed_ptr, threshold, rows, n0, groups_per_row, BLOCK_M, BLOCK_N)
         acc += tl.where(keep, up * inv_keep, 0.0)
     else:
         acc = up
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty), mask=c_mask)
+    acc = _add_bias(acc, bias_ptr, n0, N, stride_bias, HAS_BIAS, BLOCK_N)
+    _store_at(c_ptr, acc, rows, offs_n, in_m, offs_n < N, stride_cm, stride_cn)
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "R", "DROPOUT", "HAS_BIAS", "LOAD_C"]
@@ -402,7 +393,7 @@ def sgmv_gemm(x, w, bias, l, u, adapter_ids, order, dropout_p=0.0, seed=0):
         x, w, bias if bias is not None else c, l, u, c, adapter_ids, order,
         M, N, K, R, n, _next_pow2(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1),
-        u.stride(0), u.stride(1), u.stride(2), c.stride(0), c.stride(1),
+        u.stride(0), u.stride(1), u.stride(2), c.stride(0), c.stride(1), bias.stride(0) if bias is not None else 0,
         1.0 / (1.0 - dropout_p), HAS_BIAS=bias is not None and fused, LOAD_C=not fused,
         BLOCK_R=single._block_r(R), **_dropout_args(dropout_p, seed, N, x.device), **_dtype_flags(x.dtype),
     )

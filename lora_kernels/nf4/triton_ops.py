@@ -31,7 +31,8 @@ import triton.language as tl
 
 from .. import triton_ops as t
 from .._runtime import on_input_device
-from ..triton_ops import _dot, _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _tile_coords
+from ..triton_ops import (_db_share, _dot, _dx_half, _dx_half_chunks, _empty_run, _forward_epilogue, _g_chunk,
+                          _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _strided, _tile_coords)
 from .reference import QuantWeight
 
 # Which variant runs: None asks lora_kernels.cost_model.choose_qlora_variant (per forward and per backward);
@@ -98,7 +99,7 @@ def _dequant_kernel(
 def _qlora_forward_kernel(
     x_ptr,  # X (M, K)
     q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,  # W0 (N, K), 4-bit (_dequant_tile)
-    bias_ptr,  # b (N,) (HAS_BIAS only)
+    bias_ptr,  # b (N,), any stride (HAS_BIAS only)
     a_ptr,  # A (R, K) (FUSED only)
     l_ptr,  # two_pass: fp32 partial sums of (x ⊙ keep) Aᵀ, (L_SPLITS, M, R)
     b_ptr,  # B (N, R)
@@ -107,7 +108,7 @@ def _qlora_forward_kernel(
     M, N, K, R, L_SPLITS,
     M_BUCKET,  # next power of two of M: the autotuning key
     stride_xm, stride_xk, stride_ar, stride_ak, stride_ls, stride_lm, stride_lr,
-    stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar,
+    stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_xam, stride_xar,
     xa_scale,  # s / (1 - p)
     seed_ptr, threshold, groups_per_row,  # keep-mask over X's elements (DROPOUT only; FUSED only)
     FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
@@ -116,7 +117,7 @@ def _qlora_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """One output tile per program, in grouped order; the epilogue is triton_ops' _forward_tile's."""
+    """One output tile per program, in grouped order; the epilogue is triton_ops' _forward_epilogue."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     m0 = pid_m * BLOCK_M
     n0 = pid_n * BLOCK_N
@@ -133,19 +134,10 @@ def _qlora_forward_kernel(
             if DROPOUT:
                 x = tl.where(_keep_mask(seed_ptr, threshold, offs_m, k0, groups_per_row, BLOCK_M, BLOCK_K), x, 0.0)
             xa_acc = _dot(x, a, xa_acc, UPCAST, IEEE)
-    if not FUSED:
-        for s in range(0, L_SPLITS):
-            xa_acc += _load_tile(l_ptr + s * stride_ls, l_ptr, m0, 0, M, R, stride_lm, stride_lr,
-                                 BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-    xa = _round_to(xa_acc * xa_scale, y_ptr.dtype.element_ty)
-    if pid_n == 0:
-        _store_tile(xa_ptr, xa_ptr, xa, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
-    b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
-    acc = _dot(xa, b.T, acc, UPCAST, IEEE)
-    if HAS_BIAS:
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(ACC_DTYPE)[None, :]
-    _store_tile(y_ptr, y_ptr, acc, m0, n0, M, N, stride_ym, stride_yn, BLOCK_M, BLOCK_N, False)
+    _forward_epilogue(acc, xa_acc, pid_n, m0, n0, l_ptr, b_ptr, bias_ptr, y_ptr, y_ptr, xa_ptr, M, N, R, L_SPLITS,
+                      stride_ls, stride_lm, stride_lr, stride_bn, stride_br, stride_bias, stride_ym, stride_yn,
+                      stride_xam, stride_xar, xa_scale, FUSED, True, HAS_BIAS, False, ACC_DTYPE, UPCAST, IEEE,
+                      BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 @triton.jit
@@ -165,7 +157,7 @@ def _qlora_backward_kernel(
     stride_bn, stride_br, stride_xam, stride_xar, stride_gs, stride_gm, stride_gr, stride_dxm, stride_dxk,
     stride_ps, stride_pj, stride_pr,
     scaling, inv_keep, seed_ptr, threshold, groups_per_row,  # g = s·dY B; D over dX's elements
-    G_LOADED: tl.constexpr, DROPOUT: tl.constexpr,
+    G_LOADED: tl.constexpr, CHUNKED: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, W_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -181,14 +173,13 @@ def _qlora_backward_kernel(
     run_len = tl.cdiv(num_m, runs)
     m_first = run * run_len
     m_end = tl.minimum(num_m, m_first + run_len)
-    part = part_ptr + run.to(tl.int64) * stride_ps
+    part = _strided(part_ptr, run, stride_ps)
     k0 = pid_k * BLOCK_K
     da0 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
     da1 = tl.zeros((HALF, BLOCK_R), dtype=ACC_DTYPE)
-    if m_first >= m_end:  # an empty run: its dB slots are zero (its dA slots are stored below)
-        for n0 in range(pid_k * BLOCK_N, N, num_kb * BLOCK_N):
-            _store_partial(part, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), K + n0, K + N, R,
-                           stride_pj, stride_pr, False, BLOCK_N, BLOCK_R)
+    if m_first >= m_end:  # an empty run: its partial slots are zero
+        _empty_run(part, pid_k, k0, num_kb, K, N, R, stride_pj, stride_pr, True, CHUNKED, ACC_DTYPE,
+                   BLOCK_N, HALF, BLOCK_R)
     for pid_m in range(m_first, m_end):
         m0 = pid_m * BLOCK_M
         xa = _load_tile(xa_ptr, xa_ptr, m0, 0, M, R, stride_xam, stride_xar, BLOCK_M, BLOCK_R, False)
@@ -207,23 +198,36 @@ def _qlora_backward_kernel(
                 b = _load_tile(b_ptr, b_ptr, n0, 0, N, R, stride_bn, stride_br, BLOCK_N, BLOCK_R, False)
                 g = _dot(dy, b, g, UPCAST, IEEE)
             if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
-                db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, IEEE)
-                _store_partial(part, db, K + n0, K + N, R, stride_pj, stride_pr, pid_m > m_first, BLOCK_N, BLOCK_R)
-        if G_LOADED:
-            for s in range(0, G_SPLITS):
-                g += _load_tile(g_ptr + s * stride_gs, g_ptr, m0, 0, M, R, stride_gm, stride_gr,
-                                BLOCK_M, BLOCK_R, False).to(ACC_DTYPE)
-        g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
-        da0 = t._dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
-                         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                         inv_keep, seed_ptr, threshold, groups_per_row,
-                         DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-        da1 = t._dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
-                         stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                         inv_keep, seed_ptr, threshold, groups_per_row,
-                         DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-    _store_partial(part, da0, k0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
-    _store_partial(part, da1, k0 + HALF, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+                _db_share(part, dy, xa, xa_ptr, m0, n0, M, N, K, R, stride_xam, stride_xar, stride_pj, stride_pr,
+                          pid_m > m_first, CHUNKED, ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
+        if CHUNKED:
+            _dx_half_chunks(acc0, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R, G_SPLITS,
+                            stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                            stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
+                            seed_ptr, threshold, groups_per_row, DROPOUT, False, ACC_DTYPE, UPCAST, IEEE,
+                            BLOCK_M, HALF, BLOCK_R)
+            _dx_half_chunks(acc1, m0, k0 + HALF, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R, G_SPLITS,
+                            stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                            stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
+                            seed_ptr, threshold, groups_per_row, DROPOUT, False, ACC_DTYPE, UPCAST, IEEE,
+                            BLOCK_M, HALF, BLOCK_R)
+        else:
+            if G_LOADED:
+                g = _g_chunk(g_ptr, m0, 0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling,
+                             dy_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
+            else:
+                g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
+            da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
+                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                           inv_keep, seed_ptr, threshold, groups_per_row,
+                           DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+            da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
+                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                           inv_keep, seed_ptr, threshold, groups_per_row,
+                           DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+    if not CHUNKED:  # dAᵀ accumulated over the run in registers
+        _store_partial(part, da0, k0, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
+        _store_partial(part, da1, k0 + HALF, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
 
 
 _FORWARD_KEY = ["M_BUCKET", "N", "K", "R", "FUSED", "DROPOUT", "HAS_BIAS", "NESTED"]
@@ -322,10 +326,11 @@ def qlora_forward(x, q: QuantWeight, bias, lora_A, lora_B, scaling, dropout_p, s
         M=M, N=N, K=K, R=R, L_SPLITS=part.shape[0], M_BUCKET=t._next_pow2(M),
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
         stride_ls=part.stride(0), stride_lm=part.stride(1), stride_lr=part.stride(2),
-        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_ym=y.stride(0), stride_yn=y.stride(1),
-        stride_xam=xa.stride(0), stride_xar=xa.stride(1),
+        stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1), stride_bias=bias.stride(0) if bias is not None else 0,
+        stride_ym=y.stride(0), stride_yn=y.stride(1), stride_xam=xa.stride(0), stride_xar=xa.stride(1),
         xa_scale=scaling * t._inv_keep(dropout_p), **t._dropout_args(dropout_p if fused else 0.0, seed, K, x.device),
-        FUSED=fused, HAS_BIAS=bias is not None, BLOCK_R=t._full_block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
+        FUSED=fused, HAS_BIAS=bias is not None, BLOCK_R=t._full_block_r(R) if fused else t._block_r(R),
+        **t._dtype_flags(x.dtype), **_LAUNCH,
     )
     return y, xa
 
@@ -360,7 +365,7 @@ def qlora_backward(grad_out, x, q: QuantWeight, lora_A, lora_B, xa, scaling, dro
         stride_dxm=grad_x.stride(0), stride_dxk=grad_x.stride(1),
         stride_ps=part.stride(0), stride_pj=part.stride(1), stride_pr=part.stride(2),
         scaling=scaling, inv_keep=t._inv_keep(dropout_p), **t._dropout_args(dropout_p, seed, K, x.device),
-        G_LOADED=g_loaded, BLOCK_R=t._full_block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
+        G_LOADED=g_loaded, CHUNKED=R > t._block_r(R), BLOCK_R=t._block_r(R), **t._dtype_flags(x.dtype), **_LAUNCH,
     )
     t._reduce_partials(part, grad_A, grad_B, dropout_p)
     return grad_x, grad_A, grad_B
