@@ -73,6 +73,7 @@ LAYER_CASES = [  # (dtype, M, K, N, r, dropout, bias, forward plan, backward pla
     (torch.float16, 65, 80, 136, 16, 0.25, False, "fused", "g_pass", ("wide", "contig", "t", "contig"), True),
     (torch.float32, 7, 72, 40, 256, 0.0, True, "two_pass", "fused", ("contig", "t", "contig", "wide"), True),
     (torch.bfloat16, 130, 64, 96, 8, 0.1, False, "fused", "fused", ("contig",) * 4, False),
+    (torch.bfloat16, 65, 72, 264, 128, 0.1, True, "two_pass", "fused", ("contig",) * 4, True),  # rank chunks, TMA
 ]
 
 
@@ -105,7 +106,8 @@ def test_layer_against_float64(emulation, monkeypatch, dtype, M, K, N, r, p, bia
     # Exactly the GEMMs of the plan ran, and on Hopper with TMA where the operands allow it.
     ran = {rec.kernel for rec in emulation.launches if not rec.benchmark}
     assert ("_lora_shrink_kernel" in ran) == (fplan == "two_pass" or r > triton_ops.FUSED_MAX_RANK)
-    assert ("_lora_g_kernel" in ran) == (bplan == "g_pass" and need_dx)
+    # (above RANK_CHUNK the backward works in rank chunks, with g from the g pass whatever the plan)
+    assert ("_lora_g_kernel" in ran) == ((bplan == "g_pass" and need_dx) or r > triton_ops.RANK_CHUNK)
     tma_operands = layouts[0] == layouts[1] == "contig" and (N * 2) % 16 == 0 and (K * 2) % 16 == 0
     forward_tma = {rec.constexprs["TMA"] for rec in gemms if rec.kernel == "_lora_forward_kernel"}
     expect_tma = emulation.target.tma and dtype in (torch.float16, torch.bfloat16) and tma_operands
