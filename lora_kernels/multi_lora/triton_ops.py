@@ -265,7 +265,13 @@ def _sgmv_gemm():
     autotuner is built). restore_value: with LOAD_C the kernel adds into C, which autotuning must
     not do twice."""
     prune = functools.partial(prune_gemm_configs, kernel="_sgmv_gemm_kernel")
-    return triton.autotune(_gemm_configs(), key=_GEMM_KEY, restore_value=["c_ptr"],
+    configs = _gemm_configs()
+    if single.gpu_configs():
+        # NOTE: its own 8-warp fallback (the last config is what pruning keeps when every other is
+        # excluded): the shared list's 4-warp 32x32x32 spills in the fp32 gathered GEMM with dropout.
+        configs.append(triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
+                                     num_stages=3, num_warps=8))
+    return triton.autotune(configs, key=_GEMM_KEY, restore_value=["c_ptr"],
                            prune_configs_by={"early_config_prune": prune})(_sgmv_gemm_kernel)
 
 
