@@ -6,7 +6,7 @@ Layers, from the bottom up: kernels (``triton_ops``, ``csrc/``) → registered o
 specification every backend is tested against.
 """
 
-from . import ops  # noqa: F401  (registers the lora_kernels::* ops)
+from . import _runtime, ops  # noqa: F401  (ops registers the lora_kernels::* ops)
 from .backends import BackendUnavailableError, available_backends
 from .dora import dora_linear, dora_weight_norm
 from .functional import (
@@ -60,3 +60,10 @@ __all__ = [
     "qlora_linear",
     "unmerge_lora_",
 ]
+
+if _runtime.emulated_target() is not None:
+    # LORA_KERNELS_EMULATE=sm90|sm80 (with TRITON_INTERPRET=1): this whole process takes that GPU's
+    # decisions and Triton's launch path over a stand-in driver (lora_kernels._emulate).
+    from . import _emulate
+
+    _emulate.for_this_process()

@@ -248,3 +248,20 @@ def stand_in_triton(arch: int = 90, execute: bool = False, execute_benchmarks: b
         driver.__dict__.clear()
         driver.__dict__.update(saved_driver)
         clear_caches()
+
+
+_PROCESS: list = []  # the process-wide stand-in (for_this_process), kept open until exit
+
+
+def for_this_process() -> Emulation:
+    """The stand-in launch path of :func:`stand_in_triton` for the current emulated target, for the
+    rest of the process (``LORA_KERNELS_EMULATE``: set before import, the package calls this)."""
+    if not _PROCESS:
+        tgt = _runtime.emulated_target()
+        if tgt is None:
+            raise RuntimeError("no emulated target is set (LORA_KERNELS_EMULATE=sm90|sm80)")
+        context = stand_in_triton(tgt.arch, execute=True)
+        record = context.__enter__()
+        record.target = tgt
+        _PROCESS.append((context, record))
+    return _PROCESS[0][1]

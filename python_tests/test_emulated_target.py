@@ -252,3 +252,27 @@ def test_decisions_follow_the_target():
     assert _runtime.target(cpu) is _runtime.INTERPRETER
     with pytest.raises(ValueError, match="unknown emulated target"):
         _runtime.set_emulated_target("sm75")
+
+
+def test_a_whole_process_on_the_emulated_target():
+    """``LORA_KERNELS_EMULATE=sm80`` (with the interpreter) puts a whole process on the target: its
+    decisions and Triton's launch path, as inside ``emulate``."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, lora_kernels as lk
+from lora_kernels import _emulate, _runtime
+x, w, A, B = (torch.randn(*s, dtype=torch.float64) for s in ((40, 64), (96, 64), (8, 64), (96, 8)))
+y = lk.lora_linear(x.bfloat16(), w.bfloat16(), None, A.bfloat16(), B.bfloat16(), 1.0, 0.0, backend="triton")
+ref = x @ w.t() + (x @ A.t()) @ B.t()
+record = _emulate.for_this_process()
+print(_runtime.target(x.device).name, float((y.double() - ref).norm() / ref.norm()),
+      sum(r.benchmark for r in record.launches), any(r.constexprs.get("TMA") for r in record.launches))
+"""
+    env = dict(os.environ, LORA_KERNELS_EMULATE="sm80", TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    name, err, benchmarked, tma = run.stdout.split()
+    assert name == "sm80" and float(err) < TOLERANCE[torch.bfloat16] and int(benchmarked) > 1 and tma == "False"
