@@ -63,6 +63,9 @@ class Target:
         return self.capability is not None and self.capability[0] >= 9
 
 
+# NOTE: read once, as Triton does (the variable must be set before Triton's import): target() is
+# on every call's path.
+_INTERPRETED = triton_interpreted()
 # The Triton interpreter's own decisions: one config, small blocks, a few "SMs".
 INTERPRETER = Target("interpreter", None, 4, 1 << 30, interpreted=True)
 # The targets the CPU can take the decisions of (the H100 SXM's and the A100's numbers).
@@ -85,7 +88,7 @@ def target(device: torch.device) -> Target:
     interpreter's under ``TRITON_INTERPRET=1`` or off CUDA, else the CUDA device's (queried once)."""
     if _emulated is not None:
         return _emulated
-    if device.type != "cuda" or triton_interpreted():
+    if device.type != "cuda" or _INTERPRETED:
         return INTERPRETER
     return _cuda_target(device)
 
