@@ -304,7 +304,7 @@ step() {  # step NAME COMMAND...
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 step build env LORA_KERNELS_FORCE_CUDA=1 LORA_KERNELS_LINEINFO=1 \
   pip install --no-build-isolation --no-deps -e .
-step tests env LORA_KERNELS_REQUIRE=triton,cuda,extension python -m pytest python_tests -q -x -p no:cacheprovider
+step tests env LORA_KERNELS_REQUIRE=triton,cuda,extension python -m pytest python_tests -q -x -p no:cacheprovider --extended
 sanitizer="$(python -c 'import torch.utils.cpp_extension as c; print(c.CUDA_HOME or "")')/bin/compute-sanitizer"
 step memcheck "$sanitizer" --tool memcheck --error-exitcode 1 \
   python -m pytest python_tests/test_cuda_extension.py -q -x -k "forward_backward or misaligned or dropout or merge or empty"

@@ -19,6 +19,46 @@ import pytest  # noqa: E402
 
 from lora_kernels import backends  # noqa: E402
 
+# --------------------------------------------------------------------------- #
+# Two tiers
+# --------------------------------------------------------------------------- #
+# The default tier (the README's test command) checks every kernel family and every branch the GPU
+# takes (the emulated sm_90/sm_80 targets) against float64, with one fp64 gradcheck, opcheck and
+# fullgraph compile per family, in a few minutes on a 2-core CPU. Tests marked `extended` repeat
+# those checks more widely, or are slow by nature (multi-process engines, whole training runs, the
+# Triton compile check at every rank, gradcheck of every plan under the interpreter, builds of
+# the extension): `--extended` runs them too, `--extended -m extended` them alone. CI runs both.
+# NOTE: a marker, not a skip: what the default tier leaves out is deselected and counted in the
+# summary line, so a green default run never reads as "everything ran".
+EXTENDED_RUN = False  # set from the command line in pytest_configure, before test modules import
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true", default=False,
+                     help="also run the tests marked `extended` (slow or wider sweeps; CI runs them)")
+
+
+def pytest_configure(config):
+    global EXTENDED_RUN
+    EXTENDED_RUN = bool(config.getoption("--extended"))
+    config.addinivalue_line("markers", "extended: a test of the extended tier, run with --extended (CI runs it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if EXTENDED_RUN:
+        return
+    kept = [item for item in items if item.get_closest_marker("extended") is None]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("extended")])
+        items[:] = kept
+        config._lora_kernels_extended_left_out = True
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if getattr(config, "_lora_kernels_extended_left_out", False):
+        terminalreporter.write_line("default tier: the tests marked `extended` were deselected; "
+                                    "`python -m pytest python_tests --extended` runs them too (CI does)")
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
@@ -31,6 +71,13 @@ def backend_param(name: str):
 
 
 ALL_BACKENDS = [backend_param(name) for name in backends.BACKENDS]
+
+
+def extended(value, **param_kwargs):
+    """``value`` (a plain value or a ``pytest.param``) as a parameter of the extended tier."""
+    if isinstance(value, type(pytest.param(None))):
+        return pytest.param(*value.values, id=value.id, marks=(*value.marks, pytest.mark.extended))
+    return pytest.param(value, marks=pytest.mark.extended, **param_kwargs)
 
 # Backends that must run here (comma-separated), so that CI fails instead of skipping
 # when, say, Triton stopped importing: LORA_KERNELS_REQUIRE=triton.

@@ -245,6 +245,7 @@ def test_setup_builds_the_cpu_kernels_alone_without_cuda():
     assert "LORA_KERNELS_FORCE_CUDA=1 but the CUDA extension cannot be built" in forced.stderr, forced.stderr
 
 
+@pytest.mark.extended  # (compiles the CPU extension: ~20 s)
 def test_setup_cpu_only_build_compiles_and_a_failed_one_still_installs(tmp_path):
     """In a copy of the sources: with a C++ compiler that fails, build_ext skips the optional _C with one
     line and succeeds; with the real one, the CPU-only _C compiles and gives the reference path its

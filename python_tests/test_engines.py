@@ -350,6 +350,7 @@ def runs(tmp_path_factory):
 
 @needs_gloo
 @needs_deepspeed
+@pytest.mark.extended  # (two processes each: the multi-process engines are the extended tier's)
 @pytest.mark.parametrize("engine, variant", [("zero3", "before"), ("zero3", "after"), ("zero2", "after")])
 def test_deepspeed_fused_equals_peft(runs, engine, variant):
     result = runs("deepspeed")
@@ -468,6 +469,7 @@ def test_unrecognised_hooks_keep_peft_forward_and_are_named():
 
 @needs_gloo
 @needs_accelerate  # peft's fsdp_auto_wrap_policy imports it
+@pytest.mark.extended
 @pytest.mark.parametrize("engine, variant", [("fsdp1_orig", "after"), ("fsdp1_flat", "before")])
 def test_fsdp1_fused_equals_peft(runs, engine, variant):
     """use_orig_params=True and False; before this, the fused call read the units' flat shards."""
@@ -478,6 +480,7 @@ def test_fsdp1_fused_equals_peft(runs, engine, variant):
 
 @needs_gloo
 @needs_accelerate
+@pytest.mark.extended
 def test_fsdp2_fused_equals_peft(runs):
     """FSDP2's hooks on each LoRA factor: before this, PEFT's forward ran (unrecognised hooks)."""
     result = runs("fsdp")
@@ -487,6 +490,7 @@ def test_fsdp2_fused_equals_peft(runs):
 
 @needs_gloo
 @needs_accelerate  # the Trainer needs it
+@pytest.mark.extended
 def test_trainer_two_processes_fused_equals_peft(runs):
     result = runs("trainer")
     assert result["trainer:before"]["wrapped"] == "DistributedDataParallel"

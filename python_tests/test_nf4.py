@@ -19,7 +19,7 @@ from lora_kernels.nf4.functional import qlora_linear
 from lora_kernels.nf4.ops import resolve
 from lora_kernels.reference import lora_linear_reference
 
-from conftest import DEVICE, TOLERANCE, backend_param, relative_error
+from conftest import DEVICE, TOLERANCE, backend_param, extended, relative_error
 
 HAS_BNB = q4.bitsandbytes_available()
 requires_bnb = pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes (pip install 'lora_kernels[qlora]')")
@@ -169,7 +169,7 @@ def test_frozen_input_gradients_of_factors_only(backend):
     assert relative_error(dA, dA64) < 1e-5 and relative_error(dB, dB64) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [extended(b) if b.id == "triton" else b for b in BACKENDS])
 def test_gradcheck_fp64(backend):
     q = quantize(torch.randn(4, 64, device=DEVICE), True)
     f64 = dict(dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -381,7 +381,7 @@ def _loss_and_grads(model, ids):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("nested", [False, extended(True)], ids=["plain", "double-quant"])
 def test_peft_qlora_model_accelerated_matches_peft(qlora_checkpoint, nested, backend):
     import lora_kernels as lk
 
@@ -397,6 +397,7 @@ def test_peft_qlora_model_accelerated_matches_peft(qlora_checkpoint, nested, bac
         assert relative_error(grads1[n], g) < 1e-5, n
 
 
+@pytest.mark.extended  # (a whole training run under the interpreter)
 def test_peft_qlora_model_trains_saves_and_loads(qlora_checkpoint, tmp_path):
     from peft import PeftModel
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
@@ -470,6 +471,7 @@ def test_the_4bit_table_in_the_docs_is_current():
     assert cm.qlora_table() in doc, "regenerate: python -m lora_kernels.cost_model --qlora-table"
 
 
+@pytest.mark.extended  # (the 4-bit layer's fullgraph compile is in the default tier: test_compile_fullgraph)
 def test_peft_qlora_model_compiles_fullgraph(qlora_checkpoint):
     import lora_kernels as lk
 

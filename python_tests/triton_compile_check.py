@@ -24,7 +24,7 @@ fails where a config it keeps spills. ``--all`` compiles the configs it drops to
 where the estimate and the compiler disagree (a dropped config that compiles clean costs only a
 candidate; a kept one that spills fails the check).
 
-Usage: python triton_compile_check.py [--jobs N] [--ranks 8,16,...] [--all] [--update | --self-test]
+Usage: python triton_compile_check.py [--jobs N] [--ranks 8,16,...] [--all | --first-config] [--update | --self-test]
 (~300 compilations per rank at r <= 16, fewer above (fewer configs fit): about 1,200 in all,
 ~15 CPU-minutes; seconds with a warm Triton cache.)
 """
@@ -88,12 +88,16 @@ def _record_jit(self, *args, grid, warmup, **kwargs):
 # --all: every config of every autotuned launch, not only those that the launchers' pruning keeps
 # (to compare the pruning's estimate with what the compiler does).
 EVERY_CONFIG = False
+# --first-config: of each autotuned launch only the first config the pruning keeps, the one the
+# launcher runs without autotuning (LORA_KERNELS_AUTOTUNE=0, the GPU's first correctness stage):
+# every kernel variant compiled once, in about a tenth of the time.
+FIRST_CONFIG = False
 
 
 def _record_autotuned(self, *args, grid=None, warmup=False, **kwargs):
     named = dict(zip(self.arg_names, args), **kwargs)
     kept = self.early_config_prune(self.configs, named) if self.early_config_prune else self.configs
-    LAUNCHES.append((self.fn, named, self.configs if EVERY_CONFIG else kept, kept))
+    LAUNCHES.append((self.fn, named, self.configs if EVERY_CONFIG else kept[:1] if FIRST_CONFIG else kept, kept))
 
 
 def record(dtype, arch, tma, r=16):
@@ -293,14 +297,19 @@ def main():
                         help="fail on spills above r = 16 where the budgets are not calibrated, too")
     parser.add_argument("--all", action="store_true",
                         help="compile every config, also those the rank-aware estimate drops, and compare")
+    parser.add_argument("--first-config", action="store_true",
+                        help="of each autotuned launch only the first config the pruning keeps (the one run "
+                             "without autotuning): every kernel variant once")
     parser.add_argument("--update", action="store_true",
                         help="compile every config and rewrite lora_kernels/_triton_excluded.py with the "
                              "autotuning configs that spill or overflow shared memory")
     opts = parser.parse_args()
     if opts.self_test:
         self_test()
-    global EVERY_CONFIG
-    EVERY_CONFIG = opts.all
+    global EVERY_CONFIG, FIRST_CONFIG
+    EVERY_CONFIG, FIRST_CONFIG = opts.all, opts.first_config
+    if opts.first_config and (opts.all or opts.update):
+        parser.error("--first-config compiles one config per launch: not with --all or --update")
     ranks = [int(r) for r in opts.ranks.split(",")]
     if opts.update:
         T._EXCLUDED = set()
