@@ -315,7 +315,7 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
     an sm_90a entry ("9.0a"); they need the CUTLASS headers (``pip install nvidia-cutlass==4.2.0.0``,
     or LORA_KERNELS_CUTLASS_DIR / CUTLASS_PATH), and their absence is then an error.
     """
-    sources = cpu_sources() + ["csrc/lora.cpp", "csrc/autograd.cpp"]
+    sources = cpu_sources() + ["csrc/lora.cpp", "csrc/autograd.cpp", "csrc/cuda/ops.cpp"]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     include_dirs = [str(ROOT / "csrc")]
     flags: list[str] = []
@@ -427,6 +427,8 @@ def extensions() -> tuple[list, dict]:
 
     sources, include_dirs, source_flags = cuda_sources(archs)
     nvcc += source_flags
+    # The CUDA ops' torch side (csrc/cuda/ops.cpp, host compiler) calls the sm_90a kernels where built.
+    cxx = cxx_flags() + [f for f in source_flags if f == "-DLORA_KERNELS_SM90"]
     # The sm_90a kernels' CUTLASS headers are the include directory after csrc/ (cuda_sources).
     # NOTE: read before CUDAExtension, which appends torch's include directories to the list.
     cutlass = f", CUTLASS headers from {include_dirs[1]}" if len(include_dirs) > 1 else ""
@@ -434,7 +436,7 @@ def extensions() -> tuple[list, dict]:
         name="lora_kernels._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
         depends=_depends(),
     )
