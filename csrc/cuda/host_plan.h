@@ -27,7 +27,7 @@ namespace lora_kernels {
 //   when the build or the GPU has none (ineligible calls still run sm_80).
 // NOTE: sm_90a code runs on compute capability 9.0 only (arch-specific, no forward compatibility).
 // Every other GPU of capability 8.0+ (8.x, 10.x, 12.x, ...) runs the sm_80 kernels: from the
-// sm_80 cubin on 8.x, from the sm_90a cubin on 9.0, JIT-compiled from the compute_90 PTX elsewhere.
+// sm_80 cubin on 8.x, from the sm_90a cubin on 9.0, JIT-compiled from the compute_80 PTX elsewhere.
 inline bool choose_sm90_gemm(const char* op, const char* mode_env, int cc_major, int cc_minor, bool built,
                              bool eligible) {
   const std::string mode = mode_env && *mode_env ? mode_env : "auto";
