@@ -27,7 +27,8 @@ Environment switches (see docs/cuda.md):
     LORA_KERNELS_SKIP_CUDA=1      build the extension with its CPU kernels only (no CUDA kernels)
     LORA_KERNELS_CUDA_ARCHS       ";"-separated compute capabilities; default: the local GPU's
                                   (9.0 builds as 9.0a), without a GPU "8.0;9.0a"; PTX is
-                                  embedded for the newest (or for entries written "X.Y+PTX")
+                                  embedded for the newest entry without an "a"/"f" suffix (or
+                                  for entries written "X.Y+PTX")
     LORA_KERNELS_DEBUG=1          device debug build (-G, host -O0 -g)
     LORA_KERNELS_LINEINFO=1       -lineinfo (source lines in compute-sanitizer / Nsight reports)
     LORA_KERNELS_PTXAS_VERBOSE=1  ptxas register / spill report for every kernel
@@ -91,7 +92,7 @@ check_build_requirements()
 from setuptools import find_packages, setup  # noqa: E402  (after the check: it names what is missing)
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;9.0a"  # without a GPU: Ampere and Ada (sm_80 SASS), Hopper (sm_90a), PTX for newer
+DEFAULT_ARCHS = "8.0;9.0a"  # without a GPU: Ampere and Ada (sm_80 SASS), Hopper (sm_90a), compute_80 PTX for newer
 
 
 def default_archs(torch) -> tuple[str, str]:
@@ -232,10 +233,17 @@ def toolkit_version(cuda_home: str):
 
 
 def arch_flags(spec: str) -> list[str]:
-    """"8.0;9.0a" -> -gencode flags for sm_80 and sm_90a, plus PTX for the newest (compute_90).
+    """"8.0;9.0a" -> -gencode flags for sm_80 and sm_90a, plus compute_80 PTX.
 
     Entries may be separated by ';', ',' or spaces; "X.Y+PTX" asks for PTX of that entry.
-    The PTX is for the family target (compute_90, not compute_90a), so newer GPUs can JIT it.
+    The PTX is for the family target (compute_90 for "9.0a+PTX", not compute_90a), so newer GPUs
+    can JIT it. Without "+PTX" it is that of the newest entry without an "a"/"f" suffix (of the
+    newest entry where all have one).
+
+    NOTE: PTX of an entry without a suffix costs nvcc no device front-end pass of its own: the
+    pass that compiles compute_80 for sm_80 also gives the compute_80 PTX (nvcc --dryrun: 2 cicc
+    runs for "8.0;9.0a", 3 with compute_90 PTX). Newer GPUs (10.x, 12.x) run the sm_80 kernels
+    from it (the sm_90a CUTLASS kernels run on 9.0 alone; host_plan.h: choose_sm90_gemm).
     """
     entries = [e for e in re.split(r"[;,\s]+", spec.strip()) if e]
     if not entries:
@@ -248,7 +256,7 @@ def arch_flags(spec: str) -> list[str]:
         major, minor, suffix, ptx = match.groups()
         parsed.append((int(major) * 10 + int(minor), suffix.lower(), bool(ptx)))
     if not any(ptx for _, _, ptx in parsed):
-        newest = max(parsed, key=lambda p: p[0])
+        newest = max(parsed, key=lambda p: (not p[1], p[0]))
         parsed = [(n, s, (n, s) == newest[:2]) for n, s, _ in parsed]
     flags = []
     for num, suffix, ptx in parsed:
@@ -315,7 +323,7 @@ def cuda_sources(archs: str) -> tuple[list[str], list[str], list[str]]:
     an sm_90a entry ("9.0a"); they need the CUTLASS headers (``pip install nvidia-cutlass==4.2.0.0``,
     or LORA_KERNELS_CUTLASS_DIR / CUTLASS_PATH), and their absence is then an error.
     """
-    sources = cpu_sources() + ["csrc/lora.cpp", "csrc/autograd.cpp"]
+    sources = cpu_sources() + ["csrc/lora.cpp", "csrc/autograd.cpp", "csrc/cuda/ops.cpp"]
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     include_dirs = [str(ROOT / "csrc")]
     flags: list[str] = []
@@ -427,6 +435,8 @@ def extensions() -> tuple[list, dict]:
 
     sources, include_dirs, source_flags = cuda_sources(archs)
     nvcc += source_flags
+    # The CUDA ops' torch side (csrc/cuda/ops.cpp, host compiler) calls the sm_90a kernels where built.
+    cxx = cxx_flags() + [f for f in source_flags if f == "-DLORA_KERNELS_SM90"]
     # The sm_90a kernels' CUTLASS headers are the include directory after csrc/ (cuda_sources).
     # NOTE: read before CUDAExtension, which appends torch's include directories to the list.
     cutlass = f", CUTLASS headers from {include_dirs[1]}" if len(include_dirs) > 1 else ""
@@ -434,7 +444,7 @@ def extensions() -> tuple[list, dict]:
         name="lora_kernels._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
         extra_link_args=["-fopenmp"],
         depends=_depends(),
     )
@@ -513,8 +523,8 @@ def sm90_only_for_sm90a(compile_):
     """``compile_`` (torch's ninja compile), with the sm_90a CUTLASS sources (csrc/cuda/sm90/)
     compiled for sm_90a alone.
 
-    NOTE: their kernels exist only for sm_90a (wgmma, setmaxnreg); for sm_80 and the compute_90
-    PTX, CUTLASS compiles a trap stub, each after its own device front-end pass over CUTLASS's
+    NOTE: their kernels exist only for sm_90a (wgmma, setmaxnreg); for sm_80 (and the PTX),
+    CUTLASS compiles a trap stub, each after its own device front-end pass over CUTLASS's
     templates (nvcc --dryrun: 3 cicc, 3 ptxas, 5 gcc runs; for sm_90a alone 1, 1, 3): measured,
     73.6 s of CPU per unit became 53.6 s. The launchers call them on 9.0 devices only
     (host_plan.h). They are compiled in a second ninja run over the same build directory.
@@ -550,7 +560,7 @@ def _report_units(log: Path, before: set, seconds: float) -> None:
 
 
 def describe_archs(nvcc_flags: list[str]) -> str:
-    """"sm_80, sm_90a (+PTX compute_90)" from the -gencode flags."""
+    """"sm_80, sm_90a (+PTX compute_80)" from the -gencode flags."""
     sass, ptx = [], []
     for flag in nvcc_flags:
         match = re.fullmatch(r"-gencode=arch=compute_\w+,code=(sm|compute)_(\w+)", flag)

@@ -1,12 +1,6 @@
-// Host-side declarations shared by the op schemas (lora.cpp) and the CUDA
-// launchers (cuda/*.cu): input-check macros, compile-time switches, the
-// parameter blocks the kernels receive, and the launchers that more than one
-// translation unit calls.
-//
-// The math (see lora_kernels/reference.py and docs/cuda.md):
-//   forward   xa = (x ⊙ D) Aᵀ                 y  = x W0ᵀ + b + s · xa Bᵀ
-//   backward  g  = s · dy B     dB = s · dyᵀ xa   dA = gᵀ (x ⊙ D)   dx = dy W0 + (g A) ⊙ D
-//   merge     W0 += s · B A   (unmerge: -s)
+// The torch side's helpers for the CUDA ops (cuda/ops.cpp): input-check macros and the dropout
+// parameters made from an op's arguments. The kernels' side of the boundary (parameter blocks,
+// the dtype dispatch, the launchers) is cuda/launch.h, which has no PyTorch header.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+
+#include "cuda/launch.h"
 
 // --------------------------------------------------------------------------- //
 // Input checks
@@ -39,71 +35,11 @@
   LORA_CHECK_DIM(x, d);             \
   LORA_CHECK_SAME_DEVICE(x, ref)
 
-// --------------------------------------------------------------------------- //
-// Compile-time switches (flash-attention style)
-// --------------------------------------------------------------------------- //
-
-// BOOL_SWITCH(cond, NAME, [&] { ... NAME is a constexpr bool here ... });
-#define LORA_BOOL_SWITCH(COND, CONST_NAME, ...) \
-  [&] {                                         \
-    if (COND) {                                 \
-      constexpr static bool CONST_NAME = true;  \
-      return __VA_ARGS__();                     \
-    } else {                                    \
-      constexpr static bool CONST_NAME = false; \
-      return __VA_ARGS__();                     \
-    }                                           \
-  }()
-
-// The one dtype dispatch: scalar_t is the CUDA type (__half, __nv_bfloat16, float, double).
-// Only .cu files use it (the CUDA types come from cuda_fp16.h / cuda_bf16.h).
-#define LORA_DISPATCH_FLOAT_TYPES(DTYPE, NAME, ...)                                          \
-  [&] {                                                                                      \
-    switch (DTYPE) {                                                                         \
-      case at::kHalf: {                                                                      \
-        using scalar_t = __half;                                                             \
-        return __VA_ARGS__();                                                                \
-      }                                                                                      \
-      case at::kBFloat16: {                                                                  \
-        using scalar_t = __nv_bfloat16;                                                      \
-        return __VA_ARGS__();                                                                \
-      }                                                                                      \
-      case at::kFloat: {                                                                     \
-        using scalar_t = float;                                                              \
-        return __VA_ARGS__();                                                                \
-      }                                                                                      \
-      case at::kDouble: {                                                                    \
-        using scalar_t = double;                                                             \
-        return __VA_ARGS__();                                                                \
-      }                                                                                      \
-      default:                                                                               \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                              \
-                    " (expected float16, bfloat16, float32 or float64)");                    \
-    }                                                                                        \
-  }()
-
 namespace lora_kernels {
 
 // --------------------------------------------------------------------------- //
-// Dropout: the keep-mask of reference.dropout_keep_mask, regenerated on the fly
+// Dropout (the struct: launch.h)
 // --------------------------------------------------------------------------- //
-
-// The dropout seed as kernels receive it; Philox key = (seed & 0xffffffff, seed >> 32). Either a
-// pointer to it in device memory, read by the kernels (a seed drawn on the GPU: a captured CUDA
-// graph uses whatever seed its replay drew), or, with ptr null, the value itself (a seed held on
-// the host: no copy and no launch for it). load_seed (cuda/common.cuh) reads either.
-struct Seed {
-  const int64_t* ptr = nullptr;
-  uint64_t value = 0;
-};
-
-struct Dropout {
-  bool enabled = false;     // p > 0
-  Seed seed;
-  uint32_t threshold = 0;   // drop iff (word >> 8) < threshold
-  double keep_scale = 1.0;  // 1 / (1 - p)
-  int64_t groups = 0;       // Philox calls per row of the masked (rows, cols) matrix: ceil(cols / 4)
-};
 
 // The seed is a 0-dim int64 tensor: on x's device it is read by the kernels (nothing waits on the
 // host, and a captured CUDA graph uses the seed each replay draws); on the CPU its value is read
@@ -130,56 +66,5 @@ inline Dropout make_dropout(double p, const at::Tensor& seed, int64_t cols, cons
   d.groups = (cols + 3) / 4;
   return d;
 }
-
-// --------------------------------------------------------------------------- //
-// Parameter blocks (passed to kernels by value)
-// --------------------------------------------------------------------------- //
-
-// The fused GEMM   C[M, N] = pre(L · Uᵀ) + X · Wᵀ (+ bias[n])
-//   X (M, K) and L (M, R) are addressed as X[m, k] = x[m * sxm + k * sxk];
-//   W (N, K) and U (N, R) as W[n, k] = w[n * swn + k * swk]  (W0ᵀ and A are transposed views);
-//   pre(v)[m, n] = pre_scale · v[m, n] · keep(m, n)  (keep only with the MASK switch).
-// The low-rank product runs first, through the same tile pipeline as the base
-// product, so that pre() applies to it alone while one accumulator serves both.
-struct GemmParams {
-  const void* x;
-  int64_t sxm, sxk;
-  const void* w;
-  int64_t swn, swk;
-  const void* l;
-  int64_t slm, slk;
-  const void* u;
-  int64_t sun, suk;
-  const void* bias;  // (N,) or nullptr
-  void* c;           // (M, N), row stride ldc, unit column stride
-  int64_t ldc;
-  int64_t M, N, K, R;
-  double pre_scale;
-  Seed seed;
-  uint32_t threshold;
-  int64_t mask_groups;
-  // Tensor-core path: 16-byte cp.async is legal for this operand (else scalar loads);
-  // paired 4-byte stores are legal for C.
-  bool x_vec, w_vec, l_vec, u_vec, c_vec2;
-};
-
-// Launchers defined in cuda/skinny.cu, shared by forward and backward.
-//
-// out[i, j] = scale · Σ_l (P ⊙ D)[i, l] · Q[j, l]   for i < I, j < R (R small: the LoRA rank)
-// P[i, l] = p[i * psi + l * psl], Q[j, l] = q[j * qsj + l * qsl], out[i, j] = out[i * osi + j * osj].
-// With dropout enabled, the mask element of P[i, l] is keep(row, col) with (row, col) = (i, l)
-// when mask_col_is_l, else (l, i); the masked matrix's column axis must be P's unit-stride axis.
-void launch_skinny(const at::Tensor& p, int64_t psi, int64_t psl, const at::Tensor& q, int64_t qsj,
-                   int64_t qsl, at::Tensor& out, int64_t osi, int64_t osj, int64_t I, int64_t R,
-                   int64_t L, double scale, const Dropout& dropout, bool mask_col_is_l);
-
-// The backward's g = s · dy B (M, r) and dB = dyᵀ xa (N, r) from one pass over dy (fp16/bf16, all
-// contiguous; plan_dy_pass in cuda/host_plan.h). Returns false, launching nothing, where the
-// launcher should run the two thin products instead (other dtypes, empty sums, or where the cost
-// model prefers two passes).
-bool launch_dy_pass(const at::Tensor& dy, const at::Tensor& lora_B, const at::Tensor& xa, at::Tensor& g,
-                    at::Tensor& grad_B, double scaling);
-
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace lora_kernels

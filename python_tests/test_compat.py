@@ -199,7 +199,7 @@ def test_setup_prints_one_line_on_the_extension():
     lines = _setup_lines(run)
     assert run.returncode == 0 and len(lines) == 1, run.stderr
     if _toolkit_and_cuda_torch():
-        assert "building lora_kernels._C with the CUDA kernels for sm_80, sm_90a (+PTX compute_90)" in lines[0]
+        assert "building lora_kernels._C with the CUDA kernels for sm_80, sm_90a (+PTX compute_80)" in lines[0]
         assert "LORA_KERNELS_SKIP_CUDA=1" in lines[0]
     else:
         assert "building lora_kernels._C with the CPU kernels only (no CUDA kernels: " in lines[0]
@@ -406,7 +406,7 @@ def test_setup_builds_for_the_local_gpu_and_the_sm90_units_for_sm90a_alone(tmp_p
         "    return [s + '.o' for s in sources]\n"
         "split = g['sm90_only_for_sm90a'](compile_)\n"
         "nvcc = ['-O3'] + g['arch_flags']('8.0;9.0a') + ['-DX']\n"
-        "objs = split(['csrc/a.cpp', 'csrc/cuda/forward.cu', '/r/csrc/cuda/sm90/gemm_sm90_fwd_bf16.cu'],\n"
+        "objs = split(['csrc/a.cpp', 'csrc/cuda/forward.cu', '/r/csrc/cuda/sm90/gemm_sm90.cu'],\n"
         "             output_dir='o', extra_postargs={'cxx': [], 'nvcc': nvcc})\n"
         "print('OBJS', len(objs))\n"
         "for sources, flags in calls:\n"
@@ -416,7 +416,7 @@ def test_setup_builds_for_the_local_gpu_and_the_sm90_units_for_sm90a_alone(tmp_p
         f"log = __import__('pathlib').Path({str(log)!r})\n"
         "before = set(log.read_text().splitlines())\n"
         "with log.open('a') as f:\n"
-        "    f.write('0\\t81500\\t2\\t/b/csrc/cuda/sm90/gemm_sm90_fwd_bf16.o\\tbb\\n1\\t2400\\t3\\t/b/csrc/lora.o\\tcc\\n')\n"
+        "    f.write('0\\t81500\\t2\\t/b/csrc/cuda/sm90/gemm_sm90.o\\tbb\\n1\\t2400\\t3\\t/b/csrc/lora.o\\tcc\\n')\n"
         "g['_report_units'](log, before, 83.2)\n"
     )
     run = _setup_py(code=code, env_extra={"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "1"})
@@ -426,13 +426,13 @@ def test_setup_builds_for_the_local_gpu_and_the_sm90_units_for_sm90a_alone(tmp_p
     assert "OBJS 3" in run.stdout
     calls = re.findall(r"^CALL (\S+) (.*)$", run.stdout, re.M)
     assert calls == [
-        ("csrc/a.cpp,csrc/cuda/forward.cu", "-O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a "
-                                            "-gencode=arch=compute_90,code=compute_90 -DX"),
-        ("/r/csrc/cuda/sm90/gemm_sm90_fwd_bf16.cu", "-O3 -gencode=arch=compute_90a,code=sm_90a -DX"),
+        ("csrc/a.cpp,csrc/cuda/forward.cu", "-O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_80,code=compute_80 "
+                                            "-gencode=arch=compute_90a,code=sm_90a -DX"),
+        ("/r/csrc/cuda/sm90/gemm_sm90.cu", "-O3 -gencode=arch=compute_90a,code=sm_90a -DX"),
     ], calls
     assert "CPU [(['csrc/a.cpp'], None)]" in run.stdout
     report = [l for l in run.stdout.splitlines() if l.startswith("lora_kernels build:")]
-    assert [l.split()[2:] for l in report] == [["81.5", "s", "/b/csrc/cuda/sm90/gemm_sm90_fwd_bf16.o"],
+    assert [l.split()[2:] for l in report] == [["81.5", "s", "/b/csrc/cuda/sm90/gemm_sm90.o"],
                                               ["2.4", "s", "/b/csrc/lora.o"],
                                               ["2", "translation", "unit(s)", "compiled", "(the", "others",
                                                "unchanged),", "83", "s", "in", "all"]], report

@@ -304,7 +304,7 @@ def test_sm90_gemm_backward_with_dropout_runs_sm80():
 
 @pytest.mark.parametrize("cc", [(8, 0), (8, 6), (8, 9), (10, 0), (10, 3), (12, 0)], ids=str)
 def test_only_compute_capability_9_0_runs_sm90a_code(cc):
-    """sm_90a cubins run on 9.0 only; every other GPU takes the sm_80 kernels (JIT from compute_90 PTX on 10.x/12.x)."""
+    """sm_90a cubins run on 9.0 only; every other GPU takes the sm_80 kernels (JIT from compute_80 PTX on 10.x/12.x)."""
     assert gemm_plan(cc=cc)[:2] == [0, 1]
     assert gemm_plan(cc=cc, mode="auto")[0] == 0
     with pytest.raises(RuntimeError, match="needs a compute capability 9.0 GPU"):

@@ -1,6 +1,7 @@
 // Device helpers shared by the kernels: number conversions, the Philox
 // generator of the dropout mask, grouped tile order, and the sm_80 tensor-core
-// primitives (cp.async, ldmatrix, mma.sync) as inline PTX.
+// primitives (cp.async, ldmatrix, mma.sync) as inline PTX. CUDA headers and launch.h
+// only (no PyTorch): the host side of the ops is ops.cpp.
 #pragma once
 
 #include <cuda.h>
@@ -8,75 +9,12 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <array>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
-#include <utility>
 
-#include "../lora_kernels.h"
-#include "device_once.h"
-#include "host_plan.h"
+#include "launch.h"
 
 namespace lora_kernels {
-
-// --------------------------------------------------------------------------- //
-// Host helpers (c10 only: ATen/cuda/CUDAContext.h would pull in the cuBLAS and
-// cuSPARSE headers, which a bare CUDA toolkit may lack)
-// --------------------------------------------------------------------------- //
-
-// The current PyTorch stream of the current device (what at::cuda::getCurrentCUDAStream returns).
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-inline int device_attribute(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
-}
-
-// (major, minor) compute capability of the current device, queried once per device.
-inline std::pair<int, int> device_capability() {
-  static PerDeviceOnce once;
-  static std::array<std::pair<int, int>, kMaxDevices> cc{};
-  once([&] {
-    cc[c10::cuda::current_device()] = {device_attribute(cudaDevAttrComputeCapabilityMajor),
-                                       device_attribute(cudaDevAttrComputeCapabilityMinor)};
-  });
-  return cc[c10::cuda::current_device()];
-}
-
-// The number of SMs of the current device, queried once per device.
-inline int sm_count() {
-  static PerDeviceOnce once;
-  static std::array<int, kMaxDevices> count{};
-  once([&] { count[c10::cuda::current_device()] = device_attribute(cudaDevAttrMultiProcessorCount); });
-  return count[c10::cuda::current_device()];
-}
-
-// Which GEMM kernels a fp16/bf16 call runs: choose_sm90_gemm (host_plan.h) for this build and
-// the current device. LORA_KERNELS_CUDA_GEMM (auto | sm80 | sm90) is read on every call, so the
-// tests can run each path on the same GPU.
-inline bool use_sm90_gemm(const char* op, bool eligible) {
-#ifdef LORA_KERNELS_SM90
-  constexpr bool built = true;
-#else
-  constexpr bool built = false;
-#endif
-  const auto cc = device_capability();
-  return choose_sm90_gemm(op, std::getenv("LORA_KERNELS_CUDA_GEMM"), cc.first, cc.second, built, eligible);
-}
-
-// The tensor-core kernels use cp.async, ldmatrix and bf16 mma.sync: compute capability 8.0+.
-inline void require_sm80(const char* op) {
-  const auto cc = device_capability();
-  TORCH_CHECK(cc.first >= 8, op, ": float16/bfloat16 need a GPU of compute capability 8.0 or newer, got ", cc.first,
-              ".", cc.second);
-}
 
 // --------------------------------------------------------------------------- //
 // Number types

@@ -9,8 +9,6 @@
 // the transposed views of the backward (W0ᵀ, Aᵀ) cost no copies.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-
 #include "common.cuh"
 
 namespace lora_kernels {
@@ -152,13 +150,13 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 }
 
 template <typename T, bool BIAS, bool MASK>
-void launch_gemm(const GemmParams& p) {
-  if (p.M == 0 || p.N == 0) return;
+LaunchStatus launch_gemm(const GemmParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return {};
   const int64_t blocks = ceil_div(p.M, kBM) * ceil_div(p.N, kBN);
-  TORCH_CHECK(blocks <= INT32_MAX, "lora_kernels: output too large for one launch");
+  if (blocks > INT32_MAX) return refuse("lora_kernels: output too large for one launch");
   gemm_kernel<T, BIAS, MASK>
-      <<<static_cast<unsigned>(blocks), kThreads, 0, current_stream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  return launched();
 }
 
 }  // namespace simt

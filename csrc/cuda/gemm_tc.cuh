@@ -15,9 +15,8 @@
 // contiguous (W0 read as W0ᵀ and A read as Aᵀ in the backward: ldmatrix.trans).
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-
 #include "common.cuh"
+#include "device_once.h"
 
 namespace lora_kernels {
 namespace tc {
@@ -257,16 +256,18 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmParams p) {
 }
 
 template <typename T, bool B_KMAJOR, bool BIAS, bool MASK>
-void launch_gemm(const GemmParams& p) {
-  if (p.M == 0 || p.N == 0) return;
+LaunchStatus launch_gemm(const GemmParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.N == 0) return {};
   auto kernel = gemm_kernel<T, B_KMAJOR, BIAS, MASK>;
   constexpr int smem = smem_bytes<B_KMAJOR>();
   static PerDeviceOnce once;  // an attribute per device, set on the first launch there
-  once([&] { C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)); });
+  const cudaError_t err =
+      once([&] { return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); });
+  if (err != cudaSuccess) return {err, {}};
   const int64_t blocks = ceil_div(p.M, kBM) * ceil_div(p.N, kBN);
-  TORCH_CHECK(blocks <= INT32_MAX, "lora_kernels: output too large for one launch");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, current_stream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (blocks > INT32_MAX) return refuse("lora_kernels: output too large for one launch");
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  return launched();
 }
 
 }  // namespace tc

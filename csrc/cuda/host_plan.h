@@ -3,7 +3,10 @@
 // (lora_kernels::_cuda_gemm_plan, lora_kernels::_cuda_dy_pass_plan):
 //
 //   choose_sm90_gemm   which GEMM kernels a fp16/bf16 call runs (sm_90a or sm_80)
+//   plan_skinny        which kernel, grid and split-K a thin product runs with (skinny.cu)
 //   plan_dy_pass       the grid of the backward's one pass over dy (g and dB; skinny.cu)
+//
+// Included by the torch side only (ops.cpp, lora.cpp); the kernels receive the plans (launch.h).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -11,6 +14,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+
+#include "launch.h"
 
 namespace lora_kernels {
 
@@ -22,7 +27,7 @@ namespace lora_kernels {
 //   when the build or the GPU has none (ineligible calls still run sm_80).
 // NOTE: sm_90a code runs on compute capability 9.0 only (arch-specific, no forward compatibility).
 // Every other GPU of capability 8.0+ (8.x, 10.x, 12.x, ...) runs the sm_80 kernels: from the
-// sm_80 cubin on 8.x, from the sm_90a cubin on 9.0, JIT-compiled from the compute_90 PTX elsewhere.
+// sm_80 cubin on 8.x, from the sm_90a cubin on 9.0, JIT-compiled from the compute_80 PTX elsewhere.
 inline bool choose_sm90_gemm(const char* op, const char* mode_env, int cc_major, int cc_minor, bool built,
                              bool eligible) {
   const std::string mode = mode_env && *mode_env ? mode_env : "auto";
@@ -60,6 +65,35 @@ inline SkinnySplit plan_skinny_split(int64_t I, int64_t R, int64_t L, int64_t bj
   return split;
 }
 
+// Whether the fp16/bf16 tensor-core kernel takes a thin product: one unit-stride axis in P and in
+// Q, and with dropout the mask's columns along P's contiguous axis (true for every caller).
+inline bool skinny_tc_applies(const SkinnyParams& prm, bool half_or_bf16, bool mask) {
+  if (!half_or_bf16) return false;
+  const bool p_l = prm.psl == 1, p_i = prm.psi == 1, q_l = prm.qsl == 1, q_j = prm.qsj == 1;
+  if (!(p_l || p_i) || !(q_l || q_j)) return false;
+  if (mask && prm.mask_col_is_l != p_l) return false;
+  // The instantiated layouts: xa (P, Q l-contiguous, mask or not), g (P l-, Q j-contiguous),
+  // dB and dAᵀ (P i-, Q j-contiguous; mask or not).
+  return (p_l && q_l) || (p_l && !q_l && !mask) || (!p_l && !q_l);
+}
+
+// The launch of a thin product (prm without l_per_split, which this sets) on a GPU with `sms` SMs.
+// NOTE: the fp16/bf16 tensor-core kernel tiles j by 16/32/64 (fitted to R) and steps l by 64,
+// the SIMT kernel by 32 and 32: the grid and the split are planned for the kernel that runs.
+inline SkinnyPlan plan_skinny(SkinnyParams& prm, bool half_or_bf16, bool mask, int64_t sms) {
+  SkinnyPlan plan;
+  plan.tc = skinny_tc_applies(prm, half_or_bf16, mask);
+  const int64_t bj = plan.tc ? skinny_tc_block_j(prm.R) : kSkinnyBJ;
+  const int64_t bl = plan.tc ? kSkinnyTcBL : kSkinnyBL;
+  plan.grid_i = (prm.I + kSkinnyBI - 1) / kSkinnyBI;
+  plan.grid_j = (prm.R + bj - 1) / bj;
+  TORCH_CHECK(plan.grid_i <= INT32_MAX && plan.grid_j <= 65535, "lora_kernels: thin product too large for one launch");
+  const SkinnySplit split = plan_skinny_split(prm.I, prm.R, prm.L, bj, bl, sms);
+  plan.splits = split.splits;
+  prm.l_per_split = split.l_per_split;
+  return plan;
+}
+
 // The backward's one pass over dy (skinny.cu, fp16/bf16): g = s · dy B (M, r) and dB = dyᵀ xa (N, r).
 // The programs tile dy (M, N) into ranges of 64-row blocks × ranges of 64-column tiles (and the
 // rank into j tiles of bj). A program streams its dy tiles once, row block by row block, and
@@ -71,24 +105,7 @@ inline SkinnySplit plan_skinny_split(int64_t I, int64_t R, int64_t L, int64_t bj
 // Their traffic, (grid_n·M + grid_m·N) · r · 4 bytes written and read again, is what the plan
 // minimises, subject to enough programs (2 per SM and j tile, or all the tiles there are) and
 // the shared-memory budget for dB (kDyPassAccBytes).
-struct DyPassPlan {
-  int64_t bj = 0;                        // j tile: 16, 32 or 64 (fitted to r)
-  int64_t row_blocks = 0, col_tiles = 0;  // ceil(M / 64), ceil(N / 64)
-  int64_t grid_m = 0, grid_n = 0, grid_j = 0;  // programs: row ranges × column ranges × j tiles
-  int64_t rb = 0, cb = 0;                // row blocks / column tiles per range (the last may have fewer)
-  int64_t acc_smem_bytes = 0;            // dynamic shared memory of a program: dB accumulators
-  int64_t g_partial = 0, db_partial = 0;  // fp32 elements of the partial buffers (0: written directly)
-  // The cost model (bytes of device memory moved, the terms that scale with M·N or with the
-  // partials; B, xa and the outputs are the same for both and left out):
-  //   one pass:   dy once per j tile (2·M·N·grid_j) + the partials, written and read (8·(g + dB))
-  //   two passes: dy twice per j tile + the split-K partials of the two thin products
-  int64_t one_pass_bytes = 0, two_pass_bytes = 0;
-  bool one_pass = false;  // one_pass_bytes < two_pass_bytes: launch_dy_pass runs the fused kernel
-};
-
-constexpr int64_t kDyPassTile = 64;          // rows of a row block = columns of a column tile
-constexpr int64_t kDyPassAccBytes = 48 * 1024;  // shared-memory budget for the dB accumulators
-
+// (DyPassPlan, kDyPassTile and kDyPassAccBytes: launch.h.)
 inline int64_t dy_pass_block_j(int64_t R) { return R <= 16 ? 16 : R <= 32 ? 32 : 64; }
 
 inline DyPassPlan plan_dy_pass(int64_t M, int64_t N, int64_t R, int64_t sms) {

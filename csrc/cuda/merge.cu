@@ -1,4 +1,4 @@
-// lora_kernels::cuda_lora_merge_ — W0 += s · B A in place (unmerge: the same with -s).
+// The merge kernel of lora_kernels::cuda_lora_merge_ (ops.cpp): W0 += s · B A in place (unmerge: -s).
 //
 // Bandwidth-bound: each block owns a 32 x 128 tile of W0, issues its 16-byte
 // loads of that tile first, computes the rank-r product for the tile in fp32
@@ -6,10 +6,7 @@
 // those loads are in flight, then adds, rounds once and writes the tile back
 // with 16-byte stores. W0 is read once and written once. A and B may come in
 // any float dtype (fp32 masters for a bf16 weight): they are converted to the
-// accumulator type first, never rounded to the weight's dtype.
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
-
+// accumulator type first (ops.cpp), never rounded to the weight's dtype.
 #include "common.cuh"
 
 namespace lora_kernels {
@@ -115,42 +112,18 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace merge
 
-void cuda_lora_merge_(at::Tensor& weight, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling) {
-  LORA_CHECK_INPUT(weight, 2, weight);
-  LORA_CHECK_INPUT(lora_A, 2, weight);
-  LORA_CHECK_INPUT(lora_B, 2, weight);
-  LORA_CHECK_FLOAT(weight);
-  LORA_CHECK_FLOAT(lora_A);
-  LORA_CHECK_FLOAT(lora_B);
-  const int64_t N = weight.size(0), K = weight.size(1), r = lora_A.size(0);
-  LORA_CHECK_SHAPE(lora_A, r, K);
-  LORA_CHECK_SHAPE(lora_B, N, r);
-  TORCH_CHECK(std::isfinite(scaling), "scaling must be finite, got ", scaling);
-  if (N == 0 || K == 0) return;
-
-  const c10::cuda::CUDAGuard device_guard(weight.device());
-  // The factors in the accumulator type (a no-op for fp32 factors of an fp16/bf16/fp32 weight).
-  const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor A = lora_A.to(acc_dtype).contiguous();
-  const at::Tensor B = lora_B.to(acc_dtype).contiguous();
-  // In place on a contiguous weight; a strided one is merged in a contiguous copy and copied back.
-  at::Tensor W = weight.is_contiguous() ? weight : weight.contiguous();
-
+LaunchStatus launch_merge(DType dtype, void* W, const void* A, const void* B, int64_t N, int64_t K, int64_t r,
+                          double scaling, cudaStream_t stream) {
   const int64_t blocks = ceil_div(N, merge::kRows) * ceil_div(K, merge::kCols);
-  TORCH_CHECK(blocks <= INT32_MAX, "lora_kernels: weight too large for one launch");
-  const auto stream = current_stream();
-  LORA_DISPATCH_FLOAT_TYPES(W.scalar_type(), "cuda_lora_merge_", [&] {
+  if (blocks > INT32_MAX) return refuse("lora_kernels: weight too large for one launch");
+  return LORA_DISPATCH_FLOAT_TYPES(dtype, [&] {
     using Acc = typename AccOf<scalar_t>::type;
     constexpr int V = 16 / sizeof(scalar_t);
-    const bool vec = aligned16(W.data_ptr()) && K % V == 0;
+    const bool vec = aligned16(W) && K % V == 0;
     merge::merge_kernel<scalar_t><<<static_cast<unsigned>(blocks), merge::kThreads, 0, stream>>>(
-        static_cast<scalar_t*>(W.data_ptr()), static_cast<const Acc*>(A.data_ptr()),
-        static_cast<const Acc*>(B.data_ptr()), N, K, r, scaling, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        static_cast<scalar_t*>(W), static_cast<const Acc*>(A), static_cast<const Acc*>(B), N, K, r, scaling, vec);
+    return launched();
   });
-  if (!W.is_same(weight)) weight.copy_(W);
 }
-
-TORCH_LIBRARY_IMPL(lora_kernels, CUDA, m) { m.impl("cuda_lora_merge_", &cuda_lora_merge_); }
 
 }  // namespace lora_kernels

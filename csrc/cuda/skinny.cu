@@ -12,33 +12,19 @@
 // reduction over the tokens for dA/dB); their fp32 partial sums are added by a
 // second, tiny kernel in a fixed order, so results are deterministic. The
 // dropout mask is regenerated while P is loaded: each thread loads P in groups
-// of four neighbouring mask columns, one Philox call per group.
-#include <c10/cuda/CUDAException.h>
+// of four neighbouring mask columns, one Philox call per group. The host plans the
+// launches (plan_skinny, plan_dy_pass in host_plan.h; ops.cpp allocates the partials).
+#include <algorithm>
 
 #include "common.cuh"
+#include "device_once.h"
 
 namespace lora_kernels {
 namespace skinny {
 
-constexpr int kBI = 64, kBJ = 32, kBL = 32, kThreads = 256;
+constexpr int kBI = kSkinnyBI, kBJ = kSkinnyBJ, kBL = kSkinnyBL, kThreads = 256;
 
-struct Params {
-  const void* p;
-  int64_t psi, psl;
-  const void* q;
-  int64_t qsj, qsl;
-  void* out;
-  int64_t osi, osj;
-  void* partial;  // Acc [gridDim.z][I][R] when gridDim.z > 1
-  int64_t I, R, L, l_per_split;
-  double scale;
-  Seed seed;
-  uint32_t threshold;
-  double keep_scale;
-  int64_t groups;
-  bool group_along_l;  // P is loaded in groups of 4 along l (else along i); the mask's column axis
-  bool mask_col_is_l;
-};
+using Params = SkinnyParams;
 
 template <typename T, bool MASK>
 __global__ void __launch_bounds__(kThreads) skinny_kernel(const Params p) {
@@ -182,7 +168,7 @@ __global__ void __launch_bounds__(256) reduce_splits_kernel(const Params p, int 
 // (row, col): (i, l) for xa, (l, i) for dAᵀ.
 namespace tc {
 
-constexpr int kBI = 64, kBL = 64, kThreads = 128, kPad = 8;
+constexpr int kBI = kSkinnyBI, kBL = kSkinnyTcBL, kThreads = 128, kPad = 8;
 
 // A tile of ROWS x COLS elements (COLS contiguous in memory) in chunks of 8: ROWS*COLS/8/kThreads
 // 16-byte chunks per thread. OOB elements read as zero.
@@ -355,17 +341,7 @@ __global__ void __launch_bounds__(kThreads) skinny_tc_kernel(const Params p, boo
 // Each warp owns 16 rows of both products (rows of dy for g, columns of dy for dB). The dB
 // accumulators are kept in the mma's fragment order, one slot per (tile, warp, fragment, lane):
 // every element has one owner thread, so it needs no synchronisation and adds in a fixed order.
-struct DyPassParams {
-  const void* dy;  // (M, N)
-  const void* b;   // lora_B (N, R)
-  const void* xa;  // (M, R)
-  void* g;         // (M, R); or g_partial [grid_n][M][R] fp32
-  void* db;        // (N, R); or db_partial [grid_m][N][R] fp32
-  float* g_partial;
-  float* db_partial;
-  int64_t M, N, R, rb, cb, row_blocks, col_tiles;
-  float scale;  // s, applied to g
-};
+// (DyPassParams: launch.h.)
 
 template <typename T, int BJ>
 __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassParams p, bool dy_vec, bool b_vec,
@@ -492,193 +468,108 @@ __global__ void __launch_bounds__(kThreads) dy_pass_kernel(const DyPassParams p,
 }  // namespace tc
 
 
-// Whether the fp16/bf16 tensor-core kernel takes this product: one unit-stride axis in P and in
-// Q, and with dropout the mask's columns along P's contiguous axis (true for every caller).
-inline bool tc_kernel_applies(const Params& prm, at::ScalarType dtype, bool mask) {
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  const bool p_l = prm.psl == 1, p_i = prm.psi == 1, q_l = prm.qsl == 1, q_j = prm.qsj == 1;
-  if (!(p_l || p_i) || !(q_l || q_j)) return false;
-  if (mask && prm.mask_col_is_l != p_l) return false;
-  // The instantiated layouts: xa (P, Q l-contiguous, mask or not), g (P l-, Q j-contiguous),
-  // dB and dAᵀ (P i-, Q j-contiguous; mask or not).
-  return (p_l && q_l) || (p_l && !q_l && !mask) || (!p_l && !q_l);
-}
-
-inline int64_t tc_block_j(int64_t R) { return R <= 16 ? 16 : R <= 32 ? 32 : 64; }
-
 template <typename T, bool P_LCONTIG, bool Q_LCONTIG, bool MASK>
-void launch_skinny_tc_layout(const Params& prm, cudaStream_t stream) {
+LaunchStatus launch_skinny_tc_layout(const Params& prm, cudaStream_t stream) {
   const auto aligned = [](const void* ptr, int64_t ld) { return aligned16(ptr) && ld % 8 == 0; };
   const bool p_vec = aligned(prm.p, P_LCONTIG ? prm.psi : prm.psl);
   const bool q_vec = aligned(prm.q, Q_LCONTIG ? prm.qsj : prm.qsl);
-  const int64_t bj = tc_block_j(prm.R);
+  const int64_t bj = skinny_tc_block_j(prm.R);
   const int64_t splits = ceil_div(std::max<int64_t>(prm.L, 1), prm.l_per_split);
   const dim3 grid(static_cast<unsigned>(ceil_div(prm.I, tc::kBI)), static_cast<unsigned>(ceil_div(prm.R, bj)),
                   static_cast<unsigned>(splits));
   auto go = [&](auto kernel) {
     kernel<<<grid, tc::kThreads, 0, stream>>>(prm, p_vec, q_vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return launched();
   };
-  if (bj == 16) go(tc::skinny_tc_kernel<T, P_LCONTIG, Q_LCONTIG, MASK, 16>);
-  else if (bj == 32) go(tc::skinny_tc_kernel<T, P_LCONTIG, Q_LCONTIG, MASK, 32>);
-  else go(tc::skinny_tc_kernel<T, P_LCONTIG, Q_LCONTIG, MASK, 64>);
+  if (bj == 16) return go(tc::skinny_tc_kernel<T, P_LCONTIG, Q_LCONTIG, MASK, 16>);
+  else if (bj == 32) return go(tc::skinny_tc_kernel<T, P_LCONTIG, Q_LCONTIG, MASK, 32>);
+  else return go(tc::skinny_tc_kernel<T, P_LCONTIG, Q_LCONTIG, MASK, 64>);
 }
 
-// Launches the tensor-core kernel when it applies (see tc_kernel_applies); false otherwise.
+// The tensor-core kernel, for a product it takes (skinny_tc_applies, host_plan.h: plan.tc).
 template <typename T>
-bool launch_skinny_tc(const Params& prm, bool mask, cudaStream_t stream) {
-  if (!tc_kernel_applies(prm, std::is_same<T, __half>::value ? at::kHalf : at::kBFloat16, mask)) return false;
+LaunchStatus launch_skinny_tc(const Params& prm, bool mask, cudaStream_t stream) {
   const bool p_l = prm.psl == 1, q_l = prm.qsl == 1;
   if (p_l && q_l) {
-    LORA_BOOL_SWITCH(mask, kMask, [&] { launch_skinny_tc_layout<T, true, true, kMask>(prm, stream); });
+    return LORA_BOOL_SWITCH(mask, kMask, [&] { return launch_skinny_tc_layout<T, true, true, kMask>(prm, stream); });
   } else if (p_l) {
-    launch_skinny_tc_layout<T, true, false, false>(prm, stream);
+    return launch_skinny_tc_layout<T, true, false, false>(prm, stream);
   } else {
-    LORA_BOOL_SWITCH(mask, kMask, [&] { launch_skinny_tc_layout<T, false, false, kMask>(prm, stream); });
+    return LORA_BOOL_SWITCH(mask, kMask, [&] { return launch_skinny_tc_layout<T, false, false, kMask>(prm, stream); });
   }
-  return true;
 }
 
 template <typename T, int BJ>
-void launch_dy_pass_kernel(const tc::DyPassParams& prm, dim3 grid, int smem, bool dy_vec, bool b_vec, bool xa_vec,
-                           cudaStream_t stream) {
+LaunchStatus launch_dy_pass_kernel(const DyPassParams& prm, dim3 grid, int smem, bool dy_vec, bool b_vec,
+                                   bool xa_vec, cudaStream_t stream) {
   // NOTE: the dB accumulators and the static tiles may exceed the 48 KB default: the attribute is
   // raised to the plan's budget once per device (per instantiation: the static lives in this template).
   static PerDeviceOnce once;
-  once([&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(tc::dy_pass_kernel<T, BJ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kDyPassAccBytes)));
+  const cudaError_t err = once([&] {
+    return cudaFuncSetAttribute(tc::dy_pass_kernel<T, BJ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(kDyPassAccBytes));
   });
+  if (err != cudaSuccess) return {err, {}};
   tc::dy_pass_kernel<T, BJ><<<grid, tc::kThreads, smem, stream>>>(prm, dy_vec, b_vec, xa_vec);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return launched();
 }
 
 }  // namespace skinny
 
-void launch_skinny(const at::Tensor& p, int64_t psi, int64_t psl, const at::Tensor& q, int64_t qsj,
-                   int64_t qsl, at::Tensor& out, int64_t osi, int64_t osj, int64_t I, int64_t R,
-                   int64_t L, double scale, const Dropout& dropout, bool mask_col_is_l) {
+LaunchStatus launch_skinny(DType dtype, const SkinnyParams& prm, const SkinnyPlan& plan, bool mask,
+                           cudaStream_t stream) {
   using namespace skinny;
-  if (I == 0 || R == 0) return;
-  TORCH_CHECK(p.scalar_type() == q.scalar_type() && p.scalar_type() == out.scalar_type(),
-              "lora_kernels: skinny operands must share a dtype");
-
-  Params prm;
-  prm.p = p.data_ptr();
-  prm.psi = psi;
-  prm.psl = psl;
-  prm.q = q.data_ptr();
-  prm.qsj = qsj;
-  prm.qsl = qsl;
-  prm.out = out.data_ptr();
-  prm.osi = osi;
-  prm.osj = osj;
-  prm.partial = nullptr;
-  prm.I = I;
-  prm.R = R;
-  prm.L = L;
-  prm.scale = scale;
-  prm.seed = dropout.seed;
-  prm.threshold = dropout.threshold;
-  prm.keep_scale = dropout.keep_scale;
-  prm.groups = dropout.groups;
-  // With the mask on, its column axis is P's unit-stride axis (the launchers pass contiguous tensors).
-  prm.group_along_l = dropout.enabled ? mask_col_is_l : psl == 1;
-  prm.mask_col_is_l = mask_col_is_l;
-
-  // NOTE: the fp16/bf16 tensor-core kernel tiles j by 16/32/64 (fitted to R) and steps l by 64,
-  // the SIMT kernel by 32 and 32: the grid and the split below are planned for the kernel that runs.
-  const bool tc_kernel = tc_kernel_applies(prm, p.scalar_type(), dropout.enabled);
-  const int64_t bj = tc_kernel ? tc_block_j(R) : kBJ;
-  const int64_t bl = tc_kernel ? tc::kBL : kBL;
-  const int64_t grid_i = ceil_div(I, kBI);
-  const int64_t grid_j = ceil_div(R, bj);
-  TORCH_CHECK(grid_i <= INT32_MAX && grid_j <= 65535, "lora_kernels: thin product too large for one launch");
-  const SkinnySplit split = plan_skinny_split(I, R, L, bj, bl, sm_count());
-  const int64_t splits = split.splits;
-  prm.l_per_split = split.l_per_split;
-
-  const auto stream = current_stream();
-  const auto acc_dtype = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor partial;
-  if (splits > 1) {
-    partial = at::empty({splits, I, R}, p.options().dtype(acc_dtype));
-    prm.partial = partial.data_ptr();
-  }
-  const dim3 grid(static_cast<unsigned>(grid_i), static_cast<unsigned>(grid_j), static_cast<unsigned>(splits));
-
-  LORA_DISPATCH_FLOAT_TYPES(p.scalar_type(), "lora_kernels thin product", [&] {
+  const dim3 grid(static_cast<unsigned>(plan.grid_i), static_cast<unsigned>(plan.grid_j),
+                  static_cast<unsigned>(plan.splits));
+  return LORA_DISPATCH_FLOAT_TYPES(dtype, [&] {
+    LaunchStatus status;
     bool done = false;
-    if constexpr (kTensorCoreType<scalar_t>) done = launch_skinny_tc<scalar_t>(prm, dropout.enabled, stream);
+    if constexpr (kTensorCoreType<scalar_t>) {
+      if (plan.tc) {
+        status = launch_skinny_tc<scalar_t>(prm, mask, stream);
+        done = true;
+      }
+    }
     if (!done) {
-      LORA_BOOL_SWITCH(dropout.enabled, kMask, [&] {
+      status = LORA_BOOL_SWITCH(mask, kMask, [&] {
         skinny_kernel<scalar_t, kMask><<<grid, kThreads, 0, stream>>>(prm);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return launched();
       });
     }
-    if (splits > 1) {
-      const int64_t reduce_blocks = std::min<int64_t>(ceil_div(I * R, 256), 65535);
+    if (!status.ok()) return status;
+    if (plan.splits > 1) {
+      const int64_t reduce_blocks = std::min<int64_t>(ceil_div(prm.I * prm.R, 256), 65535);
       reduce_splits_kernel<scalar_t>
-          <<<static_cast<unsigned>(reduce_blocks), 256, 0, stream>>>(prm, static_cast<int>(splits));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          <<<static_cast<unsigned>(reduce_blocks), 256, 0, stream>>>(prm, static_cast<int>(plan.splits));
+      return launched();
     }
+    return status;
   });
 }
 
-
-bool launch_dy_pass(const at::Tensor& dy, const at::Tensor& lora_B, const at::Tensor& xa, at::Tensor& g,
-                    at::Tensor& grad_B, double scaling) {
+LaunchStatus launch_dy_pass(DType dtype, const DyPassParams& prm, const DyPassPlan& plan, double scaling,
+                            cudaStream_t stream) {
   using namespace skinny;
-  const auto dtype = dy.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  const int64_t M = dy.size(0), N = dy.size(1), R = lora_B.size(1);
-  if (M == 0 || N == 0 || R == 0) return false;  // empty sums: the thin products write the zeros
-  const DyPassPlan plan = plan_dy_pass(M, N, R, sm_count());
-  if (!plan.one_pass) return false;
-  TORCH_CHECK(plan.grid_n <= INT32_MAX && plan.grid_m <= 65535 && plan.grid_j <= 65535,
-              "lora_kernels: the backward's pass over dy is too large for one launch");
-
-  tc::DyPassParams prm{};
-  prm.dy = dy.data_ptr();
-  prm.b = lora_B.data_ptr();
-  prm.xa = xa.data_ptr();
-  prm.g = g.data_ptr();
-  prm.db = grad_B.data_ptr();
-  prm.M = M;
-  prm.N = N;
-  prm.R = R;
-  prm.rb = plan.rb;
-  prm.cb = plan.cb;
-  prm.row_blocks = plan.row_blocks;
-  prm.col_tiles = plan.col_tiles;
-  prm.scale = static_cast<float>(scaling);
-  at::Tensor g_partial, db_partial;
-  if (plan.g_partial > 0) {
-    g_partial = at::empty({plan.grid_n, M, R}, dy.options().dtype(at::kFloat));
-    prm.g_partial = g_partial.data_ptr<float>();
-  }
-  if (plan.db_partial > 0) {
-    db_partial = at::empty({plan.grid_m, N, R}, dy.options().dtype(at::kFloat));
-    prm.db_partial = db_partial.data_ptr<float>();
-  }
+  const int64_t M = prm.M, N = prm.N, R = prm.R;
   const bool dy_vec = aligned16(prm.dy) && N % 8 == 0;
   const bool b_vec = aligned16(prm.b) && R % 8 == 0;
   const bool xa_vec = aligned16(prm.xa) && R % 8 == 0;
   const dim3 grid(static_cast<unsigned>(plan.grid_n), static_cast<unsigned>(plan.grid_m),
                   static_cast<unsigned>(plan.grid_j));
   const int smem = static_cast<int>(plan.acc_smem_bytes);
-  const auto stream = current_stream();
 
-  LORA_DISPATCH_FLOAT_TYPES(dtype, "lora_kernels pass over dy", [&] {
+  return LORA_DISPATCH_FLOAT_TYPES(dtype, [&] {
+    LaunchStatus status;
     if constexpr (kTensorCoreType<scalar_t>) {
-      if (plan.bj == 16) launch_dy_pass_kernel<scalar_t, 16>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
-      else if (plan.bj == 32) launch_dy_pass_kernel<scalar_t, 32>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
-      else launch_dy_pass_kernel<scalar_t, 64>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
+      if (plan.bj == 16) status = launch_dy_pass_kernel<scalar_t, 16>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
+      else if (plan.bj == 32) status = launch_dy_pass_kernel<scalar_t, 32>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
+      else status = launch_dy_pass_kernel<scalar_t, 64>(prm, grid, smem, dy_vec, b_vec, xa_vec, stream);
+      if (!status.ok()) return status;
       // The partials, added in a fixed order (reduce_splits_kernel: out = scale · Σ_s partial[s]).
-      auto reduce = [&](float* partial, at::Tensor& out, int64_t I, int64_t splits, double scale) {
+      auto reduce = [&](float* partial, void* out, int64_t I, int64_t splits, double scale) {
         Params rp{};
         rp.partial = partial;
-        rp.out = out.data_ptr();
+        rp.out = out;
         rp.osi = R;
         rp.osj = 1;
         rp.I = I;
@@ -686,13 +577,14 @@ bool launch_dy_pass(const at::Tensor& dy, const at::Tensor& lora_B, const at::Te
         rp.scale = scale;
         const int64_t blocks = std::min<int64_t>(ceil_div(I * R, 256), 65535);
         reduce_splits_kernel<scalar_t><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(rp, static_cast<int>(splits));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return launched();
       };
-      if (prm.g_partial) reduce(prm.g_partial, g, M, plan.grid_n, scaling);
-      if (prm.db_partial) reduce(prm.db_partial, grad_B, N, plan.grid_m, 1.0);
+      if (prm.g_partial) status = reduce(prm.g_partial, prm.g, M, plan.grid_n, scaling);
+      if (!status.ok()) return status;
+      if (prm.db_partial) status = reduce(prm.db_partial, prm.db, N, plan.grid_m, 1.0);
     }
+    return status;
   });
-  return true;
 }
 
 }  // namespace lora_kernels

@@ -9,21 +9,28 @@
 // - epilogue: the TMA warp-specialized epilogue with the LinCombPerColBias fusion,
 //   D = acc + bias[n] in fp32, one rounding, stored by TMA (a null bias reads as zeros).
 //
-// Included only by the gemm_sm90_*.cu files, one instantiation each.
+// Included only by gemm_sm90.cu, which instantiates it once per variant.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/util/Exception.h>
-
 #include <array>
+#include <string>
 
+// NOTE: the sm_90 pieces of CUTLASS only, not cutlass/gemm/collective/collective_builder.hpp and
+// cutlass/gemm/kernel/gemm_universal.hpp, which include the builders, mainloops and kernels of
+// every architecture (sm70 to sm120). A piece missing here is a compile error, not another
+// kernel: the builders' primary templates static_assert. The epilogue's builder has no such split
+// (its primary template lives in collective_builder.hpp).
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/device_kernel.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/builders/sm90_gmma_builder.inl"
+#include "cutlass/gemm/collective/collective_builder_decl.hpp"
+#include "cutlass/gemm/collective/collective_mma_decl.hpp"
+#include "cutlass/gemm/collective/sm90_mma_tma_gmma_ss_warpspecialized.hpp"
 #include "cutlass/gemm/dispatch_policy.hpp"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/gemm_universal_decl.h"
+#include "cutlass/gemm/kernel/sm90_gemm_tma_warpspecialized_cooperative.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "cutlass/kernel_hardware_info.h"
 
@@ -76,22 +83,25 @@ struct GemmConfig {
                                                       cutlass::gemm::PersistentScheduler>;
 };
 
-// Set up once per device: the kernel's shared-memory attribute and the SM count.
+// Set up once per device (the current one, `device`): the kernel's shared-memory attribute and the
+// SM count, which *sm_count receives.
 template <class Kernel>
-int prepare_device() {
+cudaError_t prepare_device(int device, int* sm_count) {
   static PerDeviceOnce once;
-  static std::array<int, kMaxDevices> sm_count{};
-  once([&] {
-    const int device = c10::cuda::current_device();
-    C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(Kernel::SharedStorageSize)));
-    sm_count[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+  static std::array<int, kMaxDevices> counts{};
+  const cudaError_t err = once([&] {
+    const cudaError_t set = cudaFuncSetAttribute(
+        cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(Kernel::SharedStorageSize));
+    if (set == cudaSuccess) counts[device] = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device);
+    return set;
   });
-  return sm_count[c10::cuda::current_device()];
+  if (err == cudaSuccess) *sm_count = counts[device];
+  return err;
 }
 
 template <typename T, bool W_KMAJOR>
-void run_gemm(const GemmArgs& a, cudaStream_t stream) {
+LaunchStatus run_gemm(const GemmArgs& a, cudaStream_t stream) {
   using Config = GemmConfig<T, W_KMAJOR>;
   using Kernel = typename Config::Kernel;
   using Mainloop = typename Config::Mainloop;
@@ -101,8 +111,10 @@ void run_gemm(const GemmArgs& a, cudaStream_t stream) {
   using StrideD = typename Kernel::StrideD;
 
   const int M = static_cast<int>(a.M), N = static_cast<int>(a.N), K = static_cast<int>(a.K), R = static_cast<int>(a.R);
-  const int device = c10::cuda::current_device();
-  const int sm_count = prepare_device<Kernel>();
+  int device = 0, sm_count = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = prepare_device<Kernel>(device, &sm_count);
+  if (err != cudaSuccess) return {err, {}};
 
   static_assert(Mainloop::kBlockK == kBlockK, "gemm_sm90.h's kBlockK must be the TileShape's K");
 
@@ -145,20 +157,24 @@ void run_gemm(const GemmArgs& a, cudaStream_t stream) {
   args.hw_info.device_id = device;
   args.hw_info.sm_count = sm_count;
 
-  TORCH_CHECK(Kernel::can_implement(args), "lora_kernels: the sm_90a GEMM cannot run M=", M, " N=", N, " K=", K,
-              " R=", R, " (alignment); the launcher should have chosen the sm_80 kernels");
+  if (!Kernel::can_implement(args)) {
+    return {cudaSuccess, "lora_kernels: the sm_90a GEMM cannot run M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                             " K=" + std::to_string(K) + " R=" + std::to_string(R) +
+                             " (alignment); the launcher should have chosen the sm_80 kernels"};
+  }
   // NOTE: the persistent scheduler and the TMA epilogue need no workspace; refuse rather than
   // launch without one if a CUTLASS update changes that.
-  TORCH_CHECK(Kernel::get_workspace_size(args) == 0, "lora_kernels: the sm_90a GEMM unexpectedly needs a workspace");
+  if (Kernel::get_workspace_size(args) != 0) return refuse("lora_kernels: the sm_90a GEMM unexpectedly needs a workspace");
   const typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
   const dim3 grid = Kernel::get_grid_shape(params);
   const dim3 block = Kernel::get_block_shape();
   cutlass::device_kernel<Kernel><<<grid, block, Kernel::SharedStorageSize, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return launched();
 }
 
 }  // namespace lora_kernels::sm90
 
-// One instantiation per translation unit: LORA_SM90_INSTANTIATE(__nv_bfloat16, true) etc.
+// An explicit instantiation (gemm_sm90.cu): LORA_SM90_INSTANTIATE(__nv_bfloat16, true) etc.
 #define LORA_SM90_INSTANTIATE(T, W_KMAJOR) \
-  template void lora_kernels::sm90::run_gemm<T, W_KMAJOR>(const lora_kernels::sm90::GemmArgs&, cudaStream_t)
+  template lora_kernels::LaunchStatus lora_kernels::sm90::run_gemm<T, W_KMAJOR>(const lora_kernels::sm90::GemmArgs&, \
+                                                                               cudaStream_t)

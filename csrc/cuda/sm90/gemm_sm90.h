@@ -5,14 +5,16 @@
 //   W_KMAJOR:  W (N, K), U (N, R) row-major     (the forward:  W0, lora_B)
 //   otherwise: W (K, N), U (R, N) row-major     (the backward: W0 read as W0ᵀ, lora_A as Aᵀ)
 //
-// The kernels (gemm_sm90.cuh) are instantiated once per .cu file
-// (gemm_sm90_{fwd,bwd}_{bf16,fp16}.cu) and exist only in builds with the sm_90a target
+// The kernels (gemm_sm90.cuh) are instantiated once per variant by gemm_sm90.cu and exist
+// only in builds with the sm_90a target
 // (LORA_KERNELS_SM90, set by setup.py). Whether a call may use them: sm90_gemm_eligible.
 #pragma once
 
-#include <cuda_runtime.h>
+#include <cuda_runtime_api.h>
 
 #include <cstdint>
+
+#include "../launch.h"
 
 namespace lora_kernels::sm90 {
 
@@ -70,8 +72,9 @@ inline bool sm90_gemm_eligible(const GemmArgs& a) {
 // the two products cannot share the wgmma accumulator of this mainloop.
 inline bool sm90_backward_eligible(const GemmArgs& a, bool dropout) { return !dropout && sm90_gemm_eligible(a); }
 
-// T: __half or __nv_bfloat16 (declared by the .cu files that instantiate it).
+// Launches the kernel on `stream` (the current device's). T: __half or __nv_bfloat16 (cuda_fp16.h,
+// cuda_bf16.h); instantiated by gemm_sm90.cu.
 template <typename T, bool W_KMAJOR>
-void run_gemm(const GemmArgs& args, cudaStream_t stream);
+LaunchStatus run_gemm(const GemmArgs& args, cudaStream_t stream);
 
 }  // namespace lora_kernels::sm90

@@ -1,7 +1,0 @@
-// One instantiation of the sm_90a GEMM (gemm_sm90.cuh): the backward, dx = dy W0 + g A, bf16.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "gemm_sm90.cuh"
-
-LORA_SM90_INSTANTIATE(__nv_bfloat16, /*W_KMAJOR=*/false);
