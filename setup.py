@@ -40,6 +40,7 @@ Environment switches (see docs/cuda.md):
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import os
 import re
@@ -487,8 +488,8 @@ def fixed_build_dir(base, directory: Path):
             # NOTE: torch's BuildExtension has replaced self.compiler.compile by its ninja build by now.
             self.compiler.compile = sm90_only_for_sm90a(self.compiler.compile)
             archs = describe_archs((getattr(ext, "extra_compile_args", None) or {}).get("nvcc", [])) or "host"
-            log = Path(self.build_temp) / ".ninja_log"
-            before = set(log.read_text(errors="replace").splitlines()) if log.is_file() else set()
+            logs = [Path(self.build_temp) / ".ninja_log", Path(self.build_temp) / SM90_SUBDIR / ".ninja_log"]
+            before = {line for log in logs if log.is_file() for line in log.read_text(errors="replace").splitlines()}
             # ninja prints each command as it finishes, prefixed with the count done and the time so far.
             os.environ.setdefault("NINJA_STATUS", "[%f/%t done, %es] ")
             jobs = os.environ.get("MAX_JOBS")
@@ -500,7 +501,7 @@ def fixed_build_dir(base, directory: Path):
             try:
                 super().build_extension(ext)
             finally:
-                _report_units(log, before, time.monotonic() - start)
+                _report_units(logs, before, time.monotonic() - start)
 
         def build_extensions(self):
             try:
@@ -527,7 +528,11 @@ def sm90_only_for_sm90a(compile_):
     CUTLASS compiles a trap stub, each after its own device front-end pass over CUTLASS's
     templates (nvcc --dryrun: 3 cicc, 3 ptxas, 5 gcc runs; for sm_90a alone 1, 1, 3): measured,
     73.6 s of CPU per unit became 53.6 s. The launchers call them on 9.0 devices only
-    (host_plan.h). They are compiled in a second ninja run over the same build directory.
+    (host_plan.h). They are compiled by a second ninja run, with its own ninja file in
+    ``SM90_SUBDIR`` of the build directory, side by side with the first.
+
+    NOTE: side by side, not after: the CUTLASS unit is the build's longest (~60 s of CPU); started
+    after the others it ran alone on an otherwise idle core (2 cores: 142 s of wall, ~110 s now).
     """
 
     def compile_in_two(sources, *args, extra_postargs=None, **kwargs):
@@ -537,23 +542,35 @@ def sm90_only_for_sm90a(compile_):
             return compile_(sources, *args, extra_postargs=extra_postargs, **kwargs)
         rest = [s for s in sources if s not in sm90]
         only = [f for f in nvcc if not f.startswith("-gencode") or f.endswith("code=sm_90a")]
-        objects = compile_(rest, *args, extra_postargs=extra_postargs, **kwargs) if rest else []
-        return objects + compile_(sm90, *args, extra_postargs={**extra_postargs, "nvcc": only}, **kwargs)
+        sm90_kwargs = dict(kwargs, extra_postargs={**extra_postargs, "nvcc": only})
+        if args or kwargs.get("output_dir") is None:  # (not how setuptools calls it: one run after the other)
+            objects = compile_(rest, *args, extra_postargs=extra_postargs, **kwargs) if rest else []
+            return objects + compile_(sm90, *args, **sm90_kwargs)
+        sm90_kwargs["output_dir"] = os.path.join(kwargs["output_dir"], SM90_SUBDIR)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            sm90_objects = pool.submit(compile_, sm90, **sm90_kwargs)
+            objects = compile_(rest, extra_postargs=extra_postargs, **kwargs) if rest else []
+            return objects + sm90_objects.result()
 
     return compile_in_two
 
 
-def _report_units(log: Path, before: set, seconds: float) -> None:
+SM90_SUBDIR = "sm90a"  # the sm_90a units' ninja file and objects, inside the build directory
+
+
+def _report_units(logs: list[Path], before: set, seconds: float) -> None:
     """The build's closing lines: each translation unit compiled this time, with its time (from
-    ninja's log), slowest first, and the total."""
+    ninja's logs), slowest first, and the total."""
     units = []
-    if log.is_file():
+    for log in logs:
+        if not log.is_file():
+            continue
         for line in log.read_text(errors="replace").splitlines():
             fields = line.split("\t")
             if line in before or len(fields) != 5 or not fields[0].isdigit():
                 continue
             units.append(((int(fields[1]) - int(fields[0])) / 1000, fields[3]))
-    root = f"{log.parent}{os.sep}"
+    root = f"{logs[0].parent}{os.sep}"
     for secs, obj in sorted(units, reverse=True):
         _progress(f"  {secs:6.1f} s  {obj.removeprefix(root)}")
     _progress(f"{len(units)} translation unit(s) compiled (the others unchanged), {seconds:.0f} s in all")
@@ -587,8 +604,8 @@ setup(
         "qlora": ["bitsandbytes>=0.50", "peft"],
         # Everything the test suite exercises (tests of optional packages skip without them): the
         # engines (DeepSpeed on its CPU accelerator, accelerate) and bitsandbytes' CPU build included.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "transformers", "safetensors", "matplotlib",
-                 "accelerate", "deepspeed", "bitsandbytes>=0.50"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "peft", "transformers", "safetensors",
+                 "matplotlib", "accelerate", "deepspeed", "bitsandbytes>=0.50"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

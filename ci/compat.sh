@@ -35,7 +35,7 @@ COMPAT_DIR=$(mkdir -p "${COMPAT_DIR:-build/compat}" && cd "${COMPAT_DIR:-build/c
 # The README's test command, the one line that installs and runs the suite.
 README_CMD=$(grep -m1 -E '^pip install torch==[^ ]+ .* && python -m pytest python_tests' README.md) || {
     echo "compat: README.md has no 'pip install torch==... && python -m pytest python_tests' line" >&2; exit 2; }
-TEST_CMD=${README_CMD##* && }          # python -m pytest python_tests -q
+TEST_CMD=${README_CMD##* && }          # python -m pytest python_tests -q -n 2
 INSTALL_CMD=${README_CMD% && "$TEST_CMD"}
 
 export LORA_KERNELS_SKIP_CUDA=1 LORA_KERNELS_REQUIRE=triton
@@ -104,7 +104,7 @@ for dist in ("torch", "triton", "numpy"):
         print(f"{dist}=absent")
 print(f"python={platform.python_version()}")
 stack = []
-for dist in ("pytest", "hypothesis", "pytest-benchmark", "transformers", "peft", "accelerate", "safetensors",
+for dist in ("pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "transformers", "peft", "accelerate", "safetensors",
              "huggingface-hub", "matplotlib", "setuptools"):
     try:
         stack.append(f"{dist} {md.version(dist)}")

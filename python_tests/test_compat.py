@@ -363,7 +363,7 @@ def test_readme_commands_install_the_pinned_stack():
 
 
 def test_ci_runs_the_readme_test_command_literally():
-    test_command = next(c for c in _readme_commands() if c.endswith("python -m pytest python_tests -q"))
+    test_command = next(c for c in _readme_commands() if c.endswith("python -m pytest python_tests -q -n 2"))
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_command in ci
     # ... in a fresh venv of its own, created and entered before it, and with its status checked
@@ -402,35 +402,36 @@ def test_setup_builds_for_the_local_gpu_and_the_sm90_units_for_sm90a_alone(tmp_p
         "print('ARCHS env', g['default_archs'](fake_torch((9, 0)))[0])\n"
         "calls = []\n"
         "def compile_(sources, output_dir=None, extra_postargs=None, **kw):\n"
-        "    calls.append((sources, extra_postargs.get('nvcc')))\n"
+        "    calls.append((sources, output_dir, extra_postargs.get('nvcc')))\n"
         "    return [s + '.o' for s in sources]\n"
         "split = g['sm90_only_for_sm90a'](compile_)\n"
         "nvcc = ['-O3'] + g['arch_flags']('8.0;9.0a') + ['-DX']\n"
         "objs = split(['csrc/a.cpp', 'csrc/cuda/forward.cu', '/r/csrc/cuda/sm90/gemm_sm90.cu'],\n"
         "             output_dir='o', extra_postargs={'cxx': [], 'nvcc': nvcc})\n"
         "print('OBJS', len(objs))\n"
-        "for sources, flags in calls:\n"
-        "    print('CALL', ','.join(sources), ' '.join(flags))\n"
+        "for sources, out, flags in sorted(calls):\n"
+        "    print('CALL', ','.join(sources), out, ' '.join(flags))\n"
         "calls.clear(); split(['csrc/a.cpp'], output_dir='o', extra_postargs={'cxx': []})\n"
         "print('CPU', calls)\n"
         f"log = __import__('pathlib').Path({str(log)!r})\n"
         "before = set(log.read_text().splitlines())\n"
         "with log.open('a') as f:\n"
         "    f.write('0\\t81500\\t2\\t/b/csrc/cuda/sm90/gemm_sm90.o\\tbb\\n1\\t2400\\t3\\t/b/csrc/lora.o\\tcc\\n')\n"
-        "g['_report_units'](log, before, 83.2)\n"
+        "g['_report_units']([log, log.parent / 'none' / '.ninja_log'], before, 83.2)\n"
     )
     run = _setup_py(code=code, env_extra={"LORA_KERNELS_FORCE_CUDA": "0", "LORA_KERNELS_SKIP_CUDA": "1"})
     assert run.returncode == 0, run.stderr
     archs = dict(re.findall(r"^ARCHS (.*) (\S+)$", run.stdout, re.M))
     assert archs == {"(9, 0)": "9.0a", "(8, 6)": "8.6", "(12, 0)": "12.0", "None": "8.0;9.0a", "env": "8.0"}, archs
     assert "OBJS 3" in run.stdout
-    calls = re.findall(r"^CALL (\S+) (.*)$", run.stdout, re.M)
-    assert calls == [
-        ("csrc/a.cpp,csrc/cuda/forward.cu", "-O3 -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_80,code=compute_80 "
-                                            "-gencode=arch=compute_90a,code=sm_90a -DX"),
-        ("/r/csrc/cuda/sm90/gemm_sm90.cu", "-O3 -gencode=arch=compute_90a,code=sm_90a -DX"),
+    # (the two ninja runs side by side: the sm_90a one in a subdirectory of the build directory)
+    calls = re.findall(r"^CALL (\S+) (\S+) (.*)$", run.stdout, re.M)
+    assert sorted(calls) == [
+        ("/r/csrc/cuda/sm90/gemm_sm90.cu", os.path.join("o", "sm90a"), "-O3 -gencode=arch=compute_90a,code=sm_90a -DX"),
+        ("csrc/a.cpp,csrc/cuda/forward.cu", "o", "-O3 -gencode=arch=compute_80,code=sm_80 "
+                                            "-gencode=arch=compute_80,code=compute_80 -gencode=arch=compute_90a,code=sm_90a -DX"),
     ], calls
-    assert "CPU [(['csrc/a.cpp'], None)]" in run.stdout
+    assert "CPU [(['csrc/a.cpp'], 'o', None)]" in run.stdout
     report = [l for l in run.stdout.splitlines() if l.startswith("lora_kernels build:")]
     assert [l.split()[2:] for l in report] == [["81.5", "s", "/b/csrc/cuda/sm90/gemm_sm90.o"],
                                               ["2.4", "s", "/b/csrc/lora.o"],
