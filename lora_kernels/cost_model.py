@@ -185,6 +185,10 @@ def _thin(name: str, s: Shape, rows: int, long: int, r: int, bytes_: float, phil
 # The g pass of the "g_pass" backward (triton_ops._g_pass): one program per G_PASS_ROWS rows and
 # split of N, with as many splits (of at least G_PASS_SPLIT columns) as fill the GPU.
 G_PASS_ROWS, G_PASS_SPLIT = 32, 128
+# The kernels' rank limits (triton_ops; test_cost_model keeps them equal): the fused forward holds
+# xa for r <= FUSED_MAX_RANK, and above RANK_CHUNK the backward goes by rank chunks with g from the
+# g pass, dx or not. The choices below pick among the plans that can run.
+FUSED_MAX_RANK, RANK_CHUNK = 64, 64
 
 
 def g_pass_splits(M: int, N: int, sms: int = DEVICES[DEFAULT_DEVICE].sms) -> int:
@@ -235,7 +239,8 @@ def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: s
 
     For our plans, ``backward`` picks how the dx launch gets g = s·dy B: ``"fused"`` (recomputed
     in the dx GEMM's main loop, in every column block of dx; two launches) or ``"g_pass"`` (a thin
-    pass over dy first; three launches). Without dx both are the same one pass.
+    pass over dy first; three launches). Without dx both are the same one pass, except above
+    RANK_CHUNK, where g comes from the g pass whatever the plan (three launches).
     """
     if backward not in BACKWARD_PLANS:
         raise ValueError(f"unknown backward plan {backward!r}; expected one of {BACKWARD_PLANS}")
@@ -247,6 +252,14 @@ def backward_launches(plan: str, s: Shape, need_grad_x: bool = True, backward: s
         runs = math.ceil(row_blocks / s.tiling.run_length)
         partials = BYTES_FP32 * runs * (N + K) * r
         reduce = Launch("dA, dB = ordered sum of the partials", 0.0, partials + e * (N + K) * r)
+        if not need_grad_x and r > RANK_CHUNK:
+            # Rank chunks: g from the g pass, then one pass over the rows for the dB partials from dy
+            # and xa and the dA partials from x and g (triton_ops.backward_plan; dx or not).
+            g_parts = BYTES_FP32 * g_pass_splits(M, N) * M * r
+            return [_thin("g = s·dy B (thin pass over dy)", s, M, N, r, e * (M * N + N * r) + g_parts),
+                    Launch("dA, dB partials, g from the g pass (no dx)", 2.0 * (M * N * r + M * K * r),
+                           e * (M * N + M * K + M * r) + g_parts + partials, _dropout_calls(s)),
+                    reduce]
         if not need_grad_x:
             # One thin pass over the rows: g and the dB partials from dy, the dA partials from x.
             return [Launch("g = s·dy B; dA, dB partials (no dx)", 2.0 * (2 * M * N * r + M * K * r),
@@ -417,12 +430,16 @@ def predict(M: int, K: int, N: int, r: int, dtype: torch.dtype = torch.bfloat16,
 def _choose(s: Shape, spec: DeviceSpec, dtype: torch.dtype) -> str:
     # The backward does not depend on the forward plan (both save x and xa): the forward decides.
     # Ties go to "fused" (one launch: less host work).
+    if s.r > FUSED_MAX_RANK:
+        return "two_pass"
     times = {p: _seconds(forward_launches(p, s), spec, dtype, 0.0) for p in FORWARD_PLANS}
     return min(FORWARD_PLANS, key=lambda p: (times[p], p != "fused"))
 
 
 def _choose_backward(s: Shape, spec: DeviceSpec, dtype: torch.dtype, need_grad_x: bool) -> str:
     # Ties go to "fused" (two launches, not three).
+    if s.r > RANK_CHUNK:
+        return "g_pass"
     if not need_grad_x:
         return "fused"
     times = {p: _seconds(backward_launches("auto", s, True, p), spec, dtype, 0.0) for p in BACKWARD_PLANS}
@@ -448,7 +465,8 @@ def forced_forward_plan(plan: Optional[str]) -> Iterator[None]:
 def choose_forward_plan(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout_p: float,
                         device=None) -> str:
     """``"fused"`` or ``"two_pass"``: the forward plan the model predicts faster on ``device``
-    (H100 numbers on a CPU or an unknown device). Cheap: cached on its arguments."""
+    (H100 numbers on a CPU or an unknown device; ``"two_pass"`` above FUSED_MAX_RANK, the only plan
+    that runs there). Cheap: cached on its arguments."""
     if _FORCED_PLAN is not None:
         return _FORCED_PLAN
     return _choose_cached(M, K, N, r, dtype, float(dropout_p), device, emulated_target())
@@ -463,7 +481,8 @@ def _choose_cached(M, K, N, r, dtype, dropout_p, device, emulated=None) -> str:
 def choose_backward_plan(M: int, K: int, N: int, r: int, dtype: torch.dtype, dropout_p: float,
                          need_grad_x: bool = True, device=None) -> str:
     """``"fused"`` or ``"g_pass"``: the backward plan the model predicts faster on ``device``
-    (always ``"fused"`` without ``need_grad_x``). Cheap: cached on its arguments."""
+    (``"fused"`` without ``need_grad_x``; ``"g_pass"`` above RANK_CHUNK, the only plan that runs
+    there). Cheap: cached on its arguments."""
     return _choose_backward_cached(M, K, N, r, dtype, float(dropout_p), bool(need_grad_x), device, emulated_target())
 
 

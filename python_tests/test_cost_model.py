@@ -278,3 +278,38 @@ def test_launch_counter_counts_and_suppresses_any_triton_kernel():
     assert c.triton == ["_fill"] and bool((out == 3.0).all())  # not run
     _fill[(3,)](out, 7.0, 40, BLOCK=16)  # the class is restored
     assert bool((out == 7.0).all())
+
+
+def test_the_models_rank_limits_are_the_kernels():
+    """The model picks among the plans that can run: its rank limits are the launchers'."""
+    triton_ops = pytest.importorskip("lora_kernels.triton_ops")
+    assert (cm.FUSED_MAX_RANK, cm.RANK_CHUNK) == (triton_ops.FUSED_MAX_RANK, triton_ops.RANK_CHUNK)
+    for M, K, N in [(8192, 4096, 4096), (512, 4096, 14336), (7, 65, 33)]:
+        for r in (8, 64, 65, 128, 256):
+            for p in (0.0, 0.1):
+                fwd = cm.choose_forward_plan(M, K, N, r, BF16, p)
+                assert fwd == triton_ops.forward_plan(M, K, N, r, BF16, p, None), (M, K, N, r, p)
+                assert r <= cm.FUSED_MAX_RANK or fwd == "two_pass"
+                for need_dx in (True, False):
+                    bwd = cm.choose_backward_plan(M, K, N, r, BF16, p, need_dx)
+                    assert bwd == triton_ops.backward_plan(M, K, N, r, BF16, p, need_dx, None), (M, K, N, r, p)
+                    assert r <= cm.RANK_CHUNK or bwd == "g_pass"
+
+
+@pytest.mark.skipif(bool(TRITON_WHY), reason=TRITON_WHY or "available")
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no-dx"])
+def test_triton_launches_match_the_model_above_the_rank_chunk(need_dx):
+    """r = 72 (two rank chunks): the model's launches are the ones that run, with or without dx
+    (the g pass, the backward kernel, the reduction)."""
+    from bench import host_overhead
+
+    M, K, N, r, p = 7, 40, 33, 72, 0.1
+    layer, x, dy = host_overhead.make_layer(M, K, N, r, p, DEVICE, torch.float32)
+    x.requires_grad_(need_dx)
+    n = host_overhead.launches_per_call(layer, x, dy)
+    s = cm.Shape(M, K, N, r, 4, True)
+    plan = cm.choose_forward_plan(M, K, N, r, torch.float32, p)
+    backward = cm.choose_backward_plan(M, K, N, r, torch.float32, p, need_dx)
+    assert (plan, backward) == ("two_pass", "g_pass")
+    assert len(n["fwd_triton"]) == len(cm.forward_launches(plan, s)) == 2, n
+    assert len(n["bwd_triton"]) == len(cm.backward_launches(plan, s, need_dx, backward)) == 3, n
