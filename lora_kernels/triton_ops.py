@@ -500,6 +500,58 @@ def _dx_half_chunks(
 
 
 @triton.jit
+def _finish_g(g, g_ptr, m0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling, G_LOADED: tl.constexpr,
+              G_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The row block's ``g = s·dY B`` (all of r), rounded to ``G_DTYPE``: from the g pass's partials
+    (G_LOADED), else from ``g``, the main loop's unscaled ``dY B``."""
+    if G_LOADED:
+        out = _g_chunk(g_ptr, m0, 0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling, G_DTYPE,
+                       ACC_DTYPE, BLOCK_M, BLOCK_R)
+    else:
+        out = _round_to(g * scaling, G_DTYPE)
+    return out
+
+
+@triton.jit
+def _dx_tile(
+    acc0, acc1, g, da0, da1, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
+    stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    stride_pj, stride_pr, accumulate, scaling, inv_keep, seed_ptr, threshold, groups_per_row,
+    G_LOADED: tl.constexpr, CHUNKED: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr, G_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The end of a row block of the backward's dx GEMM (the 16-bit and the 4-bit kernel): the dx
+    tile's halves ``acc0`` (columns ``[k0, k0 + HALF)``) and ``acc1`` (the next HALF) get
+    ``(g A) ⊙ D`` and are stored; the dAᵀ partial gets ``(x ⊙ keep)ᵀ g``, returned as
+    ``(da0, da1)`` or, CHUNKED, accumulated in memory by rank chunks (``da0``, ``da1`` returned
+    as they came). ``g``: the main loop's unscaled ``dY B`` (unused with G_LOADED)."""
+    if CHUNKED:
+        _dx_half_chunks(acc0, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
+                        stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                        stride_dxm, stride_dxk, stride_pj, stride_pr, accumulate, scaling, inv_keep,
+                        seed_ptr, threshold, groups_per_row, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                        BLOCK_M, HALF, BLOCK_R)
+        _dx_half_chunks(acc1, m0, k0 + HALF, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
+                        stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
+                        stride_dxm, stride_dxk, stride_pj, stride_pr, accumulate, scaling, inv_keep,
+                        seed_ptr, threshold, groups_per_row, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
+                        BLOCK_M, HALF, BLOCK_R)
+    else:
+        g = _finish_g(g, g_ptr, m0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling, G_LOADED, G_DTYPE,
+                      ACC_DTYPE, BLOCK_M, BLOCK_R)
+        da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
+                       stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                       inv_keep, seed_ptr, threshold, groups_per_row,
+                       DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+        da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
+                       stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
+                       inv_keep, seed_ptr, threshold, groups_per_row,
+                       DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+    return da0, da1
+
+
+@triton.jit
 def _empty_run(part, pid_k, k0, num_kb, K, N, R, stride_pj, stride_pr, NEED_DX: tl.constexpr, CHUNKED: tl.constexpr,
                ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr):
     """Zero partial slots of a run without row blocks: its dB rows and the dAᵀ rows that the row
@@ -584,34 +636,16 @@ def _lora_backward_kernel(
             if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
                 _db_share(part, dy, xa, xa_ptr, m0, n0, M, N, K, R, stride_xam, stride_xar, stride_pj, stride_pr,
                           pid_m > m_first, CHUNKED, ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
-        if CHUNKED:
-            if NEED_DX:
-                _dx_half_chunks(acc0, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
-                                stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
-                                stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
-                                seed_ptr, threshold, groups_per_row, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
-                                BLOCK_M, HALF, BLOCK_R)
-                _dx_half_chunks(acc1, m0, k0 + HALF, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R, G_SPLITS,
-                                stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
-                                stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
-                                seed_ptr, threshold, groups_per_row, DROPOUT, TMA, ACC_DTYPE, UPCAST, IEEE,
-                                BLOCK_M, HALF, BLOCK_R)
-        else:
-            if G_LOADED:
-                g = _g_chunk(g_ptr, m0, 0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling,
-                             dy_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
-            else:
-                g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
-            if NEED_DX:
-                da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
-                               stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                               inv_keep, seed_ptr, threshold, groups_per_row,
-                               DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-                da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_desc, M, K, R,
-                               stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                               inv_keep, seed_ptr, threshold, groups_per_row,
-                               DROPOUT, TMA, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-        if not NEED_DX:  # x once, after g is complete: dAᵀ partials for every column block of this run
+        if NEED_DX:
+            da0, da1 = _dx_tile(acc0, acc1, g, da0, da1, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_desc,
+                                M, K, R, G_SPLITS, stride_gs, stride_gm, stride_gr, stride_xm, stride_xk,
+                                stride_ar, stride_ak, stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first,
+                                scaling, inv_keep, seed_ptr, threshold, groups_per_row, G_LOADED, CHUNKED, DROPOUT,
+                                TMA, dy_ptr.dtype.element_ty, ACC_DTYPE, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+        else:  # x once, after g is complete: dAᵀ partials for every column block of this run
+            if not CHUNKED:
+                g = _finish_g(g, g_ptr, m0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling, G_LOADED,
+                              dy_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
             offs_m = m0 + tl.arange(0, BLOCK_M)
             for c0 in range(0, K, HALF):
                 x = _load_tile(x_ptr, x_ptr, m0, c0, M, K, stride_xm, stride_xk, BLOCK_M, HALF, False)

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from .. import triton_ops as t
 from .._runtime import on_input_device
-from ..triton_ops import (_db_share, _dot, _dx_half, _dx_half_chunks, _empty_run, _forward_epilogue, _g_chunk,
-                          _keep_mask, _load_tile, _round_to, _store_partial, _store_tile, _strided, _tile_coords)
+from ..triton_ops import (_db_share, _dot, _dx_tile, _empty_run, _forward_epilogue, _keep_mask, _load_tile,
+                          _round_to, _store_partial, _store_tile, _strided, _tile_coords)
 from .reference import QuantWeight
 
 # Which variant runs: None asks lora_kernels.cost_model.choose_qlora_variant (per forward and per backward);
@@ -200,31 +200,12 @@ def _qlora_backward_kernel(
             if (n0 // BLOCK_N) % num_kb == pid_k:  # this program's share of dB = dyᵀ xa
                 _db_share(part, dy, xa, xa_ptr, m0, n0, M, N, K, R, stride_xam, stride_xar, stride_pj, stride_pr,
                           pid_m > m_first, CHUNKED, ACC_DTYPE, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
-        if CHUNKED:
-            _dx_half_chunks(acc0, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R, G_SPLITS,
-                            stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
-                            stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
-                            seed_ptr, threshold, groups_per_row, DROPOUT, False, ACC_DTYPE, UPCAST, IEEE,
-                            BLOCK_M, HALF, BLOCK_R)
-            _dx_half_chunks(acc1, m0, k0 + HALF, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R, G_SPLITS,
-                            stride_gs, stride_gm, stride_gr, stride_xm, stride_xk, stride_ar, stride_ak,
-                            stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first, scaling, inv_keep,
-                            seed_ptr, threshold, groups_per_row, DROPOUT, False, ACC_DTYPE, UPCAST, IEEE,
-                            BLOCK_M, HALF, BLOCK_R)
-        else:
-            if G_LOADED:
-                g = _g_chunk(g_ptr, m0, 0, M, R, G_SPLITS, stride_gs, stride_gm, stride_gr, scaling,
-                             dy_ptr.dtype.element_ty, ACC_DTYPE, BLOCK_M, BLOCK_R)
-            else:
-                g = _round_to(g * scaling, dy_ptr.dtype.element_ty)
-            da0 = _dx_half(acc0, g, da0, m0, k0, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
-                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                           inv_keep, seed_ptr, threshold, groups_per_row,
-                           DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
-            da1 = _dx_half(acc1, g, da1, m0, k0 + HALF, x_ptr, a_ptr, dx_ptr, dx_ptr, M, K, R,
-                           stride_xm, stride_xk, stride_ar, stride_ak, stride_dxm, stride_dxk,
-                           inv_keep, seed_ptr, threshold, groups_per_row,
-                           DROPOUT, False, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
+        # (the same end of a row block as the 16-bit kernel's, TMA aside: one helper, triton_ops._dx_tile)
+        da0, da1 = _dx_tile(acc0, acc1, g, da0, da1, m0, k0, part, g_ptr, x_ptr, a_ptr, dx_ptr, dx_ptr,
+                            M, K, R, G_SPLITS, stride_gs, stride_gm, stride_gr, stride_xm, stride_xk,
+                            stride_ar, stride_ak, stride_dxm, stride_dxk, stride_pj, stride_pr, pid_m > m_first,
+                            scaling, inv_keep, seed_ptr, threshold, groups_per_row, G_LOADED, CHUNKED, DROPOUT,
+                            False, dy_ptr.dtype.element_ty, ACC_DTYPE, UPCAST, IEEE, BLOCK_M, HALF, BLOCK_R)
     if not CHUNKED:  # dAᵀ accumulated over the run in registers
         _store_partial(part, da0, k0, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
         _store_partial(part, da1, k0 + HALF, 0, K, R, stride_pj, stride_pr, False, HALF, BLOCK_R)
