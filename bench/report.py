@@ -363,20 +363,9 @@ def predicted_table(pred: dict) -> Table:
 
 def cpu_tables(sections: dict) -> list[Table]:
     """The tables of a CPU run (bench/cpu_tables.py), in the order of its sections."""
-    out = []
-    if "check" in sections:
-        out.append(check_table(sections["check"]))
-    if "saved_layer" in sections:
-        out.append(saved_layer_table(sections["saved_layer"]))
-    if "saved_step" in sections:
-        out.append(saved_step_table(sections["saved_step"]))
-    if "host_call" in sections:
-        out.append(host_call_table(sections["host_call"]))
-    if "host_step" in sections:
-        out.append(host_step_table(sections["host_step"]))
-    if "predicted" in sections:
-        out.append(predicted_table(sections["predicted"]))
-    return out
+    builders = {"check": check_table, "saved_layer": saved_layer_table, "saved_step": saved_step_table,
+                "host_call": host_call_table, "host_step": host_step_table, "predicted": predicted_table}
+    return [build(sections[name]) for name, build in builders.items() if name in sections]
 
 
 def header_lines(env: dict, config: dict) -> list[str]:

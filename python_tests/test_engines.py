@@ -116,9 +116,7 @@ def _deepspeed_run(stage, rank, accel, out):
             losses.append(loss.item())
     finally:
         counter.close()
-    result = {"losses": losses, "calls": counter.calls, "micro_steps": len(losses)}
-    if report is not None:
-        result["current"] = report.current()
+    result = _result(losses, counter, report)
     # The adapter: gather the LoRA factors (ZeRO-3 partitions them), save on rank 0.
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     with deepspeed.zero.GatheredParameters(lora, enabled=stage == 3):
@@ -126,6 +124,42 @@ def _deepspeed_run(stage, rank, accel, out):
         if rank == 0:
             model.save_pretrained(out)
     return result
+
+
+def _result(losses, counter, report):
+    """A run's record: its losses, the fused calls counted, and what ran per layer (with a report)."""
+    result = {"losses": losses, "calls": counter.calls, "micro_steps": len(losses)}
+    if report is not None:
+        result["current"] = report.current()
+    return result
+
+
+def _train(model, rank, report):
+    """STEPS optimizer steps of the (FSDP-wrapped) ``model`` on this rank's batch: :func:`_result`."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    counter = Counter()
+    losses = []
+    try:
+        ids = batch(rank)
+        for _ in range(STEPS):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        counter.close()
+    return _result(losses, counter, report)
+
+
+def _save_full_state(result, state, rank, out):
+    """On rank 0: the LoRA factors of the full (unsharded) ``state`` into ``result["adapter"]``,
+    and saved through an unsharded copy of the model."""
+    if rank == 0:
+        result["adapter"] = {k: v.clone() for k, v in state.items() if "lora_" in k}
+        copy = peft_model()
+        copy.load_state_dict(result["adapter"], strict=False)
+        copy.save_pretrained(out)
 
 
 # --------------------------------------------------------------------------- #
@@ -147,31 +181,12 @@ def _fsdp1_run(use_orig_params, rank, accel, out):
                    device_id=torch.device("cpu"))
     if accel == "after":
         report = lk.accelerate_peft(wrapped, backend="reference")
-    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
-    counter = Counter()
-    losses = []
-    try:
-        ids = batch(rank)
-        for _ in range(STEPS):
-            loss = wrapped(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    finally:
-        counter.close()
-    result = {"losses": losses, "calls": counter.calls, "micro_steps": len(losses)}
-    if report is not None:
-        result["current"] = report.current()
+    result = _train(wrapped, rank, report)
     with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
         state = wrapped.state_dict()
-    if rank == 0:
-        # NOTE: saved from an unsharded copy, as for merging under FSDP (docs/integration.md): PEFT's
-        # save_pretrained(state_dict=...) on the FSDP1-wrapped model wrote an empty adapter.
-        result["adapter"] = {k: v.clone() for k, v in state.items() if "lora_" in k}
-        copy = peft_model()
-        copy.load_state_dict(result["adapter"], strict=False)
-        copy.save_pretrained(out)
+    # NOTE: saved from an unsharded copy, as for merging under FSDP (docs/integration.md): PEFT's
+    # save_pretrained(state_dict=...) on the FSDP1-wrapped model wrote an empty adapter.
+    _save_full_state(result, state, rank, out)
     return result
 
 
@@ -193,28 +208,9 @@ def _fsdp2_run(rank, accel, out):
     fully_shard(model)
     if accel == "after":
         report = lk.accelerate_peft(model, backend="reference")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    counter = Counter()
-    losses = []
-    try:
-        ids = batch(rank)
-        for _ in range(STEPS):
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    finally:
-        counter.close()
-    result = {"losses": losses, "calls": counter.calls, "micro_steps": len(losses)}
-    if report is not None:
-        result["current"] = report.current()
+    result = _train(model, rank, report)
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        result["adapter"] = {k: v.clone() for k, v in state.items() if "lora_" in k}
-        copy = peft_model()
-        copy.load_state_dict(result["adapter"], strict=False)
-        copy.save_pretrained(out)
+    _save_full_state(result, state, rank, out)
     return result
 
 
